@@ -1,0 +1,91 @@
+"""Plumbing every stage shares: params, one-line errors, atomic outputs, progress bars.
+
+A stage that fails must say what to fix in one line and leave no half-written file behind,
+so stages raise `PipelineError` and write through `atomic_path`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class PipelineError(Exception):
+    """An error in the user's data or settings; printed as one line, never as a traceback."""
+
+
+def load_params(section: str | None = None, path: Path | str = PARAMS_FILE) -> dict[str, Any]:
+    """Read params.yaml (the one source of settings DVC tracks), optionally one section."""
+    path = Path(path)
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run stages from the project root") from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML ({exc})") from None
+    if section is None:
+        return params
+    if section not in params:
+        raise PipelineError(f"{path}: missing section '{section}'")
+    return params[section]
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    """Write JSON atomically, with stable key order so metrics diff cleanly in git."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def progress(iterable: Any = None, **kwargs: Any) -> Any:
+    """A tqdm bar on stderr that stays quiet when stderr is not a terminal and CI is set."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("mininterval", 0.5)
+    kwargs.setdefault("disable", None if sys.stderr.isatty() else bool(os.environ.get("CI")))
+    return tqdm(iterable, **kwargs)
+
+
+def cpu_count() -> int:
+    """Cores this process may use (respects affinity masks and container limits)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def run_main(main: Callable[..., Any], argv: list[str] | None = None) -> None:
+    """Run a stage entry point; a PipelineError becomes one line on stderr and exit code 1."""
+    try:
+        main(argv)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
