@@ -8,6 +8,7 @@ folder, because 112,120 globs (one per image) take minutes on network storage.
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,7 @@ def read_label_table(path: Path | str) -> pd.DataFrame:
     path = Path(path)
     try:
         table = pd.read_csv(path, dtype={"Image Index": str, "Finding Labels": str}, low_memory=False)
-    except (OSError, UnicodeDecodeError, EOFError, pd.errors.ParserError) as exc:
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error, pd.errors.ParserError) as exc:
         raise PipelineError(f"{path}: cannot read label table ({exc})") from None
     except pd.errors.EmptyDataError:
         raise PipelineError(f"{path}: label table is empty") from None

@@ -1,0 +1,183 @@
+"""Shared fixtures: where the real NIH sample lives, and a tiny synthetic dataset in the NIH layout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `pytest` (not only `python -m pytest`) must find the stages package
+    sys.path.insert(0, str(REPO))
+
+# The real NIH reference files (read-only, never copied into the repo): ../shared/nih from the repo root.
+NIH = Path(__file__).resolve().parents[1] / ".." / "shared" / "nih"
+NIH_TABLE = NIH / "Data_Entry_2017_v2020.csv.gz"
+NIH_IMAGES = 308
+NIH_ROWS = 112_120
+NIH_TRAIN_VAL = 86_524
+NIH_TEST = 25_596
+RGBA_FILES = ("00000004_000.png", "00000100_000.png", "00005224_000.png", "00001369_000.png")
+
+# The original 2017 header: the two bracketed names contain commas, and the line ends with one.
+HEADER_2017 = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
+)
+
+# (image, findings, patient): every class appears, 'No Finding' too; patients 7 and 8 are the test list.
+TINY_ROWS: tuple[tuple[str, str, int], ...] = (
+    ("00000001_000.png", "Cardiomegaly", 1),
+    ("00000001_001.png", "Cardiomegaly|Emphysema", 1),
+    ("00000001_002.png", "Cardiomegaly|Effusion", 1),
+    ("00000002_000.png", "No Finding", 2),
+    ("00000002_001.png", "Hernia", 2),
+    ("00000003_000.png", "Atelectasis", 3),
+    ("00000003_001.png", "Infiltration|Mass|Nodule", 3),
+    ("00000004_000.png", "Pneumonia", 4),
+    ("00000004_001.png", "No Finding", 4),
+    ("00000005_000.png", "Pneumothorax|Consolidation", 5),
+    ("00000005_001.png", "Edema", 5),
+    ("00000006_000.png", "Fibrosis", 6),
+    ("00000006_001.png", "Pleural_Thickening|Hernia", 6),
+    ("00000007_000.png", "No Finding", 7),
+    ("00000007_001.png", "Effusion|Infiltration", 7),
+    ("00000008_000.png", "Nodule", 8),
+    ("00000008_001.png", "Mass", 8),
+)
+TINY_TEST_PATIENTS = (7, 8)
+TINY_RGBA = "00000002_001.png"
+TINY_I16 = "00000005_000.png"
+TINY_WIDE = "00000003_001.png"  # not square: 80x64
+
+
+def phantom(height: int, width: int, seed: int) -> np.ndarray:
+    """A small radiograph-like uint8 image: bright body, two darker lung fields, noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / np.array([height, width])[:, None, None]
+    body = 180 - 60 * y
+    lungs = np.exp(-(((x - 0.3) / 0.13) ** 2 + ((y - 0.45) / 0.25) ** 2))
+    lungs += np.exp(-(((x - 0.7) / 0.13) ** 2 + ((y - 0.45) / 0.25) ** 2))
+    image = body - 110 * lungs + rng.normal(0, 8, (height, width))
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def write_png(path: Path, name: str, seed: int) -> None:
+    """Write one tiny image; TINY_RGBA is saved as RGBA and TINY_I16 as a 16-bit PNG ('I;16')."""
+    gray = phantom(64, 80 if name == TINY_WIDE else 64, seed)
+    if name == TINY_RGBA:
+        rgba = np.dstack([gray, gray, gray, np.full_like(gray, 255)])
+        Image.fromarray(rgba).save(path)
+    elif name == TINY_I16:
+        wide = gray.astype(np.uint16) * 257
+        wide[0, :4] = (65535, 32896, 1000, 129)  # full range, exact midpoint, values that clipping would ruin
+        Image.fromarray(wide).save(path)
+    else:
+        Image.fromarray(gray).save(path)
+
+
+class TinyNIH:
+    """A 17-image dataset in the NIH layout under `root`, with helpers to break it in specific ways."""
+
+    def __init__(self, root: Path, layout: str = "nih") -> None:
+        self.root = root
+        self.rows = list(TINY_ROWS)
+        self.test = [n for n, _, p in TINY_ROWS if p in TINY_TEST_PATIENTS]
+        self.train_val = [n for n, _, p in TINY_ROWS if p not in TINY_TEST_PATIENTS]
+        root.mkdir(parents=True, exist_ok=True)
+        self.table = self.write_table(self.rows)
+        self.write_list("train_val_list.txt", self.train_val)
+        self.write_list("test_list.txt", self.test)
+        self.paths: dict[str, Path] = {}
+        for i, (name, _, _) in enumerate(self.rows):
+            folder = root / "images" if layout == "nih" else root / f"images_{1 + i % 3:03d}" / "images"
+            folder.mkdir(parents=True, exist_ok=True)
+            write_png(folder / name, name, seed=i)
+            self.paths[name] = folder / name
+
+    def write_table(
+        self,
+        rows: Iterable[Sequence[object]],
+        name: str = "Data_Entry_2017.csv",
+        header: str = HEADER_2017,
+        trailing_comma: bool = True,
+    ) -> Path:
+        """The label table in the original 2017 format (trailing comma on every line)."""
+        lines = [header]
+        for i, (image, findings, patient) in enumerate(rows):
+            line = f"{image},{findings},{i % 5},{patient},{40 + i:03d}Y,{'MF'[i % 2]},PA,2500,2048,0.143,0.143"
+            lines.append(line + ("," if trailing_comma else ""))
+        path = self.root / name
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def write_list(self, name: str, names: Iterable[str]) -> Path:
+        path = self.root / name
+        path.write_text("".join(f"{n}\n" for n in names))
+        return path
+
+
+@pytest.fixture
+def tiny_nih(tmp_path: Path) -> TinyNIH:
+    """The tiny dataset in NIH's layout (`images/`)."""
+    return TinyNIH(tmp_path / "nih")
+
+
+@pytest.fixture
+def tiny_kaggle(tmp_path: Path) -> TinyNIH:
+    """The tiny dataset in Kaggle's layout (`images_001/images/` ...)."""
+    return TinyNIH(tmp_path / "kaggle", layout="kaggle")
+
+
+def write_params(
+    path: Path, root: Path | str, *, missing: str = "skip", image_size: int = 64, workers: int = 2
+) -> Path:
+    """A params.yaml with the sections split and prepare read."""
+    path.write_text(
+        f"data:\n  root: {root}\n  missing: {missing}\n"
+        f"split:\n  val_fraction: 0.1\n  seed: 42\n"
+        f"prepare:\n  image_size: {image_size}\n  workers: {workers}\n"
+    )
+    return path
+
+
+def run_module(module: str, *args: str | Path, ci: bool = True) -> subprocess.CompletedProcess[str]:
+    """`python -m stages.<module> ARGS` from the repo root, as a user (or DVC) runs it.
+
+    With `ci`, CI=1 is set, so progress bars stay off (stderr is a pipe) and stderr holds only messages.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CI")}
+    if ci:
+        env["CI"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{module}", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def files_under(folder: Path) -> list[str]:
+    """Every file and folder below `folder`, relative, sorted (empty if it does not exist)."""
+    if not folder.exists():
+        return []
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture(scope="session")
+def nih_sample_split(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | subprocess.CompletedProcess[str]]:
+    """`python -m stages.split` on ../shared/nih itself (308 of 112,120 images there: data.missing=skip)."""
+    work = tmp_path_factory.mktemp("nih_sample")
+    # The root is given relative to the repo root, as a user would write it in params.yaml.
+    params = write_params(work / "params.yaml", os.path.relpath(NIH, REPO), missing="skip", image_size=64)
+    out, metrics = work / "split", work / "metrics" / "split.json"
+    result = run_module("split", "--params", params, "--out", out, "--metrics", metrics)
+    return {"work": work, "params": params, "out": out, "metrics": metrics, "result": result}

@@ -1,0 +1,281 @@
+"""stages.prepare (decode once into .npy per split) and the atomic-output plumbing of stages.common."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import (
+    NIH,
+    NIH_IMAGES,
+    REPO,
+    RGBA_FILES,
+    TINY_I16,
+    TINY_RGBA,
+    TINY_WIDE,
+    files_under,
+    run_module,
+    write_params,
+)
+
+from stages import prepare, split
+from stages.common import PipelineError, atomic_path, load_params, run_main, write_json
+from stages.nih import load_gray
+
+SPLITS = ("train", "val", "test")
+NPY_FILES = sorted(f"{n}.npy" for n in SPLITS)
+
+
+def assert_no_temp_files(folder: Path) -> None:
+    assert not [p for p in files_under(folder) if p.endswith(".tmp") or os.path.basename(p).startswith(".")]
+
+
+# ---------------------------------------------------------------- the 308 real images in ../shared/nih
+
+
+@pytest.fixture(scope="module")
+def nih_prepared(nih_sample_split):
+    """`python -m stages.prepare` (64 px, 2 workers) on the split of ../shared/nih."""
+    assert nih_sample_split["result"].returncode == 0, nih_sample_split["result"].stderr
+    out = nih_sample_split["work"] / "prepared"
+    result = run_module(
+        "prepare", "--params", nih_sample_split["params"], "--split-dir", nih_sample_split["out"], "--out", out
+    )
+    tables = {n: pd.read_csv(nih_sample_split["out"] / f"{n}.csv") for n in SPLITS}
+    return {"result": result, "out": out, "tables": tables}
+
+
+def test_prepare_cli_writes_every_real_image(nih_prepared):
+    result, out, tables = nih_prepared["result"], nih_prepared["out"], nih_prepared["tables"]
+    assert result.returncode == 0, result.stderr
+    assert files_under(out) == NPY_FILES  # and nothing else: no temporary files left
+    arrays = {n: np.load(out / f"{n}.npy", mmap_mode="r") for n in SPLITS}
+    assert sum(len(a) for a in arrays.values()) == NIH_IMAGES
+    for name, array in arrays.items():
+        assert isinstance(array, np.memmap)
+        assert array.dtype == np.uint8
+        assert array.shape == (len(tables[name]), 64, 64)
+        assert f"prepare: {name}: {len(tables[name])} images" in result.stdout
+    assert {len(arrays["train"]) + len(arrays["val"]), len(arrays["test"])} == {257, 51}
+
+
+def test_prepare_cli_rows_follow_the_split_tables(nih_prepared):
+    out, tables = nih_prepared["out"], nih_prepared["tables"]
+    checked_rgba = 0
+    for name in SPLITS:
+        array = np.load(out / f"{name}.npy", mmap_mode="r")
+        table = tables[name]
+        rows = {0, len(table) - 1, len(table) // 2}
+        rows |= set(np.flatnonzero(table["Image Index"].isin(RGBA_FILES).to_numpy()))
+        for row in sorted(rows):
+            expected = load_gray(REPO / table["path"][row], 64)
+            np.testing.assert_array_equal(array[row], expected, err_msg=f"{name} row {row}")
+            checked_rgba += table["Image Index"][row] in RGBA_FILES
+    assert checked_rgba == len(RGBA_FILES)
+
+
+# ---------------------------------------------------------------- the tiny dataset
+
+
+@pytest.fixture
+def tiny_split(tiny_nih, tmp_path):
+    """Split tables of the tiny dataset (17 images: RGBA, 16-bit, non-square) and params for prepare."""
+    params = write_params(tmp_path / "params.yaml", tiny_nih.root, missing="error", image_size=32, workers=2)
+    split_dir = tmp_path / "split"
+    split.main(["--params", str(params), "--out", str(split_dir), "--metrics", str(tmp_path / "split.json")])
+    out = tmp_path / "prepared"
+    argv = ["--params", str(params), "--split-dir", str(split_dir), "--out", str(out)]
+    tables = {n: pd.read_csv(split_dir / f"{n}.csv") for n in SPLITS}
+    return {"data": tiny_nih, "params": params, "split_dir": split_dir, "out": out, "argv": argv, "tables": tables}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prepare_tiny_every_row_equals_load_gray(tiny_split, workers):
+    write_params(tiny_split["params"], tiny_split["data"].root, image_size=32, workers=workers)
+    prepare.main(tiny_split["argv"])
+    out = tiny_split["out"]
+    assert files_under(out) == NPY_FILES
+    seen = set()
+    for name in SPLITS:
+        array = np.load(out / f"{name}.npy")
+        table = tiny_split["tables"][name]
+        assert array.shape == (len(table), 32, 32) and array.dtype == np.uint8
+        for row, path in enumerate(table["path"]):
+            np.testing.assert_array_equal(array[row], load_gray(path, 32), err_msg=f"{name} row {row}")
+        seen |= set(table["Image Index"])
+    assert {TINY_RGBA, TINY_I16, TINY_WIDE} <= seen
+    # the 16-bit image was scaled, not clipped: its array is not saturated
+    where = {n: (s, i) for s in SPLITS for i, n in enumerate(tiny_split["tables"][s]["Image Index"])}
+    split_name, row = where[TINY_I16]
+    assert np.load(out / f"{split_name}.npy")[row].max() < 255
+
+
+def test_prepare_workers_do_not_change_the_result(tiny_split):
+    results = {}
+    for workers in (1, 2):
+        write_params(tiny_split["params"], tiny_split["data"].root, image_size=16, workers=workers)
+        prepare.main(tiny_split["argv"])
+        results[workers] = {n: np.load(tiny_split["out"] / f"{n}.npy") for n in SPLITS}
+    for name in SPLITS:
+        np.testing.assert_array_equal(results[1][name], results[2][name])
+
+
+def break_image(kind: str, path: Path) -> None:
+    path.unlink()
+    if kind == "corrupt":
+        path.write_bytes(np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    elif kind == "truncated":
+        real = (NIH / "images" / "00000003_000.png").read_bytes()
+        path.write_bytes(real[: len(real) // 2])
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "unreadable":
+        path.write_bytes((NIH / "images" / "00000003_000.png").read_bytes())
+        path.chmod(0)
+    # "missing": deleted after the split was made
+
+
+BAD_KINDS = ["corrupt", "truncated", "directory", "missing", "unreadable"]
+
+
+@pytest.mark.parametrize("where", ["train", "test"])
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_prepare_bad_image_names_path_and_table_line_and_keeps_old_outputs(
+    tiny_split, capsys, monkeypatch, kind, where
+):
+    if kind == "unreadable" and os.geteuid() == 0:
+        pytest.skip("running as root: chmod 000 does not stop root from reading (the 'directory' case covers it)")
+    table = tiny_split["tables"][where]
+    row = len(table) - 1 if where == "test" else 2  # test is written last: train and val temps must vanish too
+    bad = Path(table["path"][row])
+    break_image(kind, bad)
+    out = tiny_split["out"]
+    out.mkdir()
+    sentinel = b"an earlier, good train.npy"
+    (out / "train.npy").write_bytes(sentinel)
+
+    with pytest.raises(PipelineError) as err:
+        prepare.main(tiny_split["argv"])
+    message = str(err.value)
+    split_table = tiny_split["split_dir"] / f"{where}.csv"
+    assert message.startswith(f"{bad} ({split_table} line {row + 2}): cannot decode image (")
+    assert message.endswith("expected a readable PNG or JPEG")
+    assert split_table.read_text().splitlines()[row + 1].startswith(bad.name)  # that line is the bad image's row
+    assert files_under(out) == ["train.npy"]
+    assert (out / "train.npy").read_bytes() == sentinel
+
+    capsys.readouterr()
+    monkeypatch.setenv("CI", "1")  # no progress bars: stderr holds the message alone
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(prepare.main, tiny_split["argv"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [f"error: {message}"]
+    assert files_under(out) == ["train.npy"]
+
+
+def test_prepare_cli_bad_image_is_one_line_without_traceback(tiny_split):
+    table = tiny_split["tables"]["val"]
+    bad = Path(table["path"][0])
+    break_image("corrupt", bad)
+    expected = f"error: {bad} ({tiny_split['split_dir'] / 'val.csv'} line 2): cannot decode image"
+    result = run_module("prepare", *tiny_split["argv"])
+    assert result.returncode == 1
+    assert result.stderr.startswith(expected)
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert files_under(tiny_split["out"]) == []
+    # With progress bars on (stderr not a terminal, CI unset), the error is still the one last line.
+    result = run_module("prepare", *tiny_split["argv"], ci=False)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(expected)
+    assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in result.stderr
+    assert files_under(tiny_split["out"]) == []
+
+
+@pytest.mark.parametrize(
+    ("image_size", "workers", "fragment"),
+    [
+        (4, 2, "prepare.image_size: 4; expected an integer from 8 to 4096"),
+        ("'64'", 2, "prepare.image_size: '64'; expected an integer from 8 to 4096"),
+        (64, -1, "prepare.workers: -1; expected 0 (all cores) or a positive integer"),
+    ],
+)
+def test_prepare_bad_params(tiny_split, image_size, workers, fragment):
+    params = tiny_split["params"]
+    params.write_text(f"prepare:\n  image_size: {image_size}\n  workers: {workers}\n")
+    with pytest.raises(PipelineError) as err:
+        prepare.main(tiny_split["argv"])
+    assert str(err.value) == f"{params} {fragment}"
+    assert files_under(tiny_split["out"]) == []
+
+
+def test_prepare_without_split_tables(tiny_split):
+    (tiny_split["split_dir"] / "val.csv").unlink()
+    with pytest.raises(PipelineError) as err:
+        prepare.main(tiny_split["argv"])
+    assert str(err.value).startswith(f"{tiny_split['split_dir'] / 'val.csv'}: cannot read the split table")
+    assert "run the split stage first" in str(err.value)
+    assert files_under(tiny_split["out"]) == []
+
+
+# ---------------------------------------------------------------- atomic outputs and params (stages.common)
+
+
+def test_atomic_path_keeps_old_file_when_the_block_raises(tmp_path):
+    target = tmp_path / "out" / "table.csv"
+    target.parent.mkdir()
+    target.write_text("old contents\n")
+    with pytest.raises(RuntimeError, match="killed halfway"), atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        tmp.write_text("half of the new con")
+        raise RuntimeError("killed halfway")
+    assert target.read_text() == "old contents\n"
+    assert os.listdir(target.parent) == ["table.csv"]
+
+
+def test_atomic_path_without_old_file_leaves_nothing_when_the_block_raises(tmp_path):
+    target = tmp_path / "new" / "deep" / "x.npy"
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        tmp.write_bytes(b"partial")
+        raise KeyboardInterrupt
+    assert not target.exists()
+    assert os.listdir(target.parent) == []
+
+
+def test_atomic_path_replaces_on_success_with_usual_permissions(tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+        assert target.read_text() == "old"  # not visible until the block ends
+    assert target.read_text() == "new"
+    assert os.listdir(tmp_path) == ["metrics.json"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_write_json_is_stable_and_atomic(tmp_path):
+    path = tmp_path / "m" / "split.json"
+    write_json(path, {"b": 1, "a": {"x": [1, 2]}})
+    assert path.read_text() == '{\n  "b": 1,\n  "a": {\n    "x": [\n      1,\n      2\n    ]\n  }\n}\n'
+    with pytest.raises(TypeError):
+        write_json(path, {"bad": object()})
+    assert json.loads(path.read_text()) == {"b": 1, "a": {"x": [1, 2]}}
+    assert os.listdir(path.parent) == ["split.json"]
+
+
+def test_load_params_errors(tmp_path):
+    with pytest.raises(PipelineError, match="not found; run stages from the project root"):
+        load_params(path=tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(PipelineError, match="not valid YAML"):
+        load_params(path=tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("data:\n  root: x\n")
+    assert load_params("data", path=tmp_path / "params.yaml") == {"root": "x"}
+    with pytest.raises(PipelineError, match="missing section 'prepare'"):
+        load_params("prepare", path=tmp_path / "params.yaml")

@@ -1,0 +1,59 @@
+"""Rewrite the README's results tables from the committed metrics, so the README never drifts from them.
+
+Each table follows a marker `<!-- results:NAME -->` and is replaced whole. `--check` exits 1 when the
+README differs from what the metrics say (the tests run it).
+
+    python tools/update_readme.py [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def split_table(metrics_dir: Path) -> str:
+    """Images and patients per split, from metrics/split.json."""
+    m = json.loads((metrics_dir / "split.json").read_text())
+    rows = ["| split | images | patients |", "| --- | --- | --- |"]
+    rows += [f"| {s} | {m[s]['images']:,} | {m[s]['patients']:,} |" for s in ("train", "val", "test")]
+    return "\n".join(rows)
+
+
+TABLES: dict[str, Callable[[Path], str]] = {"split": split_table}
+
+
+def render(readme: str, metrics_dir: Path) -> str:
+    """README text with every marked table regenerated."""
+    for name, make in TABLES.items():
+        pattern = re.compile(rf"(<!-- results:{name} -->\n)((?:\|.*\n)*)")
+        if not pattern.search(readme):
+            raise SystemExit(f"README.md: no '<!-- results:{name} -->' marker followed by a table")
+        readme = pattern.sub(lambda m, n=name, f=make: m.group(1) + f(metrics_dir) + "\n", readme)
+    return readme
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the README is out of date")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--metrics", type=Path, default=ROOT / "metrics")
+    args = parser.parse_args()
+    old = args.readme.read_text()
+    new = render(old, args.metrics)
+    if args.check:
+        if new != old:
+            print(f"{args.readme}: results tables differ from {args.metrics}; run tools/update_readme.py")
+            sys.exit(1)
+        return
+    args.readme.write_text(new)
+
+
+if __name__ == "__main__":
+    main()
