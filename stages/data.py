@@ -91,3 +91,31 @@ def to_model_input(
     if out is None or out.shape != shape or out.device != images.device:
         out = torch.empty(shape, device=images.device)
     return torch.addcmul(bias.view(1, -1, 1, 1), images, scale.view(1, -1, 1, 1), out=out)
+
+
+def augment(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    hflip: float = 0.0,
+    rotate: float = 0.0,
+    crop_scale: tuple[float, float] = (1.0, 1.0),
+) -> torch.Tensor:
+    """Random flip, rotation (degrees) and resized crop (area fraction range) of a float (B,1,H,W) batch.
+
+    One affine resampling for the whole batch (grid_sample), so augmentation costs one pass on any
+    device instead of a PIL round trip per sample. The same size comes out; borders fill with 0.
+    """
+    n = images.shape[0]
+    if hflip <= 0 and rotate <= 0 and crop_scale[0] >= 1.0:
+        return images
+    u = torch.rand(n, 5, generator=generator).to(images.device)
+    flip = torch.where(u[:, 0] < hflip, -1.0, 1.0)
+    angle = torch.deg2rad((u[:, 1] * 2 - 1) * rotate)
+    side = torch.sqrt(crop_scale[0] + u[:, 2] * (crop_scale[1] - crop_scale[0]))  # crop side / image side
+    shift = (u[:, 3:5] * 2 - 1) * (1 - side[:, None])  # crop centre stays inside the image
+    cos, sin = torch.cos(angle) * side, torch.sin(angle) * side
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1
+    )
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -1,0 +1,195 @@
+"""The demo stage: NIH layout that the real readers accept, determinism, label model, boxes, params."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from stages import demo, phantom
+from stages.common import PipelineError
+from stages.nih import CLASSES, parse_findings, read_image_list, read_label_table, scan_images
+
+SMALL = {"patients": 25, "images": 60, "image_size": 64, "label_noise": 0.05, "class_floor": 0.03,
+         "test_fraction": 0.2, "seed": 0}
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def labels(path: Path) -> pd.DataFrame:
+    table = pd.read_csv(path)
+    matrix = np.stack([parse_findings(t, str(path)) for t in table["Finding Labels"]])
+    return pd.DataFrame(matrix, index=table["Image Index"], columns=list(CLASSES))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return out, demo.generate(SMALL, out, workers=2)
+
+
+def test_same_params_give_identical_files_whatever_the_worker_count(small, tmp_path):
+    out, _ = small
+    again = tmp_path / "again"
+    demo.generate(SMALL, again, workers=1)
+    first, second = digest(out), digest(again)
+    assert len(first) == 5 + SMALL["images"]
+    assert first == second
+    other = tmp_path / "other"
+    demo.generate({**SMALL, "seed": 1}, other, workers=1)
+    assert digest(other)["Data_Entry_2017.csv"] != first["Data_Entry_2017.csv"]
+
+
+def test_layout_is_nih_and_the_project_readers_accept_it(small):
+    out, _ = small
+    lines = (out / "Data_Entry_2017.csv").read_text().splitlines()
+    assert lines[0] == ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+                        "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
+    assert all(line.endswith(",") and line.count(",") == 11 for line in lines)
+    table = read_label_table(out / "Data_Entry_2017.csv")
+    raw = pd.read_csv(out / "Data_Entry_2017.csv")
+    assert len(table) == SMALL["images"] and table["Patient ID"].nunique() == SMALL["patients"]
+    assert sorted(table["Patient ID"].unique()) == list(range(1, SMALL["patients"] + 1))
+    assert list(table["Image Index"]) == sorted(table["Image Index"])
+    for name, pid, followup in zip(raw["Image Index"], raw["Patient ID"], raw["Follow-up #"], strict=True):
+        assert name == f"{pid:08d}_{followup:03d}.png"
+    assert (raw.groupby("Patient ID")["Follow-up #"].min() == 0).all()
+    assert set(raw["Patient Gender"]) <= {"M", "F"} and set(raw["View Position"]) <= {"PA", "AP"}
+    assert raw["Patient Age"].between(0, 95).all()
+    assert (raw["OriginalImage[Width"] == 64).all() and (raw["Height]"] == 64).all()
+    assert raw["OriginalImagePixelSpacing[x"].iloc[0] == pytest.approx(0.143 * 1024 / 64)
+    assert (out / "BBox_List_2017.csv").read_text().splitlines()[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+    found = scan_images(out)
+    assert sorted(found) == list(table["Image Index"])
+    for path in list(found.values())[:10]:
+        with Image.open(path) as image:
+            assert image.mode == "L" and image.size == (64, 64)
+
+
+def test_lists_are_sorted_patient_disjoint_and_cover_every_image(small):
+    out, summary = small
+    table = read_label_table(out / "Data_Entry_2017.csv").set_index("Image Index")
+    train_val, test = read_image_list(out / "train_val_list.txt"), read_image_list(out / "test_list.txt")
+    assert train_val == sorted(train_val) and test == sorted(test)
+    assert sorted(train_val + test) == sorted(table.index)
+    assert not set(table.loc[train_val, "Patient ID"]) & set(table.loc[test, "Patient ID"])
+    assert table.loc[test, "Patient ID"].nunique() == round(0.2 * SMALL["patients"]) == summary["test_patients"]
+
+
+def test_every_class_reaches_the_floor_in_each_split(small):
+    out, summary = small
+    clean = labels(out / "clean_labels.csv")
+    for name in ("train_val_list.txt", "test_list.txt"):
+        split = clean.loc[read_image_list(out / name)]
+        need = math.ceil(SMALL["class_floor"] * len(split))
+        assert (split.sum() >= need).all(), split.sum()
+    assert summary["clean"] == clean.sum().to_dict()
+
+
+def test_boxes_cover_exactly_the_planted_test_findings(small):
+    out, summary = small
+    clean = labels(out / "clean_labels.csv")
+    test = read_image_list(out / "test_list.txt")
+    columns = ["image", "label", "x", "y", "w", "h"]
+    boxes = pd.read_csv(out / "BBox_List_2017.csv", header=None, skiprows=1, names=columns)
+    assert set(boxes["image"]) <= set(test)
+    assert "Infiltration" not in set(boxes["label"])
+    planted = {(i, c) for i in test for c in CLASSES if clean.loc[i, c]}
+    label = boxes["label"].replace("Infiltrate", "Infiltration")
+    boxed = set(zip(boxes["image"], label, strict=True))
+    assert boxed == planted and len(boxes) == len(planted) == summary["boxes"]
+    assert (boxes[["x", "y"]] >= 0).all().all() and (boxes[["w", "h"]] >= 1).all().all()
+    assert ((boxes["x"] + boxes["w"]) <= 64).all() and ((boxes["y"] + boxes["h"]) <= 64).all()
+
+
+@pytest.mark.parametrize("k", range(len(CLASSES)))
+def test_each_finding_is_visible_at_half_size_and_boxed_tightly(k):
+    lab = np.zeros(len(CLASSES), dtype=np.uint8)
+    lab[k] = 1
+    for pid in (3, 4):
+        film, boxes = phantom.render(128, 0, pid, 0, lab)
+        plain, _ = phantom.render(128, 0, pid, 0, np.zeros_like(lab))
+        assert film.dtype == np.uint8 and film.shape == (128, 128)
+        (kk, x, y, w, h), = boxes
+        assert kk == k
+        x, y, w, h = int(x), int(y), int(w), int(h)
+        changed = np.abs(film.astype(int) - plain) > 8
+        inside = np.zeros_like(changed)
+        inside[max(y - 1, 0):y + h + 1, max(x - 1, 0):x + w + 1] = True
+        assert changed.any() and not (changed & ~inside).any()  # nothing visible outside its box
+        half = [np.asarray(Image.fromarray(a).resize((64, 64), Image.Resampling.BILINEAR), float)
+                for a in (film, plain)]
+        assert np.abs(half[0] - half[1]).max() > 20, CLASSES[k]  # still plain to see at 64 px
+
+
+def test_zero_noise_gives_clean_labels_and_noise_flips_some(tmp_path):
+    demo.generate({**SMALL, "label_noise": 0.0}, tmp_path / "a", workers=1)
+    assert labels(tmp_path / "a" / "Data_Entry_2017.csv").equals(labels(tmp_path / "a" / "clean_labels.csv"))
+    rng = np.random.default_rng(0)
+    clean = (rng.random((20000, len(CLASSES))) < 0.1).astype(np.uint8)
+    noisy = demo.add_noise(clean, np.full(len(CLASSES), 0.1), 0.2, rng)
+    assert ((clean == 1) & (noisy == 0)).sum() / clean.sum() == pytest.approx(0.2, abs=0.01)
+    assert ((clean == 0) & (noisy == 1)).sum() / (clean == 0).sum() == pytest.approx(0.02, abs=0.003)
+
+
+def test_label_model_keeps_real_cooccurrence_and_exact_totals():
+    combos, counts, stats = demo.load_stats()
+    assert len(combos) == len(counts) > 700 and counts.sum() == stats["images"] == 112120
+    probs = demo.floor_weights(combos, counts, 0.03)
+    assert probs.sum() == pytest.approx(1) and (probs @ combos >= 0.03).all()
+    # Sets holding none of the raised classes keep their real proportions.
+    raised = (counts / counts.sum()) @ combos < 0.03
+    untouched = ~combos[:, raised].any(axis=1)
+    ratio = probs[untouched] / counts[untouched]
+    assert ratio == pytest.approx(np.full(untouched.sum(), ratio[0]))
+    per_patient = demo.images_per_patient(stats["images_per_patient"]["counts"], 800, 2000, np.random.default_rng(0))
+    assert per_patient.sum() == 2000 and len(per_patient) == 800 and per_patient.min() >= 1
+    assert (per_patient == 1).mean() > 0.4  # most NIH patients have a single film
+
+
+@pytest.mark.parametrize("change, key", [({"image_size": "big"}, "image_size"), ({"label_noise": 0.9}, "label_noise"),
+                                         ({"patients": True}, "patients"), ({"images": 10}, "images"),
+                                         ({"test_fraction": 1.0}, "test_fraction"), ({"colour": 1}, "colour")])
+def test_bad_params_are_refused_with_the_key_named(tmp_path, change, key):
+    with pytest.raises(PipelineError, match=f"demo.{key}"):
+        demo.generate({**SMALL, **change}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(PipelineError, match="demo.seed"):
+        demo.validate({k: v for k, v in SMALL.items() if k != "seed"})
+
+
+def test_main_replaces_the_old_dataset_and_leaves_no_temp_files(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("demo:\n" + "".join(f"  {k}: {v}\n" for k, v in {**SMALL, "images": 30, "patients": 12}.items()))
+    out = tmp_path / "data" / "demo"
+    (out / "images").mkdir(parents=True)
+    (out / "stale.txt").write_text("old")
+    demo.main(["--out", str(out), "--params", str(params)])
+    assert not (out / "stale.txt").exists() and len(list((out / "images").iterdir())) == 30
+    assert sorted(p.name for p in out.parent.iterdir()) == ["demo"]
+    printed = capsys.readouterr().out
+    assert "30 images of 12 patients" in printed and "Hernia" in printed
+
+
+def test_a_failed_run_keeps_the_previous_dataset_whole(tmp_path, monkeypatch):
+    out = tmp_path / "demo"
+    demo.generate(SMALL, out, workers=1)
+    before = digest(out)
+
+    def crash(folder: Path, *args: object) -> None:
+        (folder / "00000001_000.png").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "render_all", crash)
+    with pytest.raises(KeyboardInterrupt):
+        demo.generate({**SMALL, "seed": 7}, out, workers=1)
+    assert digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
