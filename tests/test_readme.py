@@ -34,3 +34,32 @@ def test_every_params_section_is_documented() -> None:
     for section, values in params.items():
         for key in values:
             assert f"{section}.{key}" in readme, f"params.yaml {section}.{key} is not in the README's params table"
+
+
+def test_nih_recipe_command_gives_valid_train_params() -> None:
+    """The README's one-command NIH recipe parses as DVC parses -S (Hydra grammar) and builds the seed's model."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from stages.model import build_model, freeze, param_groups
+    from stages.train import check_params
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- nih-recipe -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    args = block.replace("\\\n", " ").split()
+    sets = [args[i + 1].strip("'") for i, a in enumerate(args) if a == "-S"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for override in OverridesParser.create().parse_overrides(sets):
+        *path, key = override.key_or_group.split(".")
+        node = params
+        for part in path:
+            node = node[part]
+        assert key in node, f"README sets unknown param {override.key_or_group}"
+        node[key] = override.value()
+    t = params["train"]
+    check_params(t)
+    assert (t["arch"], t["weights"], t["lr_head"], t["lr_backbone"]) == ("resnet50", "imagenet", 1e-3, 1e-4)
+    assert params["prepare"]["image_size"] == 224 and t["batch_size"] == 64
+    model = build_model(t["arch"], "none")  # same modules as with ImageNet weights, no file needed
+    frozen = freeze(model, t["freeze"])
+    assert "layer3" in frozen and "layer4" not in frozen
+    assert [g["name"] for g in param_groups(model, t["arch"], t["lr_head"], t["lr_backbone"])] == ["head", "backbone"]

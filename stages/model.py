@@ -1,0 +1,102 @@
+"""Model factory: backbone, new 14-logit head, freezing by module prefix, offline ImageNet weights.
+
+The seed called `model.train()` on the whole network, so the BatchNorm statistics of its "frozen"
+layers kept drifting; `set_train_mode` keeps frozen modules in eval mode. ImageNet weights load only
+from torchvision's cache (TORCH_HOME): with no network a missing file must be an instant, clear error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from stages.common import PipelineError
+
+ARCHS = {
+    "resnet18": ("ResNet18_Weights", "fc", "layer4"),
+    "resnet34": ("ResNet34_Weights", "fc", "layer4"),
+    "resnet50": ("ResNet50_Weights", "fc", "layer4"),
+    "densenet121": ("DenseNet121_Weights", "classifier", "features.denseblock4"),
+}
+WEIGHTS = ("imagenet", "none")
+
+
+def weights_file(arch: str) -> tuple[Path, str]:
+    """Where torchvision's cache keeps `arch`'s ImageNet weights, and the URL they come from."""
+    url = getattr(torchvision.models, ARCHS[arch][0]).IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url), url
+
+
+def load_imagenet_state(arch: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights from the local cache only; never a download (and never a hang offline)."""
+    path, url = weights_file(arch)
+    if not path.is_file():
+        raise PipelineError(
+            f"ImageNet weights for {arch} not found at {path}; download {url} and place it there "
+            "(or set TORCH_HOME to the folder holding hub/checkpoints/), or set train.weights: none"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated download fails in many ways inside torch.load
+        raise PipelineError(f"{path}: cannot load ImageNet weights ({exc}); download {url} again") from None
+
+
+def build_model(arch: str, weights: str = "none", num_classes: int = 14) -> nn.Module:
+    """A torchvision backbone with a fresh `num_classes`-logit head."""
+    if arch not in ARCHS:
+        raise PipelineError(f"params.yaml train.arch: {arch!r}; expected one of {', '.join(ARCHS)}")
+    if weights not in WEIGHTS:
+        raise PipelineError(f"params.yaml train.weights: {weights!r}; expected one of {', '.join(WEIGHTS)}")
+    model = getattr(torchvision.models, arch)(weights=None)
+    if weights == "imagenet":
+        model.load_state_dict(load_imagenet_state(arch))
+    head = ARCHS[arch][1]
+    setattr(model, head, nn.Linear(getattr(model, head).in_features, num_classes))
+    return model
+
+
+def _matches(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def freeze(model: nn.Module, prefixes: list[str]) -> list[str]:
+    """Stop gradients for modules under `prefixes`; returns the frozen module names."""
+    names = [name for name, _ in model.named_modules() if name]
+    for prefix in prefixes:
+        if not any(_matches(n, prefix) for n in names):
+            top = [n for n in names if "." not in n]
+            raise PipelineError(
+                f"params.yaml train.freeze: {prefix!r} matches no module; expected prefixes of {', '.join(top)}"
+            )
+    for name, param in model.named_parameters():
+        if any(_matches(name, p) for p in prefixes):
+            param.requires_grad_(False)
+    return [n for n in names if any(_matches(n, p) for p in prefixes)]
+
+
+def set_train_mode(model: nn.Module, frozen: list[str]) -> None:
+    """Training mode for what learns; eval mode (fixed BatchNorm statistics) for frozen modules."""
+    model.train()
+    modules = dict(model.named_modules())
+    for name in frozen:
+        modules[name].eval()
+
+
+def param_groups(model: nn.Module, arch: str, lr_head: float, lr_backbone: float) -> list[dict]:
+    """Two learning rates as in the seed: the new head learns faster than the pretrained backbone."""
+    head = ARCHS[arch][1]
+    head_params = [p for n, p in model.named_parameters() if _matches(n, head) and p.requires_grad]
+    body_params = [p for n, p in model.named_parameters() if not _matches(n, head) and p.requires_grad]
+    groups = [{"params": head_params, "lr": lr_head, "name": "head"}]
+    if body_params:
+        groups.append({"params": body_params, "lr": lr_backbone, "name": "backbone"})
+    return groups
+
+
+def gradcam_layer(model: nn.Module, arch: str) -> nn.Module:
+    """The layer whose activations Grad-CAM weighs: the last convolutional block."""
+    return model.get_submodule(ARCHS[arch][2])

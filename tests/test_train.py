@@ -1,0 +1,127 @@
+"""The train stage on a tiny demo: one epoch end to end, checkpoints, dvclive logs, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stages import demo, prepare, split, train
+from stages.common import PipelineError
+
+TRAIN = {
+    "arch": "resnet18", "weights": "none", "freeze": [], "epochs": 1, "batch_size": 16, "lr_head": 1e-3,
+    "lr_backbone": 1e-3, "weight_decay": 1e-4, "scheduler": "cosine", "pos_weight_cap": 20, "patience": 3,
+    "augment": {"hflip": 0.5, "rotate": 5, "crop_scale": [0.85, 1.0]}, "device": "cpu", "workers": 0, "seed": 0,
+    "resume": False,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data/split and data/prepared for a 60-image demo at 48 px, built once."""
+    root = tmp_path_factory.mktemp("tiny")
+    params = {
+        "data": {"root": "data/demo", "missing": "error"},
+        "demo": {"patients": 24, "images": 60, "image_size": 64, "label_noise": 0.0, "class_floor": 0.03,
+                 "test_fraction": 0.25, "seed": 0},
+        "split": {"val_fraction": 0.25, "seed": 0},
+        "prepare": {"image_size": 48, "workers": 1},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    demo.generate(params["demo"], root / "data/demo", workers=1)
+    cwd = os.getcwd()
+    os.chdir(root)  # split tables hold paths relative to the project, as in the real pipeline
+    try:
+        split.main(["--params", "params.yaml", "--metrics", "split.json"])
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def workdir(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh project folder holding the tiny data; the stage runs with it as the working directory."""
+    (tmp_path / "data").mkdir()
+    shutil.copytree(tiny_data / "data/split", tmp_path / "data/split")
+    # split tables point at data/demo relative to the project: link the images in.
+    (tmp_path / "data/demo").symlink_to(tiny_data / "data/demo")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((tiny_data / "params.yaml").read_text())
+    prepare.main(["--params", "params.yaml"])
+    return tmp_path
+
+
+def write_train_params(folder: Path, **overrides) -> None:
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["train"] = {**TRAIN, **overrides}
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_one_epoch_writes_checkpoint_metrics_and_logs(workdir: Path) -> None:
+    write_train_params(workdir)
+    start = time.perf_counter()
+    train.main([])
+    assert time.perf_counter() - start < 60
+    ckpt = torch.load("models/model.pt", weights_only=True)
+    assert ckpt["arch"] == "resnet18" and ckpt["image_size"] == 48 and len(ckpt["classes"]) == 14
+    assert ckpt["params"]["lr_head"] == 1e-3 and ckpt["epoch"] == 1
+    metrics = json.loads(Path("metrics/train.json").read_text())
+    assert metrics["epochs_run"] == 1 and metrics["best_epoch"] == 1
+    assert 0.0 <= metrics["best_val_mean_auc"] <= 1.0 and metrics["images_per_second"] > 0
+    assert metrics["best_val_mean_auc"] == pytest.approx(ckpt["val_mean_auc"], abs=1e-6)
+    logged = Path("dvclive/plots/metrics/val/mean_auc.tsv").read_text().splitlines()
+    assert logged[0].split("\t") == ["step", "mean_auc"] and len(logged) == 2
+    assert Path("dvclive/plots/metrics/train/loss.tsv").is_file()
+    assert Path("dvclive/plots/metrics/lr/head.tsv").is_file()
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_result(workdir: Path, monkeypatch) -> None:
+    write_train_params(workdir, epochs=2, scheduler="cosine")
+    train.main([])
+    straight = torch.load("models/last.pt", weights_only=True)
+    shutil.rmtree("models"), shutil.rmtree("dvclive")
+
+    real_epoch = train.train_one_epoch
+    calls = {"n": 0}
+
+    def killed_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([])
+    assert torch.load("models/last.pt", weights_only=True)["state"]["epoch"] == 1
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    write_train_params(workdir, epochs=2, scheduler="cosine", resume=True)
+    train.main([])
+    resumed = torch.load("models/last.pt", weights_only=True)
+    assert resumed["state"]["epoch"] == 2
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    steps = Path("dvclive/plots/metrics/val/mean_auc.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in steps] == ["step", "0", "1"]
+
+
+def test_resume_with_other_params_is_refused(workdir: Path) -> None:
+    write_train_params(workdir)
+    train.main([])
+    write_train_params(workdir, lr_head=5e-4, resume=True)
+    with pytest.raises(PipelineError, match="models/last.pt was made with other train params"):
+        train.main([])
+
+
+def test_missing_prepared_data_is_a_clear_error(workdir: Path) -> None:
+    write_train_params(workdir)
+    Path("data/prepared/val.npy").unlink()
+    with pytest.raises(PipelineError, match=r"data/prepared/val.npy: cannot open prepared array .* run the prepare"):
+        train.main([])
