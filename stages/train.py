@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_batches = Batches(device)
 
     with Live(dir="dvclive", resume=state["epoch"] > 0, save_dvc_exp=False, dvcyaml=None) as live:
+        live.step = state["epoch"]  # dvclive's own resume restarts at 0 when one step was logged
         while state["epoch"] < t["epochs"] and state["bad_epochs"] < t["patience"]:
             epoch = state["epoch"]
             loader = make_loader(train_set, t["batch_size"], shuffle=True, seed=t["seed"] * 1000 + epoch,
