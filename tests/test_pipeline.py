@@ -20,6 +20,7 @@ TINY = {
     "demo": {"patients": 30, "images": 90, "image_size": 64, "test_fraction": 0.25},
     "split": {"val_fraction": 0.2},
     "prepare": {"image_size": 32, "workers": 2},
+    "train": {"epochs": 1, "batch_size": 16, "device": "cpu"},
 }
 
 
@@ -48,6 +49,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(["git", "init", "-q"], work)
     run([sys.executable, "-m", "dvc", "init", "-q"], work)
     run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], work)
+    run(["git", "add", "-A"], work)  # dvclive wants a commit to compare against, as in a clone
+    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.org", "commit", "-qm", "tiny"], work)
     run([sys.executable, "-m", "dvc", "repro"], work)
     return work
 
@@ -64,7 +67,10 @@ def test_repro_builds_every_output(project: Path) -> None:
         assert len(table) == split[name]["images"] > 0
         assert array.std() > 0  # real pixels, not an empty buffer
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"demo", "split", "prepare"}
+    assert set(lock["stages"]) == {"demo", "split", "prepare", "train"}
+    train = json.loads((project / "metrics/train.json").read_text())
+    assert train["epochs_run"] == 1 and 0 <= train["best_val_mean_auc"] <= 1
+    assert (project / "models/model.pt").is_file() and (project / "dvclive/plots/metrics/val/mean_auc.tsv").is_file()
 
 
 def test_second_repro_runs_nothing(project: Path) -> None:
@@ -81,5 +87,5 @@ def test_param_change_reruns_only_downstream(project: Path) -> None:
     params["split"]["val_fraction"] = 0.35
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([sys.executable, "-m", "dvc", "repro"], project).stdout
-    assert "Running stage 'split'" in out and "Running stage 'prepare'" in out
+    assert "Running stage 'split'" in out and "Running stage 'prepare'" in out and "Running stage 'train'" in out
     assert "Running stage 'demo'" not in out

@@ -26,7 +26,15 @@ def split_table(metrics_dir: Path) -> str:
     return "\n".join(rows)
 
 
-TABLES: dict[str, Callable[[Path], str]] = {"split": split_table}
+def train_table(metrics_dir: Path) -> str:
+    """Best validation AUC and when it was reached, from metrics/train.json (timings vary by machine: left out)."""
+    m = json.loads((metrics_dir / "train.json").read_text())
+    rows = ["| best val mean ROC-AUC | best epoch | epochs run |", "| --- | --- | --- |"]
+    rows.append(f"| {m['best_val_mean_auc']:.4f} | {m['best_epoch']} | {m['epochs_run']} |")
+    return "\n".join(rows)
+
+
+TABLES: dict[str, Callable[[Path], str]] = {"split": split_table, "train": train_table}
 
 
 def render(readme: str, metrics_dir: Path) -> str:
