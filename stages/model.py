@@ -100,3 +100,20 @@ def param_groups(model: nn.Module, arch: str, lr_head: float, lr_backbone: float
 def gradcam_layer(model: nn.Module, arch: str) -> nn.Module:
     """The layer whose activations Grad-CAM weighs: the last convolutional block."""
     return model.get_submodule(ARCHS[arch][2])
+
+
+def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """The trained model (eval mode) and its metadata from a train-stage checkpoint, tensors only."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no checkpoint; run the train stage (dvc repro train)") from None
+    except Exception as exc:  # truncated or foreign files fail in many ways inside torch.load
+        raise PipelineError(f"{path}: not a readable checkpoint ({exc})") from None
+    missing = [k for k in ("state_dict", "arch", "classes", "image_size", "mean", "std") if k not in ckpt]
+    if missing:
+        raise PipelineError(f"{path}: checkpoint lacks {', '.join(missing)}; expected one written by stages.train")
+    model = build_model(ckpt["arch"], "none", len(ckpt["classes"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), ckpt

@@ -34,7 +34,20 @@ def train_table(metrics_dir: Path) -> str:
     return "\n".join(rows)
 
 
-TABLES: dict[str, Callable[[Path], str]] = {"split": split_table, "train": train_table}
+def test_table(metrics_dir: Path) -> str:
+    """Test-set figures from metrics/evaluate.json and metrics/calibrate.json."""
+    e = json.loads((metrics_dir / "evaluate.json").read_text())
+    c = json.loads((metrics_dir / "calibrate.json").read_text())["test"]["macro"]
+    oracle = f"{e['oracle_mean_auc']:.4f}" if "oracle_mean_auc" in e else "n/a"
+    rows = ["| test mean ROC-AUC | oracle | macro ECE before -> after | macro Brier before -> after "
+            "| macro F1 / precision / recall at val thresholds |", "| --- | --- | --- | --- | --- |"]
+    rows.append(f"| {e['mean_auc']:.4f} | {oracle} | {c['ece_before']:.3f} -> {c['ece_after']:.3f} "
+                f"| {c['brier_before']:.3f} -> {c['brier_after']:.3f} "
+                f"| {c['f1']:.3f} / {c['precision']:.3f} / {c['recall']:.3f} |")
+    return "\n".join(rows)
+
+
+TABLES: dict[str, Callable[[Path], str]] = {"split": split_table, "train": train_table, "test": test_table}
 
 
 def render(readme: str, metrics_dir: Path) -> str:

@@ -1,0 +1,231 @@
+"""Calibration math shared by the calibrate stage and the predict command: calibrators, thresholds, ECE/Brier.
+
+Everything here is a pure function of arrays (no files but the calibrator's own JSON), so the stage
+re-runs in seconds and `predict` applies exactly what the stage fitted. Calibrators are plain JSON
+(no pickle): a per-class temperature, Platt pair or isotonic step function, `null` for a class
+that could not be fitted (no positives or no negatives in val), which then passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import expit
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from stages.common import PipelineError
+from stages.nih import CLASSES
+
+METHODS = ("none", "temperature", "platt", "isotonic")
+POLICIES = ("max_f1", "youden", "target_recall")
+EPS = 1e-6  # probabilities are clipped to [EPS, 1 - EPS] before taking logits
+# T >= 0.4 keeps |logit / T| <= 34.5, so sigmoid never rounds to exactly 1.0 and merges scores into ties
+# (it would on a val set that separates a class, where the likelihood pushes T to 0); T = 100 is a model of noise.
+LOG_T_BOUNDS = (np.log(0.4), np.log(100.0))
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    """Inverse sigmoid, clipped so that saved probabilities of exactly 0 or 1 stay finite."""
+    p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1 - EPS)
+    return np.log(p / (1 - p))
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """Logistic function, accurate in both tails (tiny probabilities stay distinct instead of rounding to 0)."""
+    return expit(np.asarray(z, dtype=np.float64))
+
+
+def has_both(y: np.ndarray) -> bool:
+    """A class can be calibrated and thresholded only if its labels hold both outcomes."""
+    y = np.asarray(y)
+    return 0 < int(y.sum()) < len(y)
+
+
+def separable(y: np.ndarray, p: np.ndarray) -> bool:
+    """Every val positive scores above every negative: the calibration fit then runs to its extreme."""
+    y, p = np.asarray(y).astype(bool), np.asarray(p)
+    return has_both(y) and bool(p[~y].max() < p[y].min())
+
+
+def fit_temperature(y: np.ndarray, p: np.ndarray) -> float:
+    """One scalar T minimising the BCE of sigmoid(logit / T); searched on log T so T stays positive."""
+    z, y = logit(p), np.asarray(y, dtype=np.float64)
+
+    def bce(log_t: float) -> float:
+        s = z / np.exp(log_t)
+        return float(np.mean(np.logaddexp(0.0, s) - y * s))
+
+    res = minimize_scalar(bce, bounds=LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-7})
+    return float(np.exp(res.x))
+
+
+def fit_platt(y: np.ndarray, p: np.ndarray) -> list[float]:
+    """[a, b] of sigmoid(a * logit + b), a logistic regression on the logit, effectively unregularised."""
+    with warnings.catch_warnings():  # separable val data: the fit still orders scores correctly
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        lr = LogisticRegression(C=1e6, max_iter=1000).fit(logit(p)[:, None], np.asarray(y, dtype=int))
+    return [float(lr.coef_[0, 0]), float(lr.intercept_[0])]
+
+
+def fit_isotonic(y: np.ndarray, p: np.ndarray) -> dict[str, list[float]]:
+    """The fitted monotone step function's knots; np.interp over them reproduces IsotonicRegression.predict."""
+    iso = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(np.asarray(p, float), np.asarray(y, float))
+    return {"x": [float(v) for v in iso.X_thresholds_], "y": [float(v) for v in iso.y_thresholds_]}
+
+
+FITTERS = {"temperature": fit_temperature, "platt": fit_platt, "isotonic": fit_isotonic}
+
+
+def fit_calibrator(method: str, labels: np.ndarray, probs: np.ndarray,
+                   classes: Sequence[str] = CLASSES) -> dict[str, Any]:
+    """Fit one calibrator per class on (N, C) labels and probabilities; `null` where a class is one-sided."""
+    if method not in METHODS:
+        raise PipelineError(f"calibration method {method!r}; expected one of {', '.join(METHODS)}")
+    params: dict[str, Any] = {}
+    if method != "none":
+        for j, name in enumerate(classes):
+            params[name] = FITTERS[method](labels[:, j], probs[:, j]) if has_both(labels[:, j]) else None
+    return {"method": method, "split": "val", "params": params}
+
+
+def apply_one(method: str, param: Any, p: np.ndarray) -> np.ndarray:
+    if param is None or method == "none":
+        return np.asarray(p, dtype=np.float64).copy()
+    if method == "temperature":
+        return sigmoid(logit(p) / param)
+    if method == "platt":
+        return sigmoid(param[0] * logit(p) + param[1])
+    return np.interp(np.asarray(p, dtype=np.float64), param["x"], param["y"])
+
+
+def apply_calibrator(spec: dict[str, Any], probs: np.ndarray, classes: Sequence[str] = CLASSES) -> np.ndarray:
+    """Calibrated copy of (N, C) probabilities (or one (C,) row) in `classes` order, as the stage fitted them."""
+    probs = np.asarray(probs, dtype=np.float64)
+    rows = np.atleast_2d(probs)
+    if rows.shape[1] != len(classes):
+        raise PipelineError(f"calibrator: got {rows.shape[1]} probability columns; expected {len(classes)}")
+    out = np.empty_like(rows)
+    for j, name in enumerate(classes):
+        out[:, j] = apply_one(spec["method"], spec["params"].get(name), rows[:, j])
+    return out.reshape(probs.shape)
+
+
+def check_calibrator(spec: Any, where: str, classes: Sequence[str] = CLASSES) -> dict[str, Any]:
+    """Refuse a calibrator JSON that would fail (or silently pass through) at prediction time."""
+    if not isinstance(spec, dict) or spec.get("method") not in METHODS or not isinstance(spec.get("params"), dict):
+        raise PipelineError(f"{where}: expected {{'method': one of {', '.join(METHODS)}, 'params': {{class: ...}}}}")
+    method, params = spec["method"], spec["params"]
+    if method == "none":
+        return spec
+    for name in classes:
+        if name not in params:
+            raise PipelineError(f"{where}: no {method} parameters for class {name}")
+        v = params[name]
+        ok = (v is None or (method == "temperature" and isinstance(v, (int, float)) and v > 0)
+              or (method == "platt" and isinstance(v, list) and len(v) == 2
+                  and all(isinstance(a, (int, float)) for a in v))
+              or (method == "isotonic" and isinstance(v, dict) and len(v.get("x", [])) == len(v.get("y", [])) > 0))
+        if not ok:
+            raise PipelineError(f"{where}: class {name}: {v!r} is not a valid {method} calibrator")
+    return spec
+
+
+def load_calibrator(path: Path | str) -> dict[str, Any]:
+    """Read models/calibrator.json as written by the calibrate stage, validated for `apply_calibrator`."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run `dvc repro calibrate`") from None
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc})") from None
+    return check_calibrator(spec, str(path))
+
+
+def choose_threshold(policy: str, y: np.ndarray, p: np.ndarray, target_recall: float = 0.9) -> float | None:
+    """Val threshold for one class (positive = p >= threshold); None if the labels are one-sided."""
+    if not has_both(y):
+        return None
+    if policy == "max_f1":  # the seed's rule: best F1 on the PR curve, without its (P=1, R=0) end point
+        precision, recall, thresholds = precision_recall_curve(y, p)
+        precision, recall = precision[:-1], recall[:-1]
+        denom = precision + recall
+        f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+        return float(thresholds[np.argmax(f1)])
+    if policy == "youden":  # max TPR - FPR; the first point (threshold inf) predicts nothing
+        fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
+        keep = np.isfinite(thresholds)
+        return float(thresholds[keep][np.argmax((tpr - fpr)[keep])])
+    if policy == "target_recall":  # recall falls as the threshold rises: the highest one still reaching the target
+        _, recall, thresholds = precision_recall_curve(y, p)
+        return float(thresholds[recall[:-1] >= target_recall].max())
+    raise PipelineError(f"threshold policy {policy!r}; expected one of {', '.join(POLICIES)}")
+
+
+def ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den > 0 else None
+
+
+def decision_metrics(y: np.ndarray, p: np.ndarray, threshold: float | None) -> dict[str, float | None] | None:
+    """Seed-style F1/Precision/Recall at p >= threshold; a value is None where its denominator is zero."""
+    if threshold is None:
+        return None
+    y, pred = np.asarray(y).astype(bool), np.asarray(p) >= threshold
+    tp, fp, fn = int(np.sum(pred & y)), int(np.sum(pred & ~y)), int(np.sum(~pred & y))
+    return {"F1": ratio(2 * tp, 2 * tp + fp + fn), "Precision": ratio(tp, tp + fp), "Recall": ratio(tp, tp + fn)}
+
+
+def bin_index(p: np.ndarray, bins: int) -> np.ndarray:
+    """Equal-width bins on [0, 1]; p = 1 falls in the last bin."""
+    return np.minimum((np.asarray(p, dtype=np.float64) * bins).astype(int), bins - 1)
+
+
+def reliability(y: np.ndarray, p: np.ndarray, bins: int) -> list[dict[str, float | int]]:
+    """Non-empty bins: mean predicted probability, fraction of positives and count (the reliability diagram)."""
+    p, y = np.asarray(p, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    idx = bin_index(p, bins)
+    count = np.bincount(idx, minlength=bins)
+    sum_p, sum_y = np.bincount(idx, p, minlength=bins), np.bincount(idx, y, minlength=bins)
+    return [{"bin": b, "mean_predicted": sum_p[b] / count[b], "fraction_positive": sum_y[b] / count[b],
+             "count": int(count[b])} for b in np.flatnonzero(count)]
+
+
+def ece(y: np.ndarray, p: np.ndarray, bins: int = 15) -> float | None:
+    """Expected calibration error: sum over bins of |mean p - positive rate| weighted by the bin's share."""
+    n = np.asarray(p).size
+    if n == 0:
+        return None
+    gaps = [r["count"] / n * abs(r["mean_predicted"] - r["fraction_positive"]) for r in reliability(y, p, bins)]
+    return float(sum(gaps))
+
+
+def brier(y: np.ndarray, p: np.ndarray) -> float | None:
+    """Mean squared error of the probability against the 0/1 label."""
+    p, y = np.asarray(p, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return float(np.mean((p - y) ** 2)) if p.size else None
+
+
+def mean_defined(values: Sequence[float | None]) -> float | None:
+    """Macro average over the classes where the value exists (None if it exists nowhere)."""
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
+
+
+def rounded(value: Any, digits: int = 6) -> Any:
+    """Floats rounded in nested dicts/lists, so metrics files diff cleanly."""
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v, digits) for v in value]
+    if isinstance(value, float):
+        return round(value, digits)
+    return value
