@@ -50,7 +50,7 @@ def clean_labels(root: Path, names: pd.Series) -> np.ndarray | None:
     return np.stack([parse_findings(table[n], f"{path} ({n})") for n in names])
 
 
-def test_metrics(pred: pd.DataFrame, clean: np.ndarray | None, resamples: int, seed: int) -> dict:
+def score_test(pred: pd.DataFrame, clean: np.ndarray | None, resamples: int, seed: int) -> dict:
     """metrics/evaluate.json: macro and per-class AUC with intervals, AP, prevalence, oracle."""
     weights = patient_bootstrap_weights(pred["Patient ID"].to_numpy(), resamples, seed)
     per_class, boot_aucs = {}, []
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_path(OUT / f"{split}.csv") as tmp:
             frame.to_csv(tmp, index=False, float_format="%.6g")
     test = preds["test"]
-    metrics = test_metrics(test, clean_labels(Path(params["data"]["root"]), test["Image Index"]), resamples, seed)
+    metrics = score_test(test, clean_labels(Path(params["data"]["root"]), test["Image Index"]), resamples, seed)
     write_json("metrics/evaluate.json", metrics)
     roc, pr = curves(test)
     for name, frame in (("roc", roc), ("pr", pr)):

@@ -21,6 +21,7 @@ TINY = {
     "split": {"val_fraction": 0.2},
     "prepare": {"image_size": 32, "workers": 2},
     "train": {"epochs": 1, "batch_size": 16, "device": "cpu"},
+    "evaluate": {"bootstrap": 50},
 }
 
 
@@ -67,7 +68,12 @@ def test_repro_builds_every_output(project: Path) -> None:
         assert len(table) == split[name]["images"] > 0
         assert array.std() > 0  # real pixels, not an empty buffer
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"demo", "split", "prepare", "train"}
+    assert set(lock["stages"]) == {"demo", "split", "prepare", "train", "evaluate", "calibrate"}
+    evaluate = json.loads((project / "metrics/evaluate.json").read_text())
+    assert evaluate["images"] == split["test"]["images"] and "oracle_mean_auc" in evaluate
+    thresholds = json.loads((project / "models/thresholds.json").read_text())
+    assert set(thresholds) >= {"metadata", "thresholds", "metrics", "test_metrics"}
+    assert thresholds["metadata"]["num_classes"] == 14
     train = json.loads((project / "metrics/train.json").read_text())
     assert train["epochs_run"] == 1 and 0 <= train["best_val_mean_auc"] <= 1
     assert (project / "models/model.pt").is_file() and (project / "dvclive/plots/metrics/val/mean_auc.tsv").is_file()
@@ -88,4 +94,5 @@ def test_param_change_reruns_only_downstream(project: Path) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([sys.executable, "-m", "dvc", "repro"], project).stdout
     assert "Running stage 'split'" in out and "Running stage 'prepare'" in out and "Running stage 'train'" in out
+    assert "Running stage 'calibrate'" in out
     assert "Running stage 'demo'" not in out
