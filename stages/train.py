@@ -41,8 +41,9 @@ def check_params(t: dict) -> None:
 
 
 def save(path: Path, payload: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    """Atomic torch.save; through a file object, so the zip's inner name is fixed and equal runs give equal bytes."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -175,3 +175,14 @@ def test_augment_flip_and_identity() -> None:
     rotated = augment(images, torch.Generator().manual_seed(1), rotate=10.0, crop_scale=(0.8, 1.0))
     again = augment(images, torch.Generator().manual_seed(1), rotate=10.0, crop_scale=(0.8, 1.0))
     assert rotated.shape == images.shape and torch.equal(rotated, again) and not torch.equal(rotated, images)
+
+
+def test_checkpoint_bytes_do_not_depend_on_the_file_name(tmp_path) -> None:
+    """dvc.lock records the checkpoint's hash: equal runs must write equal bytes (torch.save names the zip after
+    the file it writes to, and atomic writes go through random temporary names)."""
+    from stages.train import save
+
+    payload = {"state_dict": build_model("resnet18", "none").state_dict(), "arch": "resnet18"}
+    save(tmp_path / "a.pt", payload)
+    save(tmp_path / "other_name.pt", payload)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other_name.pt").read_bytes()
