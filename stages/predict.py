@@ -1,0 +1,125 @@
+"""Predict: per-image probabilities, calibrated probabilities, thresholds, decisions and margins, plus Grad-CAM.
+
+The seed's `inference.py`, done right: images are decoded exactly as the prepare stage decodes them
+(any PNG/JPEG, any size or mode, NIH's RGBA files included), decisions use the calibrated probability
+against the val thresholds the calibrate stage chose, and an unreadable file is reported while the
+other files are still processed (exit code 1 at the end).
+
+    python -m stages.predict IMAGE [IMAGE ...] [--json] [--gradcam DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.calibration import apply_calibrator, load_calibrator
+from stages.common import PipelineError, cpu_count, run_main
+from stages.data import to_model_input
+from stages.gradcam import GradCAM, overlay
+from stages.model import gradcam_layer, load_checkpoint
+from stages.nih import load_gray
+
+
+def margins(p: float, t: float | None) -> tuple[str, float | None, float | None]:
+    """Decision, absolute margin p - t, and relative margin: (p - t)/(1 - t) above t, (p - t)/t below."""
+    if t is None:
+        return "n/a", None, None
+    rel = (p - t) / (1 - t) if p >= t else (p - t) / t
+    return ("POS" if p >= t else "NEG"), p - t, rel
+
+
+def load_thresholds(path: Path) -> dict[str, float | None]:
+    try:
+        return json.loads(path.read_text())["thresholds"]
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run the calibrate stage (dvc repro calibrate)") from None
+    except (ValueError, KeyError) as exc:
+        raise PipelineError(f"{path}: not a thresholds file ({exc}); expected the calibrate stage's output") from None
+
+
+def predict_one(path: str, model, ckpt, layer, calibrator, thresholds, gradcam_dir: Path | None) -> dict:
+    """One image's table rows (and heatmap files when asked)."""
+    gray = load_gray(path, ckpt["image_size"])  # ValueError with the reason for unreadable files
+    x = to_model_input(torch.from_numpy(gray.copy())[None, None], tuple(ckpt["mean"]), tuple(ckpt["std"]))
+    classes = list(ckpt["classes"])
+    with torch.no_grad():
+        raw = torch.sigmoid(model(x))[0].numpy()
+    cal = apply_calibrator(calibrator, raw[None], classes)[0] if calibrator else raw
+    rows = []
+    for k, name in enumerate(classes):
+        decision, margin, rel = margins(float(cal[k]), thresholds.get(name))
+        rows.append({"class": name, "probability": float(raw[k]), "calibrated": float(cal[k]),
+                     "threshold": thresholds.get(name), "decision": decision, "margin": margin,
+                     "relative_margin": rel})
+    result = {"image": path, "predictions": rows}
+    if gradcam_dir is not None:
+        chosen = [k for k, r in enumerate(rows) if r["decision"] == "POS"]
+        if not chosen:  # the single closest-to-positive class
+            chosen = [max((k for k, r in enumerate(rows) if r["relative_margin"] is not None),
+                          key=lambda k: rows[k]["relative_margin"], default=int(np.argmax(cal)))]
+        with GradCAM(model, layer) as cam:
+            _, maps = cam(x, chosen)
+        gradcam_dir.mkdir(parents=True, exist_ok=True)
+        result["gradcam"] = []
+        for j, k in enumerate(chosen):
+            r = rows[k]
+            out = gradcam_dir / f"{Path(path).stem}_{r['class']}.png"
+            t = "n/a" if r["threshold"] is None else f"{r['threshold']:.3f}"
+            overlay(gray, maps[0, j].numpy(), f"{Path(path).name}: {r['class']}\np={r['calibrated']:.3f}, t={t}, "
+                    f"{r['decision']}", out)
+            result["gradcam"].append(str(out))
+    return result
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{result['image']}")
+    print(f"{'class':<20}{'prob':>8}{'calib':>8}{'thresh':>8}  {'dec':<4}{'margin':>9}{'rel':>9}")
+    for r in result["predictions"]:
+        t = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
+        m = "-" if r["margin"] is None else f"{r['margin']:+.3f}"
+        rel = "-" if r["relative_margin"] is None else f"{r['relative_margin']:+.3f}"
+        print(f"{r['class']:<20}{r['probability']:8.3f}{r['calibrated']:8.3f}{t:>8}  {r['decision']:<4}{m:>9}{rel:>9}")
+    for path in result.get("gradcam", []):
+        print(f"  Grad-CAM: {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("images", nargs="+", help="PNG or JPEG files, any size or mode")
+    parser.add_argument("--model", type=Path, default=Path("models/model.pt"), help="train-stage checkpoint")
+    parser.add_argument("--thresholds", type=Path, default=Path("models/thresholds.json"), help="calibrate output")
+    parser.add_argument("--calibrator", type=Path, default=Path("models/calibrator.json"),
+                        help="calibrate output; pass a missing path to use raw probabilities")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    parser.add_argument("--gradcam", type=Path, metavar="DIR", help="write heatmaps of positive classes here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(cpu_count())
+    model, ckpt = load_checkpoint(args.model)
+    thresholds = load_thresholds(args.thresholds)
+    calibrator = load_calibrator(args.calibrator) if args.calibrator.is_file() else None
+    layer = gradcam_layer(model, ckpt["arch"])
+    results, failed = [], 0
+    for path in args.images:
+        try:
+            result = predict_one(path, model, ckpt, layer, calibrator, thresholds, args.gradcam)
+        except ValueError as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        results.append(result)
+        if not args.json:
+            print_table(result)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    if failed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    run_main(main)
