@@ -229,3 +229,14 @@ def rounded(value: Any, digits: int = 6) -> Any:
     if isinstance(value, float):
         return round(value, digits)
     return value
+
+
+def load_thresholds(path: Path | str) -> dict[str, float | None]:
+    """Per-class thresholds from the calibrate stage's thresholds.json (None where val had no positives)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())["thresholds"]
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run the calibrate stage (dvc repro calibrate)") from None
+    except (ValueError, KeyError) as exc:
+        raise PipelineError(f"{path}: not a thresholds file ({exc}); expected the calibrate stage's output") from None

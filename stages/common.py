@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -56,6 +57,29 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def replace_dir(path: Path | str) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; on success it replaces `path` by renames only,
+    so a killed stage leaves the old folder (or none), never half a new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; outputs get the usual permissions
+    try:
+        yield tmp
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        if path.is_dir() and not path.is_symlink():
+            os.replace(path, old)  # a directory may replace an empty one
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: Path | str, data: Any) -> None:

@@ -18,8 +18,6 @@ import functools
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -28,8 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from stages.common import PARAMS_FILE, PipelineError, cpu_count, load_params, progress, run_main
-from stages.nih import BBOX_LIST, CLASSES, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST, parse_findings
+from stages.common import PARAMS_FILE, PipelineError, cpu_count, load_params, progress, replace_dir, run_main
+from stages.nih import BBOX_LIST, BOX_LABELS, CLASSES, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST, parse_findings
 from stages.phantom import render
 
 STATS_FILE = Path(__file__).with_name("demo_stats.json")
@@ -39,7 +37,7 @@ DATA_ENTRY_HEADER = (  # NIH's original header, trailing comma (an empty 12th co
     "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
 )
 BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
-BOX_LABEL = {"Infiltration": "Infiltrate"}  # NIH's spelling in BBox_List_2017.csv
+BOX_LABEL = {v: k for k, v in BOX_LABELS.items()}  # NIH's spelling in BBox_List_2017.csv
 RULES = {  # key: (type, low, high)
     "patients": (int, 2, 10**6), "images": (int, 2, 10**7), "image_size": (int, 64, 2048),
     "label_noise": (float, 0.0, 0.5), "class_floor": (float, 0.0, 0.2), "test_fraction": (float, 0.01, 0.99),
@@ -210,28 +208,11 @@ def render_all(folder: Path, t: dict[str, np.ndarray], size: int, seed: int, wor
         return list(progress(mapped, total=len(jobs), desc="demo images", unit="img"))
 
 
-def swap_in(tmp: Path, out: Path) -> None:
-    """Replace `out` by the finished `tmp` with renames only, so readers never see half a dataset."""
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    if out.is_dir() and not out.is_symlink():
-        os.replace(out, old)  # a directory may replace an empty one
-    elif out.exists() or out.is_symlink():
-        out.unlink()
-    os.replace(tmp, out)
-    shutil.rmtree(old)
-
-
 def generate(params: dict[str, Any], out: Path | str, workers: int | None = None) -> dict[str, Any]:
     """Build the dataset in a temp dir beside `out`, then swap it in (a killed run leaves no half dataset)."""
     cfg = validate(params)
     t = sample_table(cfg, *load_stats())
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the dataset gets the usual permissions
-    try:
+    with replace_dir(out) as tmp:
         write_tables(tmp, t, cfg["image_size"])
         (tmp / "images").mkdir()
         workers = max(1, min(workers or cpu_count(), cfg["images"]))
@@ -239,9 +220,6 @@ def generate(params: dict[str, Any], out: Path | str, workers: int | None = None
         rows = [f"{n},{BOX_LABEL.get(CLASSES[k], CLASSES[k])},{x:.1f},{y:.1f},{w:.1f},{h:.1f}"
                 for n, test, found in zip(t["name"], t["test"], boxes, strict=True) if test for k, x, y, w, h in found]
         write_lines(tmp / BBOX_LIST, [BBOX_HEADER, *rows])
-        swap_in(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"images": cfg["images"], "patients": cfg["patients"], "test_images": int(t["test"].sum()),
             "test_patients": len(set(t["patient"][t["test"]])), "boxes": len(rows),
             "clean": dict(zip(CLASSES, t["clean"].sum(0).tolist(), strict=True)),

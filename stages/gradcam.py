@@ -18,33 +18,80 @@ from torch import nn
 
 from stages.common import atomic_path
 
+STRIDED = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+
+
+def pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (v[0], v[-1])
+
 
 class GradCAM:
-    """`with GradCAM(model, layer) as cam: probs, heatmaps = cam(x, [k1, k2])` -> (B, C), (B, K, H, W)."""
+    """`with GradCAM(model, layer) as cam: probs, heatmaps = cam(x, [k1, k2])` -> (B, C), (B, K, H, W).
+
+    Heatmaps are resampled to the input where each cell really looks: in a ResNet, cell j of a stride-32
+    layer is centred on input pixel 32j, not 32j + 15.5 as a plain resize (cv2.resize, F.interpolate)
+    assumes, which shifts every map half a cell down and right (measured on the demo: pointing game at
+    layer4 0.11 with a plain resize, 0.31 aligned). The cells' stride and offset are read from the
+    strided convolutions and poolings that run before the layer, during the same forward pass.
+    """
 
     def __init__(self, model: nn.Module, layer: nn.Module) -> None:
         self.model, self.layer = model, layer
         self.activations: torch.Tensor | None = None
         self.gradients: torch.Tensor | None = None
-        self._handle = None
+        self._handles: list = []
+        self._ops: list[tuple[nn.Module, tuple[int, int], tuple[int, int]]] = []
+        self._reached = False
 
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self.activations = output
+        self._reached = True
         if output.requires_grad:
             output.register_hook(self._keep_gradient)  # tensor hooks die with the graph
 
     def _keep_gradient(self, grad: torch.Tensor) -> None:
         self.gradients = grad
 
+    def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not self._reached:
+            self._ops.append((module, tuple(inputs[0].shape[-2:]), tuple(output.shape[-2:])))
+
     def __enter__(self) -> GradCAM:
-        self._handle = self.layer.register_forward_hook(self._forward_hook)
+        self._handles = [m.register_forward_hook(self._record) for m in self.model.modules() if isinstance(m, STRIDED)]
+        self._handles.append(self.layer.register_forward_hook(self._forward_hook))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         self.activations = self.gradients = None
 
+    def geometry(self, size: tuple[int, int]) -> tuple[tuple[float, float], tuple[float, float]]:
+        """((stride_y, stride_x), (offset_y, offset_x)): cell (i, j) is centred on input pixel
+        (stride_y * i + offset_y, stride_x * j + offset_x), from the last forward pass.
+
+        Each resolution step a -> b is taken from the first op that made it (ResNet's downsample
+        branch repeats its block's step with the same geometry); an op with kernel k, padding p and
+        dilation d centres output j on input s*j + d*(k-1)/2 - p of its own input.
+        """
+        out = []
+        for axis in (0, 1):
+            stride_at, offset = {size[axis]: 1}, 0.0
+            for module, before, after in self._ops:
+                a, b = before[axis], after[axis]
+                if a == b or b in stride_at or a not in stride_at:
+                    continue
+                k, s = pair(module.kernel_size)[axis], pair(module.stride)[axis]
+                p, d = pair(module.padding)[axis], pair(getattr(module, "dilation", 1))[axis]
+                offset += stride_at[a] * (d * (k - 1) / 2 - p)
+                stride_at[b] = stride_at[a] * s
+            n = self.activations.shape[-2 + axis]
+            out.append((stride_at.get(n, size[axis] / n), offset))
+        return (out[0][0], out[1][0]), (out[0][1], out[1][1])
+
     def __call__(self, x: torch.Tensor, classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        self._ops, self._reached = [], False
         with torch.enable_grad():
             logits = self.model(x)
             maps = []
@@ -52,14 +99,29 @@ class GradCAM:
                 grads = torch.autograd.grad(logits[:, k].sum(), self.activations, retain_graph=i < len(classes) - 1)[0]
                 weights = grads.mean(dim=(2, 3), keepdim=True)  # global-average-pooled gradients
                 maps.append(F.relu((weights * self.activations).sum(dim=1)))
-        cams = F.interpolate(torch.stack(maps, 1), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        cams = resample(torch.stack(maps, 1).detach(), tuple(x.shape[-2:]), *self.geometry(tuple(x.shape[-2:])))
         low = cams.amin(dim=(2, 3), keepdim=True)
         high = cams.amax(dim=(2, 3), keepdim=True)
-        return torch.sigmoid(logits.detach()), ((cams - low) / (high - low).clamp_min(1e-12)).detach()
+        return torch.sigmoid(logits.detach()), (cams - low) / (high - low).clamp_min(1e-12)
 
 
-def overlay(gray: np.ndarray, heatmap: np.ndarray, title: str, path: Path | str) -> None:
-    """The heatmap over the original grayscale image (not the normalised tensor), with a colour bar and a legend."""
+def resample(cams: torch.Tensor, size: tuple[int, int], stride: tuple[float, float],
+             offset: tuple[float, float]) -> torch.Tensor:
+    """Bilinear map of (B, K, h, w) cells onto (B, K, *size) pixels, cell (i, j) at pixel stride*(i, j) + offset;
+    beyond the outer cells' centres the values are held (border)."""
+    axes = []
+    for n, length, s, o in zip(cams.shape[-2:], size, stride, offset, strict=True):
+        u = (torch.arange(length, dtype=cams.dtype, device=cams.device) - o) / s  # pixel -> cell coordinate
+        axes.append(2 * u / (n - 1) - 1 if n > 1 else torch.zeros_like(u))
+    gy, gx = torch.meshgrid(axes[0], axes[1], indexing="ij")
+    grid = torch.stack((gx, gy), dim=-1).expand(cams.shape[0], -1, -1, -1)
+    return F.grid_sample(cams, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def overlay(gray: np.ndarray, heatmap: np.ndarray, title: str, path: Path | str,
+            boxes: Sequence[tuple[float, float, float, float]] = ()) -> None:
+    """The heatmap over the original grayscale image (not the normalised tensor), with a colour bar, a legend
+    and, where known, the expert boxes (x, y, w, h in the image's pixels) in white."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,6 +130,8 @@ def overlay(gray: np.ndarray, heatmap: np.ndarray, title: str, path: Path | str)
     fig, ax = plt.subplots(figsize=(4.2, 4.6))
     ax.imshow(gray, cmap="gray", vmin=0, vmax=255)
     shown = ax.imshow(heatmap, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+    for x, y, w, h in boxes:
+        ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor="white", linewidth=1.2))
     ax.set_axis_off()
     ax.set_title(title, fontsize=8)
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="Grad-CAM")

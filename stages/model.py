@@ -97,9 +97,15 @@ def param_groups(model: nn.Module, arch: str, lr_head: float, lr_backbone: float
     return groups
 
 
-def gradcam_layer(model: nn.Module, arch: str) -> nn.Module:
-    """The layer whose activations Grad-CAM weighs: the last convolutional block."""
-    return model.get_submodule(ARCHS[arch][2])
+def gradcam_layer(model: nn.Module, arch: str, name: str = "auto") -> tuple[str, nn.Module]:
+    """The layer whose activations Grad-CAM weighs: by default the last convolutional block; an earlier
+    one (e.g. layer3) gives a finer map where the last one is only a few cells across (small inputs)."""
+    name = ARCHS[arch][2] if name == "auto" else name
+    try:
+        return name, model.get_submodule(name)
+    except AttributeError:
+        raise PipelineError(f"Grad-CAM layer {name!r} is no module of {arch}; expected 'auto' or a name such as "
+                            f"layer3 or features.denseblock4") from None
 
 
 def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:

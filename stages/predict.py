@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.calibration import apply_calibrator, load_calibrator
-from stages.common import PipelineError, cpu_count, run_main
+from stages.calibration import apply_calibrator, load_calibrator, load_thresholds
+from stages.common import cpu_count, run_main
 from stages.data import to_model_input
 from stages.gradcam import GradCAM, overlay
 from stages.model import gradcam_layer, load_checkpoint
@@ -32,15 +32,6 @@ def margins(p: float, t: float | None) -> tuple[str, float | None, float | None]
         return "n/a", None, None
     rel = (p - t) / (1 - t) if p >= t else (p - t) / t
     return ("POS" if p >= t else "NEG"), p - t, rel
-
-
-def load_thresholds(path: Path) -> dict[str, float | None]:
-    try:
-        return json.loads(path.read_text())["thresholds"]
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found; run the calibrate stage (dvc repro calibrate)") from None
-    except (ValueError, KeyError) as exc:
-        raise PipelineError(f"{path}: not a thresholds file ({exc}); expected the calibrate stage's output") from None
 
 
 def predict_one(path: str, model, ckpt, layer, calibrator, thresholds, gradcam_dir: Path | None) -> dict:
@@ -98,12 +89,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="calibrate output; pass a missing path to use raw probabilities")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument("--gradcam", type=Path, metavar="DIR", help="write heatmaps of positive classes here")
+    parser.add_argument("--layer", default="auto", help="Grad-CAM layer (default: the last block; e.g. layer3)")
     args = parser.parse_args(argv)
     torch.set_num_threads(cpu_count())
     model, ckpt = load_checkpoint(args.model)
     thresholds = load_thresholds(args.thresholds)
     calibrator = load_calibrator(args.calibrator) if args.calibrator.is_file() else None
-    layer = gradcam_layer(model, ckpt["arch"])
+    _, layer = gradcam_layer(model, ckpt["arch"], args.layer)
     results, failed = [], 0
     for path in args.images:
         try:

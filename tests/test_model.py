@@ -38,7 +38,7 @@ def test_build_model_has_14_logits(arch: str) -> None:
     model.eval()
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 14)
-    assert model_mod.gradcam_layer(model, arch) is not None
+    assert model_mod.gradcam_layer(model, arch)[0] == model_mod.ARCHS[arch][2]
 
 
 def test_frozen_parameters_and_batchnorm_statistics_do_not_change() -> None:

@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from stages.nih import CLASSES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
@@ -68,7 +70,7 @@ def test_repro_builds_every_output(project: Path) -> None:
         assert len(table) == split[name]["images"] > 0
         assert array.std() > 0  # real pixels, not an empty buffer
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"demo", "split", "prepare", "train", "evaluate", "calibrate"}
+    assert set(lock["stages"]) == {"demo", "split", "prepare", "train", "evaluate", "calibrate", "explain"}
     evaluate = json.loads((project / "metrics/evaluate.json").read_text())
     assert evaluate["images"] == split["test"]["images"] and "oracle_mean_auc" in evaluate
     thresholds = json.loads((project / "models/thresholds.json").read_text())
@@ -77,6 +79,13 @@ def test_repro_builds_every_output(project: Path) -> None:
     train = json.loads((project / "metrics/train.json").read_text())
     assert train["epochs_run"] == 1 and 0 <= train["best_val_mean_auc"] <= 1
     assert (project / "models/model.pt").is_file() and (project / "dvclive/plots/metrics/val/mean_auc.tsv").is_file()
+    explain = json.loads((project / "metrics/explain.json").read_text())
+    boxes = pd.read_csv(project / "data/demo/BBox_List_2017.csv")
+    assert explain["overall"]["boxes"] == len(boxes) > 0  # every planted finding of the test images is scored
+    assert 0 <= explain["overall"]["pointing_game"] <= 1 and explain["layer"] == "layer4"
+    overlays = sorted((project / "plots/gradcam").glob("*/*.png"))
+    assert len(overlays) == sum(explain["examples"].values()) > 0
+    assert all(p.parent.name in CLASSES for p in overlays)
 
 
 def test_second_repro_runs_nothing(project: Path) -> None:
@@ -94,5 +103,5 @@ def test_param_change_reruns_only_downstream(project: Path) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([sys.executable, "-m", "dvc", "repro"], project).stdout
     assert "Running stage 'split'" in out and "Running stage 'prepare'" in out and "Running stage 'train'" in out
-    assert "Running stage 'calibrate'" in out
+    assert "Running stage 'calibrate'" in out and "Running stage 'explain'" in out
     assert "Running stage 'demo'" not in out

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from stages import predict
-from stages.gradcam import GradCAM
+from stages.gradcam import GradCAM, resample
 from stages.model import build_model, gradcam_layer
 from stages.nih import CLASSES
 
@@ -21,7 +21,7 @@ NIH_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "nih" / "images"
 def test_heatmaps_have_input_shape_and_unit_range() -> None:
     torch.manual_seed(0)
     model = build_model("resnet18", "none").eval()
-    with GradCAM(model, gradcam_layer(model, "resnet18")) as cam:
+    with GradCAM(model, gradcam_layer(model, "resnet18")[1]) as cam:
         probs, maps = cam(torch.randn(3, 3, 64, 64), [0, 5])
     assert probs.shape == (3, 14) and maps.shape == (3, 2, 64, 64)
     assert maps.min() >= 0 and maps.max() <= 1 and torch.allclose(maps.amax(dim=(2, 3)), torch.ones(3, 2))
@@ -29,13 +29,35 @@ def test_heatmaps_have_input_shape_and_unit_range() -> None:
 
 def test_hooks_are_released_after_every_use() -> None:
     model = build_model("resnet18", "none").eval()
-    layer = gradcam_layer(model, "resnet18")
+    layer = gradcam_layer(model, "resnet18")[1]
     before = (len(layer._forward_hooks), len(layer._backward_hooks))
     for _ in range(100):
         with GradCAM(model, layer) as cam:
             cam(torch.randn(1, 3, 32, 32), [1])
     assert (len(layer._forward_hooks), len(layer._backward_hooks)) == before
     assert not any(len(m._forward_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize(("arch", "layer", "stride", "offset"), [
+    ("resnet18", "layer4", 32, 0.0),  # every strided op pads (k - 1)/2: cell j sits on pixel 32j
+    ("resnet18", "layer3", 16, 0.0),
+    ("densenet121", "features.denseblock4", 32, 14.0),  # 2x2 average-pool transitions: 2 + 4 + 8
+])
+def test_cell_geometry_by_hand(arch: str, layer: str, stride: int, offset: float) -> None:
+    model = build_model(arch, "none").eval()
+    with GradCAM(model, gradcam_layer(model, arch, layer)[1]) as cam:
+        cam(torch.randn(1, 3, 64, 64), [0])
+        assert cam.geometry((64, 64)) == ((stride, stride), (offset, offset))
+
+
+def test_resample_puts_each_cell_on_its_pixel() -> None:
+    cells = torch.zeros(1, 1, 3, 4)
+    cells[0, 0, 1, 2] = 1.0
+    out = resample(cells, (96, 128), (32.0, 32.0), (0.0, 0.0))[0, 0]
+    assert out.shape == (96, 128) and out[32, 64] == 1.0 and out.max() == 1.0
+    assert out[32, 80] == pytest.approx(0.5) and out[48, 64] == pytest.approx(0.5)  # half-way to the next cell
+    shifted = resample(cells, (96, 128), (32.0, 32.0), (14.0, 14.0))[0, 0]
+    assert shifted[46, 78] == 1.0 and shifted[32, 64] < 1.0
 
 
 def test_margins_by_hand() -> None:
@@ -93,3 +115,45 @@ def test_predict_reads_real_rgba_nih_images(artifacts: Path, capsys) -> None:
                   "--calibrator", str(artifacts / "none.json")])
     out = capsys.readouterr().out
     assert out.count("Atelectasis") == 2 and "00000100_000.png" in out
+
+
+def squares(n: int, rng: np.random.Generator, size: int = 32, side: int = 6) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Noise images; half carry one bright square at a random place (the planted finding, with its box)."""
+    x = torch.from_numpy(rng.normal(0, 0.3, (n, 1, size, size)).astype(np.float32))
+    y, boxes = torch.zeros(n, 1), []
+    for i in range(n):
+        if i % 2:
+            r, c = rng.integers(0, size - side, 2)
+            x[i, 0, r:r + side, c:c + side] += 1.5
+            y[i] = 1
+            boxes.append((float(c), float(r), float(side), float(side)))
+        else:
+            boxes.append(None)
+    return x, y, boxes
+
+
+def test_heatmap_peaks_inside_the_planted_box_of_a_trained_tiny_model() -> None:
+    from stages.localisation import inside, peak
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    layers = [torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+              torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        x, y, _ = squares(32, rng)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    x, y, boxes = squares(40, np.random.default_rng(1))
+    with GradCAM(model, layers[4]) as cam:  # the last conv block: 16x16 cells on 32 px
+        probs, maps = cam(x, [0])
+    assert ((probs[:, 0] > 0.5).float() == y[:, 0]).float().mean() > 0.95  # it learned the task
+    hits = [inside(peak(maps[i, 0].numpy()), box) for i, box in enumerate(boxes) if box is not None]
+    assert len(hits) == 20 and np.mean(hits) >= 0.9
+    # a wrong orientation (transposed map) would miss: the test can fail
+    flipped = [inside(peak(maps[i, 0].numpy().T[::-1]), box) for i, box in enumerate(boxes) if box is not None]
+    assert np.mean(flipped) < 0.5

@@ -1,0 +1,75 @@
+"""Explain: NIH's box list, localisation scores by hand, example choice by margin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.common import PipelineError
+from stages.explain import choose_examples
+from stages.localisation import heat_boxes, inside, iobb, peak, score_box, summarise
+from stages.nih import BBOX_LIST, CLASSES, read_box_list
+from tests.conftest import NIH
+
+
+def test_reads_nih_box_list_with_its_header_quirk() -> None:
+    boxes = read_box_list(NIH / BBOX_LIST)
+    assert len(boxes) == 984
+    counts = boxes["Finding"].value_counts()
+    assert counts["Infiltration"] == 123 and counts["Atelectasis"] == 180 and len(counts) == 8
+    first = boxes.iloc[0]
+    assert first["Image Index"] == "00013118_008.png" and first["Finding"] == "Atelectasis"
+    assert first[["x", "y", "w", "h"]].tolist() == pytest.approx([225.0847, 547.0192, 86.7797, 79.1865], abs=1e-3)
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ("a.png,Nodules,1,2,3,4", "line 3: unknown finding 'Nodules'"),
+    ("a.png,Mass,1,2,x,4", "line 3: box ['1', '2', 'x', '4'] is not four numbers"),
+    ("a.png,Mass,1,2,0,4", "line 3: box ['1', '2', '0', '4']; expected finite x,y and positive w,h"),
+    ("a.png,Mass,1,2,3", "line 3: 5 fields"),
+])
+def test_bad_box_rows_are_named_by_line(tmp_path: Path, row: str, message: str) -> None:
+    path = tmp_path / BBOX_LIST
+    path.write_text(f"Image Index,Finding Label,Bbox [x,y,w,h],,,\nb.png,Infiltrate,1,2,3,4\n{row}\n")
+    with pytest.raises(PipelineError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        read_box_list(path)
+    path.write_text("Image,Label\n")
+    with pytest.raises(PipelineError, match="line 1: expected the header"):
+        read_box_list(path)
+
+
+def test_localisation_scores_by_hand() -> None:
+    heat = np.zeros((20, 20))
+    heat[2:6, 3:9] = 0.6     # region A: x 3..9, y 2..6 (6 x 4)
+    heat[12:16, 12:14] = 1.0  # region B, the peak at row 12, col 12: centre (12.5, 12.5)
+    assert peak(heat) == (12.5, 12.5)
+    assert inside((12.5, 12.5), (12, 12, 1, 1)) and not inside((12.5, 12.5), (13, 13, 5, 5))
+    assert inside((12.5, 12.5), (13, 13, 5, 5), tolerance=0.5)
+    assert heat_boxes(heat, 0.5) == [(3.0, 2.0, 6.0, 4.0), (12.0, 12.0, 2.0, 4.0)]
+    assert heat_boxes(heat, 0.7) == [(12.0, 12.0, 2.0, 4.0)]
+    assert heat_boxes(np.zeros((4, 4)), 0.5) == []
+    assert iobb((3, 2, 6, 4), (0, 0, 6, 20)) == pytest.approx(3 * 4 / 24)  # half of A lies in the truth
+    assert iobb((3, 2, 6, 4), (10, 10, 2, 2)) == 0
+    # truth around A only: no pointing hit (the peak is in B), IoBB 1 through region A
+    assert score_box(heat, (2, 1, 8, 6), 0.5) == {"pointing": 0.0, "iobb": 1.0}
+    assert score_box(heat, (11, 11, 4, 2), 0.5) == {"pointing": 1.0, "iobb": pytest.approx(2 / 8)}  # 2 x 1 of B
+    s = summarise([{"pointing": 1.0, "iobb": 0.3}, {"pointing": 0.0, "iobb": 0.1}, {"pointing": 1.0, "iobb": 0.6}],
+                  [0.1, 0.25, 0.5])
+    assert s == {"boxes": 3, "pointing_game": 0.666667, "iobb_0.1": 0.666667, "iobb_0.25": 0.666667,
+                 "iobb_0.5": 0.333333}
+    assert summarise([], [0.1])["pointing_game"] is None
+
+
+def test_examples_are_the_most_confident_of_each_kind() -> None:
+    labels = np.zeros((6, len(CLASSES)), dtype=int)
+    cal = np.full((6, len(CLASSES)), 0.1)
+    labels[:, 0] = [1, 1, 0, 0, 1, 1]
+    cal[:, 0] = [0.9, 0.7, 0.8, 0.2, 0.3, 0.1]
+    thresholds = {name: None for name in CLASSES} | {CLASSES[0]: 0.5}
+    chosen = choose_examples(labels, cal, thresholds, per_class=1)
+    assert [(k, kind, row) for k, kind, row, _ in chosen] == [(0, "TP", 0), (0, "FP", 2), (0, "FN", 5)]
+    assert [m for *_, m in chosen] == pytest.approx([0.4, 0.3, -0.4])
+    two = choose_examples(labels, cal, thresholds, per_class=2)
+    assert [row for _, kind, row, _ in two if kind == "TP"] == [0, 1] and len(two) == 5  # one FP exists
