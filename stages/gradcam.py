@@ -8,12 +8,14 @@ drawn over the original grayscale pixels by `overlay`.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from stages.common import atomic_path
@@ -136,6 +138,9 @@ def overlay(gray: np.ndarray, heatmap: np.ndarray, title: str, path: Path | str,
     ax.set_title(title, fontsize=8)
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="Grad-CAM")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
+    # A 256-colour palette looks the same at under half the bytes: these files are committed.
+    with Image.open(buffer) as image, atomic_path(path) as tmp:
+        image.convert("RGB").quantize(256).save(tmp, format="png", optimize=True)
