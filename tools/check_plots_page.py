@@ -5,6 +5,7 @@ headless Chromium with every network route closed (all requests go to a dead pro
 resolve), then:
   * dumps the DOM after Vega-Embed ran and checks that every `vegaEmbed('#id', spec)` call in the page drew
     its chart: each plot div holds a Vega `<canvas class="marks">` (or `<svg class="marks">`);
+  * checks that every image plot (<img>, e.g. the Grad-CAM overlays) is a local file that decodes;
   * saves a screenshot (OUT/screenshot.png) to look at.
 A page that loads Vega from a CDN fails here, as it would on an offline hospital network.
 
@@ -32,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 EMBED_RE = re.compile(r"vegaEmbed\('#([^']+)'")
+IMG_RE = re.compile(r"<img\s[^>]*src=[\"']([^\"'$]+)[\"']", re.IGNORECASE)  # not the JS template in Vega's code
 # No network: all traffic to a closed port on loopback (also overrides loopback bypass), no host resolves.
 OFFLINE_FLAGS = (
     "--proxy-server=127.0.0.1:9",
@@ -127,6 +129,18 @@ class MarksByPlot(HTMLParser):
                 break
 
 
+def readable_image(path: Path) -> bool:
+    """A local file the browser can show: it exists and decodes."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, UnidentifiedImageError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -186,6 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     if cdn:
         print("external scripts (unreachable here): " + ", ".join(cdn))
     print(f"{len(drawn)}/{len(plot_ids)} Vega plots drawn with the network blocked")
+    images = IMG_RE.findall(html)
+    broken = [src for src in images if not readable_image(page.parent / src)]
+    print(f"{len(images) - len(broken)}/{len(images)} image plots readable "
+          f"({sum('gradcam' in src for src in images)} of them Grad-CAM overlays)")
+    if broken:
+        print("unreadable images: " + ", ".join(broken), file=sys.stderr)
+        return 1
     if missing:
         print("not drawn: " + ", ".join(missing), file=sys.stderr)
         if cdn:
