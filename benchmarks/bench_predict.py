@@ -95,7 +95,7 @@ def breakdown(model_path: Path, image: Path, positives: int) -> dict[str, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nih", type=Path, default=ROOT / ".." / "shared" / "nih", help="NIH sample folder")
-    parser.add_argument("--image", default="00000001_000.png", help="a 1024x1024 PNG in NIH/images")
+    parser.add_argument("--image", default="00000003_000.png", help="a 1024x1024 PNG in NIH/images")
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--runs", type=int, default=5)

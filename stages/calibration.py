@@ -15,12 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import expit
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.isotonic import IsotonicRegression
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import precision_recall_curve, roc_curve
 
 from stages.common import PipelineError
 from stages.nih import CLASSES
@@ -40,8 +34,14 @@ def logit(p: np.ndarray) -> np.ndarray:
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
-    """Logistic function, accurate in both tails (tiny probabilities stay distinct instead of rounding to 0)."""
-    return expit(np.asarray(z, dtype=np.float64))
+    """Logistic function, accurate in both tails (tiny probabilities stay distinct instead of rounding to 0).
+
+    Plain numpy rather than scipy's expit: predict applies calibrators, and importing scipy and
+    scikit-learn there would cost it two seconds (they are imported only where calibrators are fitted).
+    """
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
 
 
 def has_both(y: np.ndarray) -> bool:
@@ -64,12 +64,17 @@ def fit_temperature(y: np.ndarray, p: np.ndarray) -> float:
         s = z / np.exp(log_t)
         return float(np.mean(np.logaddexp(0.0, s) - y * s))
 
+    from scipy.optimize import minimize_scalar
+
     res = minimize_scalar(bce, bounds=LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-7})
     return float(np.exp(res.x))
 
 
 def fit_platt(y: np.ndarray, p: np.ndarray) -> list[float]:
     """[a, b] of sigmoid(a * logit + b), a logistic regression on the logit, effectively unregularised."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
     with warnings.catch_warnings():  # separable val data: the fit still orders scores correctly
         warnings.simplefilter("ignore", ConvergenceWarning)
         lr = LogisticRegression(C=1e6, max_iter=1000).fit(logit(p)[:, None], np.asarray(y, dtype=int))
@@ -78,6 +83,8 @@ def fit_platt(y: np.ndarray, p: np.ndarray) -> list[float]:
 
 def fit_isotonic(y: np.ndarray, p: np.ndarray) -> dict[str, list[float]]:
     """The fitted monotone step function's knots; np.interp over them reproduces IsotonicRegression.predict."""
+    from sklearn.isotonic import IsotonicRegression
+
     iso = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(np.asarray(p, float), np.asarray(y, float))
     return {"x": [float(v) for v in iso.X_thresholds_], "y": [float(v) for v in iso.y_thresholds_]}
 
@@ -153,6 +160,8 @@ def load_calibrator(path: Path | str) -> dict[str, Any]:
 
 def choose_threshold(policy: str, y: np.ndarray, p: np.ndarray, target_recall: float = 0.9) -> float | None:
     """Val threshold for one class (positive = p >= threshold); None if the labels are one-sided."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
     if not has_both(y):
         return None
     if policy == "max_f1":  # the seed's rule: best F1 on the PR curve, without its (P=1, R=0) end point

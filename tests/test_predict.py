@@ -157,3 +157,18 @@ def test_heatmap_peaks_inside_the_planted_box_of_a_trained_tiny_model() -> None:
     # a wrong orientation (transposed map) would miss: the test can fail
     flipped = [inside(peak(maps[i, 0].numpy().T[::-1]), box) for i, box in enumerate(boxes) if box is not None]
     assert np.mean(flipped) < 0.5
+
+
+def test_overlay_draws_heat_box_and_legend(tmp_path: Path) -> None:
+    from stages.gradcam import overlay
+
+    heat = np.zeros((32, 32), dtype=np.float32)
+    heat[8, 24] = 1.0  # the peak, inside the box below
+    overlay(np.full((32, 32), 100, dtype=np.uint8), heat, "TP Mass: a.png\np=0.900, t=0.500", tmp_path / "o.png",
+            boxes=[(20, 4, 8, 8)])
+    image = np.asarray(Image.open(tmp_path / "o.png").convert("RGB")).astype(int)
+    top = 8 + 16 * 2  # two title lines above the picture; the picture is 10x (320 px)
+    assert image.shape == (top + 320 + 8, 320 + 64, 3)
+    peak, cold = image[top + 85, 245], image[top + 300, 20]
+    assert peak[0] > peak[2] + 50 and cold[2] > cold[0] + 20  # red at the peak, blue far from it
+    assert (image[top + 40, 200:280] > 240).all()  # the box's top edge, white, at y = 4 * 10
