@@ -13,7 +13,10 @@ from stages.localisation import heat_boxes, inside, iobb, peak, score_box, summa
 from stages.nih import BBOX_LIST, CLASSES, read_box_list
 from tests.conftest import NIH
 
+needs_nih = pytest.mark.skipif(not (NIH / "images").is_dir(), reason="needs the NIH sample in ../shared/nih")
 
+
+@needs_nih
 def test_reads_nih_box_list_with_its_header_quirk() -> None:
     boxes = read_box_list(NIH / BBOX_LIST)
     assert len(boxes) == 984
@@ -73,3 +76,21 @@ def test_examples_are_the_most_confident_of_each_kind() -> None:
     assert [m for *_, m in chosen] == pytest.approx([0.4, 0.3, -0.4])
     two = choose_examples(labels, cal, thresholds, per_class=2)
     assert [row for _, kind, row, _ in two if kind == "TP"] == [0, 1] and len(two) == 5  # one FP exists
+
+
+@needs_nih
+def test_nih_boxes_scale_from_original_pixels_to_the_model_size() -> None:
+    import pandas as pd
+
+    from stages.explain import scaled_boxes
+
+    boxes = read_box_list(NIH / BBOX_LIST)
+    names = sorted(p.name for p in (NIH / "images").glob("*.png"))
+    table = pd.DataFrame({"Image Index": names, "path": [str(NIH / "images" / n) for n in names]})
+    scaled = scaled_boxes(boxes, table, 224)
+    assert len(scaled) == 6  # the sample's images carry 6 of NIH's 984 boxes (one of them an RGBA file)
+    assert set(scaled["Image Index"]) >= {"00001369_000.png", "00015649_000.png"}
+    original = boxes.set_index("Image Index").loc[scaled["Image Index"]]
+    for key in ("x", "y", "w", "h"):  # NIH images are 1024 x 1024
+        assert scaled[key].to_numpy() == pytest.approx(original[key].to_numpy() * 224 / 1024)
+    assert [table["Image Index"][r] for r in scaled["row"]] == scaled["Image Index"].tolist()
