@@ -123,7 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     check_params(e)
     torch.set_num_threads(cpu_count())
     model, ckpt = load_checkpoint("models/model.pt")
-    layer_name, layer = gradcam_layer(model, ckpt["arch"], e["layer"])
+    try:
+        layer_name, layer = gradcam_layer(model, ckpt["arch"], e["layer"])
+    except PipelineError as exc:
+        raise PipelineError(f"params.yaml explain.layer: {exc}") from None
     table = pd.read_csv(SPLIT / "test.csv")
     labels, raw = read_predictions(PREDICTIONS / "test.csv")
     if pd.read_csv(PREDICTIONS / "test.csv")["Image Index"].tolist() != table["Image Index"].tolist():

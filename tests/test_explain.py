@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stages.common import PipelineError
-from stages.explain import choose_examples
+from stages.explain import check_params, choose_examples
 from stages.localisation import heat_boxes, inside, iobb, peak, score_box, summarise
 from stages.nih import BBOX_LIST, CLASSES, read_box_list
 from tests.conftest import NIH
@@ -94,3 +94,18 @@ def test_nih_boxes_scale_from_original_pixels_to_the_model_size() -> None:
     for key in ("x", "y", "w", "h"):  # NIH images are 1024 x 1024
         assert scaled[key].to_numpy() == pytest.approx(original[key].to_numpy() * 224 / 1024)
     assert [table["Image Index"][r] for r in scaled["row"]] == scaled["Image Index"].tolist()
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("per_class", -1, "explain.per_class: -1; expected a non-negative integer"),
+    ("batch_size", 0, "explain.batch_size: 0; expected a positive integer"),
+    ("cam_threshold", 1.5, "explain.cam_threshold: 1.5; expected a number in"),
+    ("iobb_thresholds", [0.1, 1.2], r"explain.iobb_thresholds: \[0.1, 1.2\]; expected a list"),
+    ("layer", 3, "explain.layer: 3; expected 'auto' or a module name"),
+])
+def test_bad_explain_params_are_named(key: str, value: object, message: str) -> None:
+    good = {"per_class": 1, "layer": "auto", "cam_threshold": 0.5, "iobb_thresholds": [0.1, 0.25, 0.5],
+            "batch_size": 32}
+    check_params(good)
+    with pytest.raises(PipelineError, match=message):
+        check_params(good | {key: value})
