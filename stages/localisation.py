@@ -23,10 +23,10 @@ def peak(heatmap: np.ndarray) -> tuple[float, float]:
     return col + 0.5, row + 0.5
 
 
-def inside(point: tuple[float, float], box: Box, tolerance: float = 0.0) -> bool:
+def inside(point: tuple[float, float], box: Box) -> bool:
     x, y = point
     bx, by, bw, bh = box
-    return bx - tolerance <= x <= bx + bw + tolerance and by - tolerance <= y <= by + bh + tolerance
+    return bx <= x <= bx + bw and by <= y <= by + bh
 
 
 def heat_boxes(heatmap: np.ndarray, threshold: float) -> list[Box]:
@@ -48,10 +48,10 @@ def iobb(detected: Box, truth: Box) -> float:
     return iw * ih / (dw * dh)
 
 
-def score_box(heatmap: np.ndarray, truth: Box, cam_threshold: float, tolerance: float = 0.0) -> dict[str, float]:
+def score_box(heatmap: np.ndarray, truth: Box, cam_threshold: float) -> dict[str, float]:
     """`pointing` (0/1) and `iobb`, the best IoBB over the heatmap's regions, for one ground-truth box."""
     best = max((iobb(d, truth) for d in heat_boxes(heatmap, cam_threshold)), default=0.0)
-    return {"pointing": float(inside(peak(heatmap), truth, tolerance)), "iobb": best}
+    return {"pointing": float(inside(peak(heatmap), truth)), "iobb": best}
 
 
 def summarise(scores: Sequence[dict[str, float]], iobb_thresholds: Sequence[float]) -> dict[str, float | int | None]:
