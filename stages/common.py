@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -104,6 +105,17 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         return os.cpu_count() or 1
+
+
+def process_context(preload: list[str]) -> multiprocessing.context.BaseContext:
+    """Workers from a fork server where there is one, else spawned. Forking this process, which may hold
+    threads (progress bars, torch's pool, a test runner), can copy another thread's held lock into a worker,
+    which then never finishes; the server forks from a clean process that imported `preload` once."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(preload)
+    return context
 
 
 def run_main(main: Callable[..., Any], argv: list[str] | None = None) -> None:

@@ -19,14 +19,23 @@ import json
 import math
 import os
 import time
-from multiprocessing import Pool
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from stages.common import PARAMS_FILE, PipelineError, cpu_count, load_params, progress, replace_dir, run_main
+from stages.common import (
+    PARAMS_FILE,
+    PipelineError,
+    cpu_count,
+    load_params,
+    process_context,
+    progress,
+    replace_dir,
+    run_main,
+)
 from stages.nih import BBOX_LIST, BOX_LABELS, CLASSES, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST, parse_findings
 from stages.phantom import render
 
@@ -202,10 +211,11 @@ def render_all(folder: Path, t: dict[str, np.ndarray], size: int, seed: int, wor
     draw = functools.partial(render_file, size=size, seed=seed, folder=str(folder))
     if workers == 1:
         keep_freed_memory()
-    with Pool(workers, initializer=keep_freed_memory) if workers > 1 else contextlib.nullcontext() as pool:
+        return list(progress(map(draw, jobs), total=len(jobs), desc="demo images", unit="img"))
+    context = process_context(["stages.phantom"])
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=keep_freed_memory) as pool:
         chunk = max(1, min(32, len(jobs) // (8 * workers)))
-        mapped = pool.imap(draw, jobs, chunksize=chunk) if pool else map(draw, jobs)
-        return list(progress(mapped, total=len(jobs), desc="demo images", unit="img"))
+        return list(progress(pool.map(draw, jobs, chunksize=chunk), total=len(jobs), desc="demo images", unit="img"))
 
 
 def generate(params: dict[str, Any], out: Path | str, workers: int | None = None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import subprocess
 import sys
@@ -15,6 +16,17 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `pytest` (not only `python -m pytest`) must find the stages package
     sys.path.insert(0, str(REPO))
+
+# A test that hangs dumps every thread's stack and ends the run, instead of running out CI's clock silently.
+HANG_SECONDS = 900
+
+
+@pytest.fixture(autouse=True)
+def fail_fast_on_hang():
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
 
 # The real NIH reference files (read-only, never copied into the repo): ../shared/nih from the repo root.
 NIH = Path(__file__).resolve().parents[1] / ".." / "shared" / "nih"

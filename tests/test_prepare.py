@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +177,48 @@ def test_prepare_bad_image_names_path_and_table_line_and_keeps_old_outputs(
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.splitlines() == [f"error: {message}"]
     assert files_under(out) == ["train.npy"]
+
+
+def test_bad_image_shuts_the_worker_pool_down_before_the_error_returns(tmp_path):
+    """The pool must not outlive the error: its cleanup, left to the garbage collector, can run in its own
+    feeder thread and deadlock there (the suite once hung for 90 min in CI that way)."""
+    import multiprocessing
+    import threading
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    good = [str(p) for p in sorted((NIH / "images").glob("*.png"))[:12]]
+    with pytest.raises(PipelineError) as err:
+        prepare.write_array([*good, str(bad), *good], 16, 2, tmp_path / "out.npy", "table.csv")
+    assert "table.csv line 14" in str(err.value)
+    assert multiprocessing.active_children() == []  # while `err` (and its traceback's frames) still live
+    assert [t.name for t in threading.enumerate() if "_handle_" in t.name] == []  # the pool's three threads
+
+
+def test_a_worker_killed_mid_decode_is_an_error_not_a_hang(tmp_path):
+    """The kernel's OOM killer ends a worker without a word: the stage must fail, naming where, not wait forever."""
+    import multiprocessing
+    import signal
+    import threading
+
+    images = [str(p) for p in sorted((NIH / "images").glob("*.png"))] * 2  # ~10 s of decoding on 2 cores
+
+    def kill_a_worker() -> None:
+        deadline = time.monotonic() + 60
+        while not multiprocessing.active_children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # decoding under way
+        os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_a_worker)
+    killer.start()
+    with pytest.raises(PipelineError) as err:
+        prepare.write_array(images, 16, 2, tmp_path / "out.npy", "table.csv")
+    killer.join()
+    path, line = re.fullmatch(r"(.+) \(table.csv line (\d+)\): a decoding worker process died at or after this "
+                              r"image \(out of memory\?\); try fewer prepare.workers", str(err.value)).groups()
+    assert images[int(line) - 2] == path and int(line) - 2 < len(images) - 1
+    assert multiprocessing.active_children() == []
 
 
 def test_prepare_cli_bad_image_is_one_line_without_traceback(tiny_split):
