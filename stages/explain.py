@@ -96,8 +96,8 @@ def scaled_boxes(boxes: pd.DataFrame, table: pd.DataFrame, size: int) -> pd.Data
     return boxes.reset_index(drop=True)
 
 
-def localisation(maps: dict, boxes: pd.DataFrame, e: dict) -> dict:
-    scores = [score_box(maps[(b.row, CLASSES.index(b.Finding))], (b.x, b.y, b.w, b.h), e["cam_threshold"])
+def localisation(maps: dict, boxes: pd.DataFrame, e: dict, peaks: list[tuple[float, float]] | None = None) -> dict:
+    scores = [score_box(maps[(b.row, CLASSES.index(b.Finding))], (b.x, b.y, b.w, b.h), e["cam_threshold"], peaks)
               for b in boxes.itertuples()]
     per_class = {name: summarise([s for s, f in zip(scores, boxes["Finding"], strict=True) if f == name],
                                  e["iobb_thresholds"]) for name in CLASSES if (boxes["Finding"] == name).any()}
@@ -147,13 +147,15 @@ def main(argv: list[str] | None = None) -> None:
     pairs += [(b.row, CLASSES.index(b.Finding)) for b in boxes.itertuples()]
     with GradCAM(model, layer) as cam:
         maps = heatmaps(cam, data, pairs, tuple(ckpt["mean"]), tuple(ckpt["std"]), e["batch_size"])
+        peaks = cam.peak_points(data[np.array([0])][0].shape[-2:]) if maps else None
     with replace_dir(PLOTS) as tmp:
         draw(examples, maps, data, table, cal, raw, thresholds, boxes, tmp)
-    metrics = {"layer": layer_name, **localisation(maps, boxes, e),
+    metrics = {"layer": layer_name, **localisation(maps, boxes, e, peaks),
                "examples": {kind: sum(x[1] == kind for x in examples) for kind in KINDS}}
     write_json("metrics/explain.json", metrics)
     o = metrics["overall"]
-    print(f"explain: {len(examples)} overlays in {PLOTS}; {o['boxes']} boxes: pointing game {o['pointing_game']}, "
+    print(f"explain: {len(examples)} overlays in {PLOTS}; {o['boxes']} boxes: pointing game {o['pointing_game']} "
+          f"(ceiling at this map size {o.get('pointing_game_ceiling')}), "
           + ", ".join(f"T(IoBB>{t:g}) {o[f'iobb_{t:g}']}" for t in e["iobb_thresholds"]))
 
 

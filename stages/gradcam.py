@@ -91,6 +91,18 @@ class GradCAM:
             out.append((stride_at.get(n, size[axis] / n), offset))
         return (out[0][0], out[1][0]), (out[0][1], out[1][1])
 
+    def peak_points(self, size: tuple[int, int]) -> list[tuple[float, float]]:
+        """Every place a heatmap's maximum can fall, as (x, y) pixel centres, from the last forward pass.
+
+        A bilinear value is a weighted mean of the four nearest cells, never above the largest, so the
+        maximum sits where a cell is centred: an h x w map can point at h * w places only, and a box with
+        none of them inside can never be hit (at 96 px, layer4's 3 x 3 cells reach few of the demo's boxes).
+        """
+        h, w = self.activations.shape[-2:]
+        one_hot = torch.eye(h * w).reshape(h * w, 1, h, w)
+        where = resample(one_hot, size, *self.geometry(size)).flatten(1).argmax(1).tolist()
+        return sorted({(i % size[1] + 0.5, i // size[1] + 0.5) for i in where})
+
     def __call__(self, x: torch.Tensor, classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         self._ops, self._reached = [], False
         with torch.enable_grad():

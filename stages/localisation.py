@@ -3,7 +3,8 @@
 Pointing game (Zhang et al., 2018): a box is hit when the heatmap's maximum lies inside it.
 T(IoBB): the heatmap, thresholded, splits into connected regions, each with its bounding box; a
 ground-truth box is hit at T when some region's box lies inside it by more than T of its own area
-(intersection over the detected box, as Wang et al. scored ChestX-ray8).
+(intersection over the detected box, as Wang et al. scored ChestX-ray8). The pointing game's ceiling is
+the fraction of boxes that hold at least one place where the heatmap's maximum can fall at all.
 Boxes are (x, y, w, h) in heatmap pixels: callers scale the box list's original-image pixels first.
 """
 
@@ -48,10 +49,15 @@ def iobb(detected: Box, truth: Box) -> float:
     return iw * ih / (dw * dh)
 
 
-def score_box(heatmap: np.ndarray, truth: Box, cam_threshold: float) -> dict[str, float]:
-    """`pointing` (0/1) and `iobb`, the best IoBB over the heatmap's regions, for one ground-truth box."""
+def score_box(heatmap: np.ndarray, truth: Box, cam_threshold: float,
+              peaks: Sequence[tuple[float, float]] | None = None) -> dict[str, float]:
+    """`pointing` (0/1) and `iobb`, the best IoBB over the heatmap's regions, for one ground-truth box;
+    with `peaks`, the places the heatmap's maximum can fall at all, `reachable` (0/1): could it be hit."""
     best = max((iobb(d, truth) for d in heat_boxes(heatmap, cam_threshold)), default=0.0)
-    return {"pointing": float(inside(peak(heatmap), truth)), "iobb": best}
+    score = {"pointing": float(inside(peak(heatmap), truth)), "iobb": best}
+    if peaks is not None:
+        score["reachable"] = float(any(inside(p, truth) for p in peaks))
+    return score
 
 
 def summarise(scores: Sequence[dict[str, float]], iobb_thresholds: Sequence[float]) -> dict[str, float | int | None]:
@@ -59,6 +65,8 @@ def summarise(scores: Sequence[dict[str, float]], iobb_thresholds: Sequence[floa
     out: dict[str, float | int | None] = {"boxes": len(scores)}
     point = [s["pointing"] for s in scores]
     out["pointing_game"] = round(float(np.mean(point)), 6) if scores else None
+    if scores and all("reachable" in s for s in scores):  # the best pointing game this map resolution allows
+        out["pointing_game_ceiling"] = round(float(np.mean([s["reachable"] for s in scores])), 6)
     for t in iobb_thresholds:
         hits = [s["iobb"] > t for s in scores]
         out[f"iobb_{t:g}"] = round(float(np.mean(hits)), 6) if scores else None

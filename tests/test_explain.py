@@ -63,6 +63,13 @@ def test_localisation_scores_by_hand() -> None:
     assert s == {"boxes": 3, "pointing_game": 0.666667, "iobb_0.1": 0.666667, "iobb_0.25": 0.666667,
                  "iobb_0.5": 0.333333}
     assert summarise([], [0.1])["pointing_game"] is None
+    # the ceiling: a box holding none of the places a peak can fall can never be hit
+    peaks = [(0.5, 0.5), (10.5, 10.5)]
+    assert score_box(heat, (2, 1, 8, 6), 0.5, peaks)["reachable"] == 0.0  # neither point in x 2..10, y 1..7
+    assert score_box(heat, (9, 9, 4, 4), 0.5, peaks)["reachable"] == 1.0
+    s = summarise([{"pointing": 1.0, "iobb": 0.3, "reachable": 1.0}, {"pointing": 0.0, "iobb": 0.1, "reachable": 0.0}],
+                  [0.1])
+    assert s["pointing_game_ceiling"] == 0.5 and s["pointing_game"] == 0.5
 
 
 def test_examples_are_the_most_confident_of_each_kind() -> None:

@@ -83,6 +83,8 @@ def test_repro_builds_every_output(project: Path) -> None:
     boxes = pd.read_csv(project / "data/demo/BBox_List_2017.csv")
     assert explain["overall"]["boxes"] == len(boxes) > 0  # every planted finding of the test images is scored
     assert 0 <= explain["overall"]["pointing_game"] <= 1 and explain["layer"] == "layer4"
+    for scores in [explain["overall"], *explain["per_class"].values()]:  # no heatmap beats its own ceiling
+        assert scores["pointing_game"] <= scores["pointing_game_ceiling"] <= 1
     overlays = sorted((project / "plots/gradcam").glob("*/*.png"))
     assert len(overlays) == sum(explain["examples"].values()) > 0
     assert all(p.parent.name in CLASSES for p in overlays)

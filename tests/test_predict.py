@@ -12,6 +12,7 @@ from PIL import Image
 
 from stages import predict
 from stages.gradcam import GradCAM, resample
+from stages.localisation import peak
 from stages.model import build_model, gradcam_layer
 from stages.nih import CLASSES
 
@@ -58,6 +59,23 @@ def test_resample_puts_each_cell_on_its_pixel() -> None:
     assert out[32, 80] == pytest.approx(0.5) and out[48, 64] == pytest.approx(0.5)  # half-way to the next cell
     shifted = resample(cells, (96, 128), (32.0, 32.0), (14.0, 14.0))[0, 0]
     assert shifted[46, 78] == 1.0 and shifted[32, 64] < 1.0
+
+
+@pytest.mark.parametrize(("arch", "layer", "size", "places"), [
+    ("resnet18", "layer4", 96, [0.5, 32.5, 64.5]),  # 3 x 3 cells on pixels 0, 32, 64
+    ("resnet18", "layer3", 64, [0.5, 16.5, 32.5, 48.5]),
+    # cells on 14, 46, 78: pixels 0-14 all hold the first cell's value, and the peak is the first pixel of a tie
+    ("densenet121", "features.denseblock4", 96, [0.5, 46.5, 78.5]),
+])
+def test_peak_points_are_where_any_heatmap_peaks(arch: str, layer: str, size: int, places: list[float]) -> None:
+    model = build_model(arch, "none").eval()
+    with GradCAM(model, gradcam_layer(model, arch, layer)[1]) as cam:
+        cam(torch.randn(1, 3, size, size), [0])
+        points = cam.peak_points((size, size))
+        assert points == sorted((x, y) for y in places for x in places)
+        n = len(places)
+        maps = resample(torch.rand(200, 1, n, n), (size, size), *cam.geometry((size, size)))
+    assert all(peak(m[0].numpy()) in points for m in maps)  # 200 random maps: every peak is one of them
 
 
 def test_margins_by_hand() -> None:

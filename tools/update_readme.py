@@ -51,11 +51,11 @@ def explain_table(metrics_dir: Path) -> str:
     """Grad-CAM localisation per class with boxes and overall, from metrics/explain.json."""
     m = json.loads((metrics_dir / "explain.json").read_text())
     keys = [k for k in m["overall"] if k.startswith("iobb_")]
-    rows = ["| class | boxes | pointing game | " + " | ".join(f"T(IoBB > {k[5:]})" for k in keys) + " |",
-            "| --- | --- | --- |" + " --- |" * len(keys)]
+    rows = ["| class | boxes | pointing game | its ceiling | " + " | ".join(f"T(IoBB > {k[5:]})" for k in keys) + " |",
+            "| --- | --- | --- | --- |" + " --- |" * len(keys)]
     for name, s in [*m["per_class"].items(), ("**all**", m["overall"])]:
         if s["boxes"]:
-            rows.append(f"| {name} | {s['boxes']} | {s['pointing_game']:.2f} | "
+            rows.append(f"| {name} | {s['boxes']} | {s['pointing_game']:.2f} | {s['pointing_game_ceiling']:.2f} | "
                         + " | ".join(f"{s[k]:.2f}" for k in keys) + " |")
     return "\n".join(rows)
 
