@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     pairs += [(b.row, CLASSES.index(b.Finding)) for b in boxes.itertuples()]
     with GradCAM(model, layer) as cam:
         maps = heatmaps(cam, data, pairs, tuple(ckpt["mean"]), tuple(ckpt["std"]), e["batch_size"])
-        peaks = cam.peak_points(data[np.array([0])][0].shape[-2:]) if maps else None
+        peaks = cam.peak_points((ckpt["image_size"],) * 2) if maps else None
     with replace_dir(PLOTS) as tmp:
         draw(examples, maps, data, table, cal, raw, thresholds, boxes, tmp)
     metrics = {"layer": layer_name, **localisation(maps, boxes, e, peaks),
