@@ -23,6 +23,7 @@ ARCHS = {
     "densenet121": ("DenseNet121_Weights", "classifier", "features.denseblock4"),
 }
 WEIGHTS = ("imagenet", "none")
+OUTPUT_STRIDES = {32: [], 16: [("layer4", 2)], 8: [("layer3", 2), ("layer4", 4)]}  # ResNet stages to dilate
 
 
 def weights_file(arch: str) -> tuple[Path, str]:
@@ -45,7 +46,7 @@ def load_imagenet_state(arch: str) -> dict[str, torch.Tensor]:
         raise PipelineError(f"{path}: cannot load ImageNet weights ({exc}); download {url} again") from None
 
 
-def build_model(arch: str, weights: str = "none", num_classes: int = 14) -> nn.Module:
+def build_model(arch: str, weights: str = "none", num_classes: int = 14, output_stride: int = 32) -> nn.Module:
     """A torchvision backbone with a fresh `num_classes`-logit head."""
     if arch not in ARCHS:
         raise PipelineError(f"params.yaml train.arch: {arch!r}; expected one of {', '.join(ARCHS)}")
@@ -56,7 +57,31 @@ def build_model(arch: str, weights: str = "none", num_classes: int = 14) -> nn.M
         model.load_state_dict(load_imagenet_state(arch))
     head = ARCHS[arch][1]
     setattr(model, head, nn.Linear(getattr(model, head).in_features, num_classes))
+    dilate(model, arch, output_stride)
     return model
+
+
+def dilate(model: nn.Module, arch: str, output_stride: int) -> None:
+    """Trade the last stages' striding for dilation (DeepLab's output stride): same weights, a last-layer map
+    2x (16) or 4x (8) finer, so Grad-CAM can point at small boxes; layer4 then costs 4x (16) its compute.
+
+    As torchvision's `replace_stride_with_dilation` (which refuses ResNet18/34's basic blocks): a dilated
+    stage's first block keeps the previous stage's dilation, its other blocks take the new one.
+    """
+    if output_stride not in OUTPUT_STRIDES:
+        raise PipelineError(f"params.yaml train.output_stride: {output_stride!r}; expected one of 32, 16, 8")
+    if output_stride != 32 and not arch.startswith("resnet"):
+        raise PipelineError(f"params.yaml train.output_stride: {output_stride} needs a ResNet; {arch} supports 32 only")
+    previous = 1
+    for name, dilation in OUTPUT_STRIDES[output_stride]:
+        for i, block in enumerate(model.get_submodule(name)):
+            d = previous if i == 0 else dilation
+            for conv in block.modules():
+                if isinstance(conv, nn.Conv2d):
+                    conv.stride = (1, 1)
+                    if conv.kernel_size == (3, 3):
+                        conv.dilation, conv.padding = (d, d), (d, d)
+        previous = dilation
 
 
 def _matches(name: str, prefix: str) -> bool:
@@ -120,6 +145,6 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
     missing = [k for k in ("state_dict", "arch", "classes", "image_size", "mean", "std") if k not in ckpt]
     if missing:
         raise PipelineError(f"{path}: checkpoint lacks {', '.join(missing)}; expected one written by stages.train")
-    model = build_model(ckpt["arch"], "none", len(ckpt["classes"]))
+    model = build_model(ckpt["arch"], "none", len(ckpt["classes"]), int(ckpt.get("output_stride", 32)))
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), ckpt

@@ -87,6 +87,37 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path) -> None:
     assert torch.equal(model(x), restored(x))
 
 
+@pytest.mark.parametrize(("output_stride", "dilated"), [(16, [False, False, True]), (8, [False, True, True])])
+def test_output_stride_equals_torchvision_dilation(output_stride: int, dilated: list[bool]) -> None:
+    """torchvision dilates only Bottleneck ResNets; ours must give the same network there, and the same cells."""
+    import torchvision
+
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=dilated, num_classes=14).eval()
+    mine = build_model("resnet50", "none", 14, output_stride).eval()
+    mine.load_state_dict(reference.state_dict())  # same parameter names and shapes as the undilated network
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(mine(x), reference(x), atol=1e-6)
+    small = build_model("resnet18", "none", 14, output_stride).eval()
+    body = torch.nn.Sequential(*list(small.children())[:-2])
+    assert body(torch.zeros(1, 3, 96, 96)).shape == (1, 512, 96 // output_stride, 96 // output_stride)
+
+
+def test_output_stride_is_resnet_only_and_survives_the_checkpoint(tmp_path) -> None:
+    with pytest.raises(PipelineError, match="train.output_stride: 16 needs a ResNet; densenet121 supports 32 only"):
+        build_model("densenet121", "none", 14, 16)
+    model = build_model("resnet18", "none", 14, 16).eval()
+    payload = {"state_dict": model.state_dict(), "arch": "resnet18", "output_stride": 16,
+               "classes": list("ABCDEFGHIJKLMN"), "image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
+    torch.save(payload, tmp_path / "model.pt")
+    restored, _ = model_mod.load_checkpoint(tmp_path / "model.pt")
+    assert restored.layer4[1].conv1.dilation == (2, 2) and restored.layer4[0].conv1.stride == (1, 1)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), restored(x))
+
+
 def test_unknown_arch_and_weights_are_clear_errors() -> None:
     with pytest.raises(PipelineError, match=r"train.arch: 'resnet51'; expected one of resnet18, resnet34"):
         build_model("resnet51")
@@ -109,6 +140,7 @@ def test_freeze_prefix_matching_nothing_is_an_error() -> None:
         ("lr_backbone", -1e-4, "train.lr_backbone: -0.0001; expected a positive number"),
         ("epochs", 0, "train.epochs: 0; expected a positive integer"),
         ("scheduler", "step", "train.scheduler: 'step'"),
+        ("output_stride", 4, "train.output_stride: 4; expected one of 32, 16, 8"),
     ],
 )
 def test_bad_train_params_are_clear_errors(key: str, value, message: str) -> None:

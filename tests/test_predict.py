@@ -39,13 +39,15 @@ def test_hooks_are_released_after_every_use() -> None:
     assert not any(len(m._forward_hooks) for m in model.modules())
 
 
-@pytest.mark.parametrize(("arch", "layer", "stride", "offset"), [
-    ("resnet18", "layer4", 32, 0.0),  # every strided op pads (k - 1)/2: cell j sits on pixel 32j
-    ("resnet18", "layer3", 16, 0.0),
-    ("densenet121", "features.denseblock4", 32, 14.0),  # 2x2 average-pool transitions: 2 + 4 + 8
+@pytest.mark.parametrize(("arch", "layer", "output_stride", "stride", "offset"), [
+    ("resnet18", "layer4", 32, 32, 0.0),  # every strided op pads (k - 1)/2: cell j sits on pixel 32j
+    ("resnet18", "layer3", 32, 16, 0.0),
+    ("resnet18", "layer4", 16, 16, 0.0),  # dilated layer4: no stride of its own
+    ("resnet50", "layer4", 8, 8, 0.0),
+    ("densenet121", "features.denseblock4", 32, 32, 14.0),  # 2x2 average-pool transitions: 2 + 4 + 8
 ])
-def test_cell_geometry_by_hand(arch: str, layer: str, stride: int, offset: float) -> None:
-    model = build_model(arch, "none").eval()
+def test_cell_geometry_by_hand(arch: str, layer: str, output_stride: int, stride: int, offset: float) -> None:
+    model = build_model(arch, "none", 14, output_stride).eval()
     with GradCAM(model, gradcam_layer(model, arch, layer)[1]) as cam:
         cam(torch.randn(1, 3, 64, 64), [0])
         assert cam.geometry((64, 64)) == ((stride, stride), (offset, offset))
