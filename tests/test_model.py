@@ -105,6 +105,8 @@ def test_output_stride_equals_torchvision_dilation(output_stride: int, dilated: 
 
 
 def test_output_stride_is_resnet_only_and_survives_the_checkpoint(tmp_path) -> None:
+    with pytest.raises(PipelineError, match="train.output_stride: 4; expected one of 32, 16, 8"):
+        build_model("resnet18", "none", 14, 4)
     with pytest.raises(PipelineError, match="train.output_stride: 16 needs a ResNet; densenet121 supports 32 only"):
         build_model("densenet121", "none", 14, 16)
     model = build_model("resnet18", "none", 14, 16).eval()
@@ -140,7 +142,6 @@ def test_freeze_prefix_matching_nothing_is_an_error() -> None:
         ("lr_backbone", -1e-4, "train.lr_backbone: -0.0001; expected a positive number"),
         ("epochs", 0, "train.epochs: 0; expected a positive integer"),
         ("scheduler", "step", "train.scheduler: 'step'"),
-        ("output_stride", 4, "train.output_stride: 4; expected one of 32, 16, 8"),
     ],
 )
 def test_bad_train_params_are_clear_errors(key: str, value, message: str) -> None:
