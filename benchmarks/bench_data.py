@@ -27,12 +27,11 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from cxr14.arrays import write_array
+from cxr14.common import cpu_count
+from cxr14.data import PreparedImages, make_loader, to_model_input
 
-from stages.common import cpu_count  # noqa: E402
-from stages.data import PreparedImages, make_loader, to_model_input  # noqa: E402
-from stages.prepare import write_array  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class SeedDataset(torch.utils.data.Dataset):

@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from cxr14.calibration import fit_calibrator
+from cxr14.data import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+from cxr14.gradcam import GradCAM, overlay
+from cxr14.images import load_gray
+from cxr14.model import build_model, gradcam_layer, load_checkpoint
+from cxr14.nih import CLASSES
 
-from stages.calibration import fit_calibrator  # noqa: E402
-from stages.data import IMAGENET_MEAN, IMAGENET_STD, to_model_input  # noqa: E402
-from stages.gradcam import GradCAM, overlay  # noqa: E402
-from stages.model import build_model, gradcam_layer, load_checkpoint  # noqa: E402
-from stages.nih import CLASSES, load_gray  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TARGET_S = 2.0
 
@@ -53,7 +53,7 @@ def write_model(folder: Path, arch: str, size: int) -> tuple[Path, Path, Path]:
 
 
 def set_thresholds(path: Path, model_path: Path, calibrator: Path, image: Path, positives: int) -> None:
-    from stages.calibration import apply_calibrator, load_calibrator
+    from cxr14.calibration import apply_calibrator, load_calibrator
 
     model, ckpt = load_checkpoint(model_path)
     x = to_model_input(torch.from_numpy(load_gray(image, ckpt["image_size"]).copy())[None, None])
@@ -111,7 +111,7 @@ def main() -> None:
         set_thresholds(thresholds, model_path, calibrator, image, args.classes)
         cmd = [sys.executable, "-m", "stages.predict", str(image), "--model", str(model_path), "--thresholds",
                str(thresholds), "--calibrator", str(calibrator), "--gradcam", str(tmp / "out")]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = dict(os.environ)
         floor_cmd = [sys.executable, "-c", "import numpy, pandas, PIL.Image, torch, torchvision, yaml"]
         walls, floors = [], []
         for _ in range(args.runs):

@@ -13,7 +13,6 @@ Weights are random (speed does not depend on them). Both loaders run in the trai
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,16 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_data import SeedDataset  # this folder is the script's first sys.path entry
+
+from cxr14.arrays import write_array
+from cxr14.common import cpu_count
+from cxr14.data import PreparedImages, make_loader
+from cxr14.engine import Batches
+from cxr14.model import build_model, freeze, param_groups, set_train_mode
+from cxr14.params import Prepare, Train, load_section
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_data import SeedDataset  # noqa: E402
-from stages.common import cpu_count, load_params  # noqa: E402
-from stages.data import PreparedImages, make_loader  # noqa: E402
-from stages.engine import Batches  # noqa: E402
-from stages.model import build_model, freeze, param_groups, set_train_mode  # noqa: E402
-from stages.prepare import write_array  # noqa: E402
 
 NIH_FREEZE = ["conv1", "bn1", "layer1", "layer2", "layer3"]
 
@@ -95,17 +94,16 @@ def main() -> None:
     paths = sorted(str(p) for p in (args.nih / "images").glob("*.png"))
     if not paths:
         raise SystemExit(f"{args.nih / 'images'}: no PNG files; pass --nih")
-    params = load_params(path=ROOT / "params.yaml")
-    t, demo_size = params["train"], params["prepare"]["image_size"]
+    t, demo_size = load_section(ROOT / "params.yaml", Train), load_section(ROOT / "params.yaml", Prepare).image_size
     cpu = torch.device("cpu")
     torch.set_num_threads(cpu_count())
     print(f"{len(paths)} NIH PNGs, {cpu_count()} CPU threads, {args.steps} timed steps each\n")
     with tempfile.TemporaryDirectory() as tmp:
         for size in sorted({demo_size, 224}):
             write_array(paths, size, cpu_count(), Path(tmp) / f"{size}.npy", "benchmark", desc=f"prepare {size}")
-        demo = steps_per_second(t["arch"], t["freeze"], prepared_batches(Path(tmp) / f"{demo_size}.npy", len(paths),
-                                t["batch_size"], cpu), args.steps, cpu)
-        print(f"1. demo config ({t['arch']}, {demo_size} px, batch {t['batch_size']}, CPU): {demo:.1f} images/s")
+        demo = steps_per_second(t.arch, t.freeze, prepared_batches(Path(tmp) / f"{demo_size}.npy", len(paths),
+                                t.batch_size, cpu), args.steps, cpu)
+        print(f"1. demo config ({t.arch}, {demo_size} px, batch {t.batch_size}, CPU): {demo:.1f} images/s")
         ours = steps_per_second("resnet50", NIH_FREEZE, prepared_batches(Path(tmp) / "224.npy", len(paths), 64, cpu),
                                 args.steps, cpu)
         seed = steps_per_second("resnet50", NIH_FREEZE, seed_batches(paths, 224, 64), args.steps, cpu)

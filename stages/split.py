@@ -1,175 +1,34 @@
-"""Split stage: official test list, and a patient-disjoint, label-stratified train/val split.
+"""Split stage: NIH's official test list, and a patient-disjoint, label-stratified train/val split.
 
-The seed split validation by image, so a patient's follow-ups sat in both train and val and
-inflated val AUC. Here whole patients go to one split, and rare findings (Hernia: 227 of
-112,120 images) are placed first so that val still has positives of every class.
+Writes data/split/{train,val,test}.csv (Image Index, Patient ID, path, one 0/1 column per class)
+and metrics/split.json (images, patients and positives per class in each split).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
-from stages.common import PipelineError, atomic_path, load_params, run_main, write_json
-from stages.nih import (
-    CLASSES,
-    TEST_LIST,
-    TRAIN_VAL_LIST,
-    find_label_table,
-    read_image_list,
-    read_label_table,
-    scan_images,
-)
-
-OUT_DIR = Path("data/split")
-METRICS = Path("metrics/split.json")
-SPLITS = ("train", "val", "test")
-
-
-def _line_of(path: Path, name: str) -> int:
-    """File line (1-based) of `name` in a split list, for error messages."""
-    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip() == name)
-
-
-def check_official_lists(table: pd.DataFrame, train_val: list[str], test: list[str], root: Path) -> None:
-    """Refuse lists that overlap by image or patient, or name images the label table lacks."""
-    test_set = set(test)
-    both = [n for n in train_val if n in test_set]
-    if both:
-        raise PipelineError(
-            f"{root / TEST_LIST} line {_line_of(root / TEST_LIST, both[0])}: {both[0]} is also in {TRAIN_VAL_LIST} "
-            f"({len(both)} image(s) in both); expected disjoint official lists"
-        )
-    known = set(table["Image Index"])
-    for list_name, names in ((TRAIN_VAL_LIST, train_val), (TEST_LIST, test)):
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise PipelineError(
-                f"{root / list_name} line {_line_of(root / list_name, unknown[0])}: {unknown[0]} is not in the label "
-                f"table ({len(unknown)} such image(s)); expected every listed image to have a row"
-            )
-    patient = table.set_index("Image Index")["Patient ID"]
-    shared = set(patient.loc[train_val]) & set(patient.loc[test])
-    if shared:
-        pid = min(shared)
-        example = next(n for n in test if patient[n] == pid)
-        raise PipelineError(
-            f"{root / TEST_LIST} line {_line_of(root / TEST_LIST, example)}: patient {pid} ({example}) is also in "
-            f"{TRAIN_VAL_LIST} ({len(shared)} such patient(s)); expected patient-disjoint lists"
-        )
-
-
-def stratified_patient_split(table: pd.DataFrame, val_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of `table` rows in val: whole patients, each class's positives near `val_fraction`.
-
-    Greedy iterative stratification over patients: patients are visited rarest-finding first and
-    each goes to whichever side is further (relatively) below its target for that finding.
-    """
-    labels = table[list(CLASSES)].to_numpy(dtype=np.int64)
-    patients, inverse = np.unique(table["Patient ID"].to_numpy(), return_inverse=True)
-    counts = np.zeros((len(patients), len(CLASSES)), dtype=np.int64)
-    np.add.at(counts, inverse, labels)
-    images = np.bincount(inverse, minlength=len(patients)).astype(np.float64)
-
-    totals = counts.sum(axis=0).astype(np.float64)
-    # Column 0 balances image counts (decides patients without findings); then one column per class.
-    target = np.vstack([(1 - val_fraction) * np.r_[images.sum(), totals], val_fraction * np.r_[images.sum(), totals]])
-    need = target.copy()
-    rarity = np.where(counts > 0, totals[None, :], np.inf)
-    key_class = np.where(np.isfinite(rarity.min(axis=1)), rarity.argmin(axis=1) + 1, 0)
-    rng = np.random.default_rng(seed)
-    order = np.lexsort((rng.permutation(len(patients)), np.where(key_class > 0, totals[key_class - 1], np.inf)))
-    in_val = np.zeros(len(patients), dtype=bool)
-    gains = np.hstack([images[:, None], counts])
-    for p in order:
-        k = key_class[p]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel = need[:, k] / np.where(target[:, k] > 0, target[:, k], 1)
-        side = int(rel[1] > rel[0]) if rel[0] != rel[1] else int(rng.random() < val_fraction)
-        in_val[p] = bool(side)
-        need[side] -= gains[p]
-    return in_val[inverse]
-
-
-def build_splits(root: Path | str, val_fraction: float, seed: int, missing: str) -> tuple[dict, dict]:
-    """Read the dataset at `root`; return ({split: table}, metrics)."""
-    root = Path(root)
-    if not 0 < val_fraction < 1:
-        raise PipelineError(f"params.yaml split.val_fraction: {val_fraction}; expected a number between 0 and 1")
-    if missing not in ("error", "skip"):
-        raise PipelineError(f"params.yaml data.missing: {missing!r}; expected 'error' or 'skip'")
-    table = read_label_table(find_label_table(root))
-    train_val = read_image_list(root / TRAIN_VAL_LIST)
-    test = read_image_list(root / TEST_LIST)
-    check_official_lists(table, train_val, test, root)
-
-    files = scan_images(root)
-    listed = train_val + test
-    absent = [n for n in listed if n not in files]
-    if absent and missing == "error":
-        raise PipelineError(
-            f"{root}: {len(absent)} of {len(listed)} listed images are missing (first: {', '.join(absent[:3])}); "
-            "expected them under images/ or images_*/images/, or set data.missing: skip"
-        )
-    table = table.set_index("Image Index", drop=False)
-    table["path"] = table["Image Index"].map(files)
-    present = table["path"].notna()
-
-    test_table = table.loc[test]
-    tv_table = table.loc[train_val]
-    tv_table, test_table = tv_table[present.loc[train_val]], test_table[present.loc[test]]
-    if tv_table.empty or test_table.empty:
-        raise PipelineError(f"{root}: no images found for {'train/val' if tv_table.empty else 'test'}")
-    in_val = stratified_patient_split(tv_table.reset_index(drop=True), val_fraction, seed)
-    columns = ["Image Index", "Patient ID", "path", *CLASSES]
-    splits = {
-        "train": tv_table[~in_val][columns].reset_index(drop=True),
-        "val": tv_table[in_val][columns].reset_index(drop=True),
-        "test": test_table[columns].reset_index(drop=True),
-    }
-    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
-        overlap = set(splits[a]["Patient ID"]) & set(splits[b]["Patient ID"])
-        assert not overlap, f"patients in both {a} and {b}: {sorted(overlap)[:5]}"
-    metrics = {
-        "root": str(root),
-        "missing_images": len(absent),
-        **{
-            name: {
-                "images": len(t),
-                "patients": int(t["Patient ID"].nunique()),
-                "positives": {c: int(t[c].sum()) for c in CLASSES},
-            }
-            for name, t in splits.items()
-        },
-    }
-    for cls in CLASSES:
-        if metrics["val"]["positives"][cls] == 0:
-            print(f"warning: no {cls} positives in val; its val AUC will be undefined", file=sys.stderr)
-    return splits, metrics
+from cxr14 import paths
+from cxr14.common import atomic_path, run_main, write_json
+from cxr14.params import PARAMS_FILE, Data, Split, load_section
+from cxr14.splits import build_splits
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="parameters file (sections data, split)")
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder for train.csv, val.csv, test.csv")
-    parser.add_argument("--metrics", type=Path, default=METRICS, help="JSON file of split sizes")
+    parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (sections data, split)")
+    parser.add_argument("--out", type=Path, default=paths.SPLIT, help="folder for train.csv, val.csv, test.csv")
+    parser.add_argument("--metrics", type=Path, default=paths.METRICS / "split.json", help="JSON file of split sizes")
     args = parser.parse_args(argv)
-    params = load_params(path=args.params)
-    data, split = params.get("data", {}), params.get("split", {})
-    splits, metrics = build_splits(
-        data.get("root", "data/demo"), float(split.get("val_fraction", 0.1)), int(split.get("seed", 0)),
-        data.get("missing", "error"),
-    )
+    data, split = load_section(args.params, Data), load_section(args.params, Split)
+    splits, metrics = build_splits(data.root, split.val_fraction, split.seed, data.missing)
     with contextlib.ExitStack() as stack:  # all tables are replaced together, or none
         for name, frame in splits.items():
             frame.to_csv(stack.enter_context(atomic_path(args.out / f"{name}.csv")), index=False)
     write_json(args.metrics, metrics)
-    sizes = ", ".join(f"{n} {metrics[n]['images']} images / {metrics[n]['patients']} patients" for n in SPLITS)
+    sizes = ", ".join(f"{n} {metrics[n]['images']} images / {metrics[n]['patients']} patients" for n in paths.SPLITS)
     skipped = f"; skipped {metrics['missing_images']} missing" if metrics["missing_images"] else ""
     print(f"split: {sizes}{skipped}")
 

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from stages.common import PipelineError, run_main, write_json  # noqa: E402
-from stages.nih import CLASSES, NO_FINDING, find_label_table, read_label_table  # noqa: E402
+from cxr14.common import PipelineError, run_main, write_json
+from cxr14.nih import CLASSES, NO_FINDING, find_label_table, read_label_table
 
 IMAGES_PER_PATIENT_CAP = 30  # the last bucket counts patients with >= this many images
 AGE_BIN = 5  # years per age bucket

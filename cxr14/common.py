@@ -1,4 +1,4 @@
-"""Plumbing every stage shares: params, one-line errors, atomic outputs, progress bars.
+"""Plumbing every stage shares: one-line errors and warnings, atomic outputs, progress bars, rounding.
 
 A stage that fails must say what to fix in one line and leave no half-written file behind,
 so stages raise `PipelineError` and write through `atomic_path`.
@@ -17,29 +17,27 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-PARAMS_FILE = Path("params.yaml")
+import numpy as np
 
 
 class PipelineError(Exception):
     """An error in the user's data or settings; printed as one line, never as a traceback."""
 
 
-def load_params(section: str | None = None, path: Path | str = PARAMS_FILE) -> dict[str, Any]:
-    """Read params.yaml (the one source of settings DVC tracks), optionally one section."""
-    path = Path(path)
-    try:
-        params = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found; run stages from the project root") from None
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: not valid YAML ({exc})") from None
-    if section is None:
-        return params
-    if section not in params:
-        raise PipelineError(f"{path}: missing section '{section}'")
-    return params[section]
+def warn(message: str) -> None:
+    """A warning the user should read, on stderr, in one format everywhere."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def rounded(value: Any, digits: int = 6) -> Any:
+    """Floats rounded in nested dicts/lists (NaN becomes None), so metrics files diff cleanly and stay valid JSON."""
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if value != value else round(float(value), digits)
+    return value
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""ROC-AUC with patient-bootstrap intervals, and ROC/PR curves on fixed grids for DVC plots.
+"""Ranking metrics, defined once: ROC-AUC (one implementation, for training, evaluation and intervals),
+patient-bootstrap intervals, macro means over the classes where a metric exists, curves for DVC plots.
 
 Images of one patient are correlated (follow-ups), so intervals resample patients, not images.
 A thousand resamples of 25,596 test images x 14 classes through sklearn would take minutes; the
@@ -7,8 +8,39 @@ weighted Mann-Whitney form below sorts each class once and scores all resamples 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
+
+
+def has_both(y: np.ndarray) -> bool:
+    """AUC, a threshold or a calibrator exist for a class only if its labels hold both outcomes."""
+    y = np.asarray(y)
+    return 0 < int(np.count_nonzero(y)) < len(y)
+
+
+def mean_defined(values: Sequence[float | None]) -> float | None:
+    """Macro average over the classes where the value exists (None where it exists for none)."""
+    defined = [float(v) for v in values if v is not None and v == v]
+    return float(np.mean(defined)) if defined else None
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """ROC-AUC of one class (ties count one half); None unless the labels hold both outcomes."""
+    value = weighted_auc(np.asarray(scores), np.asarray(labels), np.ones((1, len(scores))))[0]
+    return None if np.isnan(value) else float(value)
+
+
+def mean_auc(labels: np.ndarray, probs: np.ndarray) -> tuple[float | None, list[float | None]]:
+    """Macro ROC-AUC over the classes where it is defined, and the per-class values (None where undefined).
+
+    Non-finite scores (a diverged model) are an error, not an AUC: sorting NaNs would give a number.
+    """
+    if not np.isfinite(probs).all():
+        raise ValueError("scores are not all finite")
+    per_class = [auc(probs[:, k], labels[:, k]) for k in range(labels.shape[1])]
+    return mean_defined(per_class), per_class
 
 
 def weighted_auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -37,8 +69,8 @@ def auc_with_interval(
     scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, level: float = 0.95
 ) -> tuple[float | None, float | None, float | None]:
     """Point AUC and the bootstrap percentile interval; Nones when the class lacks positives or negatives."""
-    point = weighted_auc(scores, labels, np.ones((1, len(scores))))[0]
-    if np.isnan(point):
+    point = auc(scores, labels)
+    if point is None:
         return None, None, None
     boot = np.concatenate([weighted_auc(scores, labels, chunk) for chunk in np.array_split(weights, 8)])
     tail = (1 - level) / 2 * 100

@@ -1,5 +1,7 @@
-"""Grad-CAM (Selvaraju et al., 2017) in pytorch-grad-cam's shape: a forward hook keeps the target layer's
-activations, a tensor hook on them keeps their gradient, and the hooks exist only inside `with`.
+"""Grad-CAM (Selvaraju et al., 2017) in pytorch-grad-cam's shape: forward hooks keep the target layer's
+activations (and record the strided ops before it, for the cells' geometry); the gradient of a class's
+logit with respect to those activations comes from `torch.autograd.grad`, so no backward hook is needed.
+The hooks exist only inside `with` (`release()` removes them too).
 
 The seed used the deprecated module backward hook, never removed it (hooks piled up per call) and
 drew over the normalised tensor; here heatmaps are returned in [0, 1] at the input resolution and
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from stages.common import atomic_path
+from cxr14.common import atomic_path
 
 STRIDED = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 
@@ -39,7 +41,6 @@ class GradCAM:
     def __init__(self, model: nn.Module, layer: nn.Module) -> None:
         self.model, self.layer = model, layer
         self.activations: torch.Tensor | None = None
-        self.gradients: torch.Tensor | None = None
         self._handles: list = []
         self._ops: list[tuple[nn.Module, tuple[int, int], tuple[int, int]]] = []
         self._reached = False
@@ -47,11 +48,6 @@ class GradCAM:
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self.activations = output
         self._reached = True
-        if output.requires_grad:
-            output.register_hook(self._keep_gradient)  # tensor hooks die with the graph
-
-    def _keep_gradient(self, grad: torch.Tensor) -> None:
-        self.gradients = grad
 
     def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not self._reached:
@@ -63,10 +59,14 @@ class GradCAM:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Remove every hook this object registered; safe to call twice."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.activations = self.gradients = None
+        self.activations = None
 
     def geometry(self, size: tuple[int, int]) -> tuple[tuple[float, float], tuple[float, float]]:
         """((stride_y, stride_x), (offset_y, offset_x)): cell (i, j) is centred on input pixel

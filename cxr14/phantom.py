@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image
 
-from stages.nih import CLASSES
+from cxr14.nih import CLASSES
 
 
 @functools.lru_cache(maxsize=4)

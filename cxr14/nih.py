@@ -7,16 +7,14 @@ folder, because 112,120 globs (one per image) take minutes on network storage.
 
 from __future__ import annotations
 
-import csv
 import os
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 
-from stages.common import PipelineError
+from cxr14.common import PipelineError
 
 # The seed's order; every array of 14 scores or labels in this project follows it.
 CLASSES: tuple[str, ...] = (
@@ -45,7 +43,6 @@ LABEL_TABLE_NAMES = (
 REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
-BBOX_LIST = "BBox_List_2017.csv"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -122,45 +119,6 @@ def read_label_table(path: Path | str) -> pd.DataFrame:
     return pd.concat([out, pd.DataFrame(labels, columns=list(CLASSES))], axis=1)
 
 
-BOX_LABELS = {"Infiltrate": "Infiltration"}  # NIH's spelling in BBox_List_2017.csv
-
-
-def read_box_list(path: Path | str) -> pd.DataFrame:
-    """NIH's box list as Image Index, Finding (a CLASSES name), x, y, w, h in original-image pixels.
-
-    The file's header has the quirk `Bbox [x,y,w,h],,,` (nine names for six fields), so it is read
-    with the csv module, row by row, to name the line of any bad value.
-    """
-    path = Path(path)
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: box list not found") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise PipelineError(f"{path}: cannot read box list ({exc})") from None
-    if not rows or rows[0][:2] != ["Image Index", "Finding Label"]:
-        raise PipelineError(f"{path} line 1: expected the header 'Image Index,Finding Label,Bbox [x,y,w,h],,,'")
-    out = []
-    for lineno, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) < 6 or any(cell.strip() for cell in row[6:]):
-            raise PipelineError(f"{path} line {lineno}: {len(row)} fields; expected image,finding,x,y,w,h")
-        finding = BOX_LABELS.get(row[1].strip(), row[1].strip())
-        if finding not in CLASSES:
-            raise PipelineError(f"{path} line {lineno}: unknown finding '{row[1]}'; expected one of "
-                                f"{', '.join(CLASSES)} (or Infiltrate)")
-        try:
-            x, y, w, h = (float(v) for v in row[2:6])
-        except ValueError:
-            raise PipelineError(f"{path} line {lineno}: box {row[2:6]} is not four numbers x,y,w,h") from None
-        if not all(np.isfinite((x, y, w, h))) or w <= 0 or h <= 0:
-            raise PipelineError(f"{path} line {lineno}: box {row[2:6]}; expected finite x,y and positive w,h")
-        out.append((row[0].strip(), finding, x, y, w, h))
-    return pd.DataFrame(out, columns=["Image Index", "Finding", "x", "y", "w", "h"])
-
-
 def read_image_list(path: Path | str) -> list[str]:
     """One image name per line (NIH's official split lists); blank lines ignored, duplicates refused."""
     path = Path(path)
@@ -204,31 +162,3 @@ def scan_images(root: Path | str) -> dict[str, str]:
                 if entry.name.lower().endswith(IMAGE_SUFFIXES) and entry.name not in found:
                     found[entry.name] = os.path.join(folder, entry.name)
     return found
-
-
-def to_gray8(image: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit grayscale; 16-bit data is scaled (x/257), never clipped at 255."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        data = np.asarray(image, dtype=np.float64)
-        if image.mode == "F" or data.max(initial=0) > 65535:
-            raise ValueError(f"unsupported pixel mode {image.mode} with values above 16 bits")
-        return Image.fromarray(np.rint(data / 257.0).astype(np.uint8), mode="L")
-    # NIH's RGBA files carry an opaque alpha; convert("L") reads the colour channels, as wanted.
-    return image.convert("L")
-
-
-def load_gray(path: Path | str, size: int | None = None) -> np.ndarray:
-    """Decode an image file to a uint8 (H, W) array, optionally resized (antialiased) to size x size.
-
-    Raises ValueError with the reason if the file is not a readable image.
-    """
-    try:
-        with Image.open(path) as image:
-            image.load()
-            gray = to_gray8(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"cannot decode image ({exc}); expected a readable PNG or JPEG") from None
-    if size is not None and gray.size != (size, size):
-        # Box-reduce first (reducing_gap), then bilinear with an antialias kernel: fast and alias-free.
-        gray = gray.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return np.asarray(gray, dtype=np.uint8)

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from stages.common import PipelineError
-from stages.nih import CLASSES
+from cxr14.common import PipelineError
+from cxr14.metrics import has_both, mean_defined
+from cxr14.nih import CLASSES
 
 METHODS = ("none", "temperature", "platt", "isotonic")
 POLICIES = ("max_f1", "youden", "target_recall")
@@ -42,12 +44,6 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     z = np.asarray(z, dtype=np.float64)
     e = np.exp(-np.abs(z))
     return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
-
-
-def has_both(y: np.ndarray) -> bool:
-    """A class can be calibrated and thresholded only if its labels hold both outcomes."""
-    y = np.asarray(y)
-    return 0 < int(y.sum()) < len(y)
 
 
 def separable(y: np.ndarray, p: np.ndarray) -> bool:
@@ -159,25 +155,48 @@ def load_calibrator(path: Path | str) -> dict[str, Any]:
 
 
 def choose_threshold(policy: str, y: np.ndarray, p: np.ndarray, target_recall: float = 0.9) -> float | None:
-    """Val threshold for one class (positive = p >= threshold); None if the labels are one-sided."""
+    """Val threshold for one class (positive = p >= threshold); None if the labels are one-sided.
+
+    The policy picks which val images are positive (a cut at one of their scores); the threshold is then
+    placed between that score and the next lower one (`separating`), so it never sits on a plateau.
+    """
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     if not has_both(y):
         return None
+    p = np.asarray(p, dtype=np.float64)
     if policy == "max_f1":  # the seed's rule: best F1 on the PR curve, without its (P=1, R=0) end point
         precision, recall, thresholds = precision_recall_curve(y, p)
         precision, recall = precision[:-1], recall[:-1]
         denom = precision + recall
         f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
-        return float(thresholds[np.argmax(f1)])
-    if policy == "youden":  # max TPR - FPR; the first point (threshold inf) predicts nothing
+        cut = thresholds[np.argmax(f1)]
+    elif policy == "youden":  # max TPR - FPR; the first point (threshold inf) predicts nothing
         fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
         keep = np.isfinite(thresholds)
-        return float(thresholds[keep][np.argmax((tpr - fpr)[keep])])
-    if policy == "target_recall":  # recall falls as the threshold rises: the highest one still reaching the target
+        cut = thresholds[keep][np.argmax((tpr - fpr)[keep])]
+    elif policy == "target_recall":  # recall falls as the threshold rises: the highest one still reaching the target
         _, recall, thresholds = precision_recall_curve(y, p)
-        return float(thresholds[recall[:-1] >= target_recall].max())
-    raise PipelineError(f"threshold policy {policy!r}; expected one of {', '.join(POLICIES)}")
+        cut = thresholds[recall[:-1] >= target_recall].max()
+    else:
+        raise PipelineError(f"threshold policy {policy!r}; expected one of {', '.join(POLICIES)}")
+    return separating(p, float(cut))
+
+
+def separating(p: np.ndarray, cut: float) -> float:
+    """Halfway between `cut` (the lowest val score taken as positive) and the highest val score below it.
+
+    Val decisions are the same as at `cut`, but the threshold lies where the scores separate: an isotonic
+    calibrator maps val images onto plateaus, and a threshold at a plateau's own level (often the top one,
+    1.0) would turn the rule into `p == 1`, make margins meaningless and divide by zero in them. Only when
+    no val score lies below the cut (the policy takes every val image as positive) is the cut itself returned.
+    """
+    below = p[p < cut]
+    if below.size == 0:
+        return float(cut)
+    low = float(below.max())
+    mid = low + (cut - low) / 2
+    return mid if low < mid <= cut else float(cut)
 
 
 def ratio(num: float, den: float) -> float | None:
@@ -223,23 +242,6 @@ def brier(y: np.ndarray, p: np.ndarray) -> float | None:
     return float(np.mean((p - y) ** 2)) if p.size else None
 
 
-def mean_defined(values: Sequence[float | None]) -> float | None:
-    """Macro average over the classes where the value exists (None if it exists nowhere)."""
-    defined = [v for v in values if v is not None]
-    return float(np.mean(defined)) if defined else None
-
-
-def rounded(value: Any, digits: int = 6) -> Any:
-    """Floats rounded in nested dicts/lists, so metrics files diff cleanly."""
-    if isinstance(value, dict):
-        return {k: rounded(v, digits) for k, v in value.items()}
-    if isinstance(value, list):
-        return [rounded(v, digits) for v in value]
-    if isinstance(value, float):
-        return round(value, digits)
-    return value
-
-
 def load_thresholds(path: Path | str) -> dict[str, float | None]:
     """Per-class thresholds from the calibrate stage's thresholds.json (None where val had no positives)."""
     path = Path(path)
@@ -249,3 +251,26 @@ def load_thresholds(path: Path | str) -> dict[str, float | None]:
         raise PipelineError(f"{path}: not found; run the calibrate stage (dvc repro calibrate)") from None
     except (ValueError, KeyError) as exc:
         raise PipelineError(f"{path}: not a thresholds file ({exc}); expected the calibrate stage's output") from None
+
+
+def split_metrics(labels: np.ndarray, raw: np.ndarray, cal: np.ndarray, thresholds: dict, bins: int) -> dict:
+    """Per class and macro: ECE and Brier before/after calibration, precision/recall/F1 at the val thresholds."""
+    out: dict = {}
+    for j, name in enumerate(CLASSES):
+        y = labels[:, j]
+        m = decision_metrics(y, cal[:, j], thresholds[name]) or {"F1": None, "Precision": None, "Recall": None}
+        out[name] = {"ece_before": ece(y, raw[:, j], bins), "ece_after": ece(y, cal[:, j], bins),
+                     "brier_before": brier(y, raw[:, j]), "brier_after": brier(y, cal[:, j]),
+                     "precision": m["Precision"], "recall": m["Recall"], "f1": m["F1"]}
+    keys = next(iter(out.values())).keys()
+    return {"macro": {k: mean_defined([out[n][k] for n in CLASSES]) for k in keys}, **out}
+
+
+def reliability_frame(labels: np.ndarray, raw: np.ndarray, cal: np.ndarray, bins: int) -> pd.DataFrame:
+    """Long table: one row per non-empty bin of each curve (pooled over classes, then each class), before/after."""
+    rows = []
+    for stage, probs in (("before", raw), ("after", cal)):
+        curves = [("pooled", labels, probs)] + [(n, labels[:, j], probs[:, j]) for j, n in enumerate(CLASSES)]
+        for curve, y, p in curves:
+            rows += [{"curve": curve, "stage": stage, **r} for r in reliability(y, p, bins)]
+    return pd.DataFrame(rows, columns=["curve", "stage", "bin", "mean_predicted", "fraction_positive", "count"])

@@ -6,6 +6,7 @@ and a collate) is what makes feeding the model thousands of images/s on one core
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,8 @@ import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from stages.common import PipelineError
-from stages.nih import CLASSES
+from cxr14.common import PipelineError
+from cxr14.nih import CLASSES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,7 +31,11 @@ def read_labels(table: Path | str) -> np.ndarray:
 
 
 class PreparedImages(Dataset):
-    """A prepared split, indexed by lists of rows: `ds[[3, 7, 1]]` -> (uint8 images (B,1,H,W), labels (B,14))."""
+    """A prepared split, indexed by lists of rows: `ds[[3, 7, 1]]` -> (uint8 images (3,1,H,W), labels (3,14)),
+    in the order asked for.
+
+    Attributes: `path` (the .npy file), `labels` ((N, 14) float32 or None), `image_size` (side in pixels).
+    """
 
     def __init__(self, array: Path | str, labels: np.ndarray | None = None) -> None:
         self.path = Path(array)
@@ -38,22 +43,35 @@ class PreparedImages(Dataset):
             shape = np.load(self.path, mmap_mode="r").shape
         except (OSError, ValueError) as exc:
             raise PipelineError(f"{self.path}: cannot open prepared array ({exc}); run the prepare stage") from None
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise PipelineError(f"{self.path}: shape {shape}; expected (images, size, size) from the prepare stage")
         if labels is not None and len(labels) != shape[0]:
             raise PipelineError(f"{self.path}: {shape[0]} images but {len(labels)} label rows; re-run prepare")
-        self.length = shape[0]
+        self.length, self.image_size = shape[0], shape[1]
         self.labels = labels
         self._array: np.ndarray | None = None  # opened lazily, once per DataLoader worker
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, rows: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if self._array is None:
             self._array = np.load(self.path, mmap_mode="r")
-        rows = np.sort(np.asarray(rows))  # sequential reads; labels follow the same order
-        images = torch.from_numpy(np.ascontiguousarray(self._array[rows]))[:, None]
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")  # read the memory map in file order, hand rows back as asked
+        images = np.empty((len(rows), *self._array.shape[1:]), dtype=np.uint8)
+        images[order] = self._array[rows[order]]
         labels = torch.from_numpy(self.labels[rows]) if self.labels is not None else torch.empty(len(rows), 0)
-        return images, labels
+        return torch.from_numpy(images)[:, None], labels
+
+
+class SortedBatchSampler(BatchSampler):
+    """Batches whose rows are in file order: a shuffled batch is the same set of images, read sequentially
+    from the memory map (and each image meets the same augmentation draw on every machine)."""
+
+    def __iter__(self):  # noqa: ANN204 - BatchSampler's own signature
+        for batch in super().__iter__():
+            yield sorted(batch)
 
 
 def make_loader(
@@ -66,7 +84,7 @@ def make_loader(
         sampler = SequentialSampler(dataset)
     return DataLoader(
         dataset,
-        sampler=BatchSampler(sampler, batch_size, drop_last),
+        sampler=SortedBatchSampler(sampler, batch_size, drop_last),
         batch_size=None,
         num_workers=workers,
         persistent_workers=workers > 0,

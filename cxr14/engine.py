@@ -1,23 +1,24 @@
-"""Training and inference steps shared by the train, evaluate and predict stages.
+"""Training and inference steps shared by the train and evaluate stages and by predict.
 
 `train_one_epoch` and `evaluate` are small functions returning dicts (pytorch/examples style); the
-seed's loss bug is fixed here once: class balance goes through `pos_weight`, not `weight`.
+seed's loss bug is fixed here once, in `loss_function`: class balance goes through `pos_weight`, not `weight`.
 """
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
-from stages.common import PipelineError, progress
-from stages.data import IMAGENET_MEAN, IMAGENET_STD, augment, to_model_input
-from stages.model import set_train_mode
+from cxr14.common import PipelineError, progress
+from cxr14.data import IMAGENET_MEAN, IMAGENET_STD, augment, to_model_input
+from cxr14.metrics import mean_auc
+from cxr14.model import set_train_mode
 
-SCHEDULERS = ("none", "cosine", "plateau")
-
+if TYPE_CHECKING:
+    from cxr14.params import Augment
 
 def positive_weights(labels: np.ndarray, cap: float | None) -> torch.Tensor:
     """BCE pos_weight per class = negatives / positives on the training split (capped for rare classes)."""
@@ -29,45 +30,46 @@ def positive_weights(labels: np.ndarray, cap: float | None) -> torch.Tensor:
     return torch.tensor(weight, dtype=torch.float32)
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto` prefers CUDA, then Apple's MPS, then the CPU."""
+def loss_function(labels: np.ndarray, cap: float | None) -> torch.nn.BCEWithLogitsLoss:
+    """The training loss: BCE per class with `pos_weight` = negatives / positives (the seed passed `weight=`,
+    which scales the negatives' loss too and so does not rebalance anything)."""
+    return torch.nn.BCEWithLogitsLoss(pos_weight=positive_weights(labels, cap))
+
+
+def pick_device(name: str, key: str = "train.device") -> torch.device:
+    """`auto` prefers CUDA, then Apple's MPS, then the CPU; `key` names the setting in messages."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise PipelineError(f"params.yaml train.device: {name!r}; expected auto, cpu, cuda or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("params.yaml train.device: cuda, but no CUDA device is available; use auto or cpu")
-    return device
-
-
-def mean_auc(labels: np.ndarray, probs: np.ndarray) -> tuple[float, list[float | None]]:
-    """Macro ROC-AUC over classes that have both positives and negatives; None for the others."""
-    per_class: list[float | None] = []
-    for k in range(labels.shape[1]):
-        y = labels[:, k]
-        per_class.append(float(roc_auc_score(y, probs[:, k])) if 0 < y.sum() < len(y) else None)
-    defined = [a for a in per_class if a is not None]
-    return (float(np.mean(defined)) if defined else float("nan")), per_class
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name not in available:
+        raise PipelineError(f"{key}: {name!r}; expected auto, cpu, cuda or mps")
+    if not available[name]:
+        raise PipelineError(f"{key}: {name}, but no {name.upper()} device is available here; use auto or cpu")
+    return torch.device(name)
 
 
 class Batches:
-    """Turns loader batches into model input on the device (augmented when training)."""
+    """Turns loader batches into model input on the device (augmented when `aug` is given and a generator passed).
 
-    def __init__(self, device: torch.device, aug: dict | None = None) -> None:
-        self.device, self.aug, self.buffer = device, aug, None
+    With `reuse`, CPU batches are written into one buffer that the next call overwrites (a fresh 40 MB tensor
+    per batch costs more in page faults than the arithmetic): only for loops that are done with a batch
+    before asking for the next, as the training and evaluation loops are. By default every call is a new tensor.
+    """
+
+    def __init__(self, device: torch.device, aug: Augment | None = None, reuse: bool = False) -> None:
+        self.device, self.aug, self.reuse, self.buffer = device, aug, reuse, None
         self.channels_last = device.type == "cuda"
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True).float()
-        if self.aug and generator is not None:
-            crop = tuple(self.aug.get("crop_scale", (1.0, 1.0)))
-            x = augment(x, generator, self.aug.get("hflip", 0.0), self.aug.get("rotate", 0.0), crop)
-        out = self.buffer if self.device.type == "cpu" else None  # reuse on CPU: page faults cost more
-        self.buffer = x = to_model_input(x, IMAGENET_MEAN, IMAGENET_STD, out=out)
+        if self.aug is not None and generator is not None:
+            x = augment(x, generator, self.aug.hflip, self.aug.rotate, self.aug.crop_scale)
+        out = self.buffer if self.reuse and self.device.type == "cpu" else None
+        x = to_model_input(x, IMAGENET_MEAN, IMAGENET_STD, out=out)
+        if self.reuse:
+            self.buffer = x
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
@@ -103,11 +105,15 @@ def evaluate(model, loader, criterion, batches) -> dict:
         probs.append(torch.sigmoid(logits).cpu().numpy())
         labels.append(y.numpy())
     probs_np, labels_np = np.concatenate(probs), np.concatenate(labels)
+    if not np.isfinite(probs_np).all():
+        raise PipelineError("the model's outputs are not finite (NaN or inf): training diverged; "
+                            "lower train.lr_head / train.lr_backbone")
     auc, per_class = mean_auc(labels_np, probs_np)
     return {"loss": total / len(labels_np), "mean_auc": auc, "per_class_auc": per_class, "probs": probs_np}
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int):
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int) -> Any:
+    """The learning-rate schedule by name: none, cosine over `epochs`, or x0.1 on a val AUC plateau."""
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     if name == "plateau":

@@ -1,0 +1,110 @@
+"""Test-set evaluation: predictions per split, AUC with patient-bootstrap intervals, oracle, curves, score plot.
+
+The seed reported validation numbers only. Here the test split (NIH's official list) gets mean and
+per-class ROC-AUC with patient-bootstrap 95% intervals, average precision and prevalence; on the demo
+the clean labels give the oracle AUC (the best any model can score against the noisy labels).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import average_precision_score
+
+from cxr14 import paths
+from cxr14.common import PipelineError, atomic_path, rounded, warn
+from cxr14.data import PreparedImages, make_loader, read_labels
+from cxr14.engine import Batches, evaluate
+from cxr14.metrics import auc as auc_of
+from cxr14.metrics import auc_with_interval, has_both, mean_defined, patient_bootstrap_weights, pr_on_grid, roc_on_grid
+from cxr14.nih import CLASSES, parse_findings
+
+GRID = np.linspace(0, 1, 101)
+
+
+def predict_split(model: torch.nn.Module, ckpt: dict, split: str, device: torch.device,
+                  batch_size: int) -> pd.DataFrame:
+    """Labels and probabilities of one split, in split-table order (the predictions contract)."""
+    table = pd.read_csv(paths.SPLIT / f"{split}.csv")
+    data = PreparedImages(paths.PREPARED / f"{split}.npy", read_labels(paths.SPLIT / f"{split}.csv"))
+    if data.image_size != ckpt["image_size"]:
+        raise PipelineError(f"{data.path}: images are {data.image_size} px, not {ckpt['image_size']} px as the model "
+                            "was trained; run dvc repro")
+    result = evaluate(model, make_loader(data, batch_size, shuffle=False), torch.nn.BCEWithLogitsLoss(),
+                      Batches(device, reuse=True))
+    probs = pd.DataFrame(result["probs"], columns=[f"prob_{c}" for c in CLASSES])
+    return pd.concat([table[["Image Index", "Patient ID", *CLASSES]], probs], axis=1)
+
+
+def clean_labels(root: Path, names: pd.Series) -> np.ndarray | None:
+    """The demo's clean labels for `names` (None on real data, which has none)."""
+    path = root / "clean_labels.csv"
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path).set_index("Image Index")["Finding Labels"]
+    return np.stack([parse_findings(table[n], f"{path} ({n})") for n in names])
+
+
+def score_test(pred: pd.DataFrame, clean: np.ndarray | None, resamples: int, seed: int) -> dict:
+    """metrics/evaluate.json: macro and per-class AUC with intervals, AP, prevalence, oracle."""
+    weights = patient_bootstrap_weights(pred["Patient ID"].to_numpy(), resamples, seed)
+    per_class, aucs = {}, []
+    for k, name in enumerate(CLASSES):
+        y, p = pred[name].to_numpy(), pred[f"prob_{name}"].to_numpy()
+        auc, low, high = auc_with_interval(p, y, weights)
+        if auc is None:
+            warn(f"{name} has no positives (or no negatives) in test; its metrics are null")
+        entry = {"auc": auc, "auc_ci_low": low, "auc_ci_high": high,
+                 "average_precision": float(average_precision_score(y, p)) if y.any() else None,
+                 "prevalence": float(y.mean()), "positives": int(y.sum())}
+        if clean is not None:
+            entry["oracle_auc"] = auc_of(clean[:, k].astype(float), y)
+        per_class[name] = rounded(entry)
+        aucs.append(auc)
+    out = {"mean_auc": rounded(mean_defined(aucs)), "images": len(pred),
+           "patients": int(pred["Patient ID"].nunique()), "bootstrap_resamples": resamples}
+    if clean is not None:
+        out["oracle_mean_auc"] = rounded(mean_defined([v["oracle_auc"] for v in per_class.values()]))
+        out["gap_to_oracle"] = rounded(out["oracle_mean_auc"] - out["mean_auc"])
+    out["per_class"] = per_class
+    return out
+
+
+def curves(pred: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """ROC (TPR at fixed FPR) and PR (precision at fixed recall), one column per class with positives."""
+    roc, pr = pd.DataFrame({"fpr": GRID}), pd.DataFrame({"recall": GRID})
+    for name in CLASSES:
+        y, p = pred[name].to_numpy(), pred[f"prob_{name}"].to_numpy()
+        if has_both(y):
+            roc[name], pr[name] = roc_on_grid(p, y, GRID).round(5), pr_on_grid(p, y, GRID).round(5)
+    return roc, pr
+
+
+def score_plot(pred: pd.DataFrame, path: Path) -> None:
+    """Box + violin of test probabilities, negatives vs positives per class, on a logit axis (as the seed drew)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(16, 6))
+    eps = 1e-4
+    for k, name in enumerate(CLASSES):
+        for offset, label, color in ((-0.2, 0, "tab:blue"), (0.2, 1, "tab:red")):
+            values = pred.loc[pred[name] == label, f"prob_{name}"].clip(eps, 1 - eps).to_numpy()
+            if len(values) > 1:
+                parts = ax.violinplot(values, [k + offset], widths=0.35, showextrema=False)
+                for body in parts["bodies"]:
+                    body.set_facecolor(color), body.set_alpha(0.35)
+                ax.boxplot(values, positions=[k + offset], widths=0.12, showfliers=False)
+    ax.set_yscale("logit")
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=35, ha="right")
+    ax.set_ylabel("predicted probability (logit scale)")
+    ax.set_title("Test scores: negatives (blue) vs positives (red)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)

@@ -1,0 +1,91 @@
+"""What the explain stage computes: the test images worth a look (by decision margin), their Grad-CAM
+overlays, and localisation scores of every expert box (pointing game and T(IoBB), `localisation.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from cxr14.common import progress
+from cxr14.data import PreparedImages, to_model_input
+from cxr14.gradcam import GradCAM, overlay
+from cxr14.localisation import score_box, summarise
+from cxr14.nih import CLASSES
+
+KINDS = ("TP", "FP", "FN")
+
+
+def choose_examples(labels: np.ndarray, cal: np.ndarray, thresholds: dict, per_class: int) -> list[tuple]:
+    """(class index, kind, row, margin): per class the `per_class` largest margins of TP and FP, smallest of FN."""
+    chosen = []
+    for k, name in enumerate(CLASSES):
+        if thresholds.get(name) is None:
+            continue
+        margin, y = cal[:, k] - thresholds[name], labels[:, k]
+        for kind, mask, sign in (("TP", (y == 1) & (margin >= 0), -1), ("FP", (y == 0) & (margin >= 0), -1),
+                                 ("FN", (y == 1) & (margin < 0), 1)):
+            rows = np.flatnonzero(mask)
+            for row in rows[np.argsort(sign * margin[rows], kind="stable")][:per_class]:
+                chosen.append((k, kind, int(row), float(margin[row])))
+    return chosen
+
+
+def heatmaps(cam: GradCAM, data: PreparedImages, pairs: list[tuple[int, int]], mean: tuple[float, ...],
+             std: tuple[float, ...], batch: int) -> dict[tuple[int, int], np.ndarray]:
+    """Grad-CAM for each (row, class) pair, batched per class: {(row, class): (H, W) array}."""
+    out = {}
+    by_class: dict[int, list[int]] = {}
+    for row, k in pairs:
+        by_class.setdefault(k, []).append(row)
+    bar = progress(total=len(pairs), desc="grad-cam", unit="map")
+    for k, rows in by_class.items():
+        rows = sorted(set(rows))
+        for i in range(0, len(rows), batch):
+            part = rows[i:i + batch]
+            _, maps = cam(to_model_input(data[np.array(part)][0], mean, std), [k])
+            out.update({(row, k): maps[j, 0].cpu().numpy() for j, row in enumerate(part)})
+            bar.update(len(part))
+    bar.close()
+    return out
+
+
+def scaled_boxes(boxes: pd.DataFrame, table: pd.DataFrame, size: int) -> pd.DataFrame:
+    """Boxes of test images, moved from original-image pixels to the model's size x size pixels."""
+    rows = {name: i for i, name in enumerate(table["Image Index"])}
+    boxes = boxes[boxes["Image Index"].isin(rows)].copy()
+    boxes["row"] = boxes["Image Index"].map(rows)
+    dims = {}
+    for name in boxes["Image Index"].unique():
+        with Image.open(table["path"].iloc[rows[name]]) as image:  # reads the header only
+            dims[name] = image.size
+    sx = boxes["Image Index"].map(lambda n: size / dims[n][0])
+    sy = boxes["Image Index"].map(lambda n: size / dims[n][1])
+    boxes["x"], boxes["w"], boxes["y"], boxes["h"] = boxes.x * sx, boxes.w * sx, boxes.y * sy, boxes.h * sy
+    return boxes.reset_index(drop=True)
+
+
+def localisation(maps: dict, boxes: pd.DataFrame, cam_threshold: float, iobb_thresholds: Sequence[float],
+                 peaks: list[tuple[float, float]] | None = None) -> dict:
+    """Pointing game and T(IoBB), overall and per class, each box scored with its class's heatmap."""
+    scores = [score_box(maps[(b.row, CLASSES.index(b.Finding))], (b.x, b.y, b.w, b.h), cam_threshold, peaks)
+              for b in boxes.itertuples()]
+    per_class = {name: summarise([s for s, f in zip(scores, boxes["Finding"], strict=True) if f == name],
+                                 iobb_thresholds) for name in CLASSES if (boxes["Finding"] == name).any()}
+    return {"overall": summarise(scores, iobb_thresholds), "per_class": per_class}
+
+
+def draw(examples: list[tuple], maps: dict, data: PreparedImages, table: pd.DataFrame, cal: np.ndarray,
+         raw: np.ndarray, thresholds: dict, boxes: pd.DataFrame, out: Path) -> None:
+    """One overlay per chosen example: out/<Class>/<image>.png, with the class's boxes on that image."""
+    for k, kind, row, margin in examples:
+        name, image = CLASSES[k], table["Image Index"].iloc[row]
+        mine = boxes[(boxes["row"] == row) & (boxes["Finding"] == name)]
+        title = (f"{kind} {name}: {image}\np={cal[row, k]:.3f} (raw {raw[row, k]:.3f}), t={thresholds[name]:.3f}, "
+                 f"margin {margin:+.3f}")
+        overlay(data[np.array([row])][0][0, 0].numpy(), maps[(row, k)], title, out / name / image,
+                boxes=list(mine[["x", "y", "w", "h"]].itertuples(index=False, name=None)))

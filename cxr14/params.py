@@ -1,0 +1,312 @@
+"""The one params schema: a frozen dataclass per `params.yaml` section, built and checked by one loader.
+
+Defaults live in `params.yaml` only, so every key must be there: a key this schema does not know is
+refused with the closest valid name (a mistyped `lr_haed:` would otherwise be ignored and the run go on
+as if it were not there), and every value is checked for type and range, nested ones included. Every
+message is one line naming the file actually read, `section.key`, the value and what was expected.
+
+    train = load_section("params.yaml", Train)      # a Train, or a PipelineError
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+import yaml
+
+from cxr14.common import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+def rule(low: float | None = None, high: float | None = None, *, open_low: bool = False,
+         open_high: bool = False, length: int | None = None, doc: str = "") -> dict[str, Any]:
+    """Field metadata: an inclusive range (or exclusive where `open_*`), a list's length, words for the message."""
+    return {"low": low, "high": high, "open_low": open_low, "open_high": open_high, "length": length, "doc": doc}
+
+
+def field(**kwargs: Any) -> Any:
+    return dataclasses.field(metadata=rule(**kwargs))
+
+
+class Section:
+    """Base of the section classes: `SECTION` is the key in params.yaml; `check` holds rules across keys."""
+
+    SECTION: ClassVar[str] = ""
+
+    def check(self, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+        """Rules that involve several keys; `fail(key, expected)` raises the one-line error."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Data(Section):
+    SECTION: ClassVar[str] = "data"
+    root: str = field(doc="a folder in NIH layout (the demo: data/demo)")
+    missing: Literal["error", "skip"] = field()
+
+
+@dataclasses.dataclass(frozen=True)
+class Demo(Section):
+    SECTION: ClassVar[str] = "demo"
+    patients: int = field(low=2, high=10**6)
+    images: int = field(low=2, high=10**7)
+    image_size: int = field(low=64, high=2048)
+    label_noise: float = field(low=0.0, high=0.5)
+    class_floor: float = field(low=0.0, high=0.2)
+    test_fraction: float = field(low=0.01, high=0.99)
+    seed: int = field(low=0, high=2**32 - 1)
+
+    def check(self, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+        if self.images < self.patients:
+            fail("images", f">= demo.patients ({self.patients}): every patient has an image")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split(Section):
+    SECTION: ClassVar[str] = "split"
+    val_fraction: float = field(low=0.0, high=1.0, open_low=True, open_high=True)
+    seed: int = field(low=0, high=2**32 - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepare(Section):
+    SECTION: ClassVar[str] = "prepare"
+    image_size: int = field(low=8, high=4096)
+    workers: int = field(low=0, doc="0 (all cores) or a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment(Section):
+    SECTION: ClassVar[str] = "train.augment"
+    hflip: float = field(low=0.0, high=1.0, doc="a probability in [0, 1]")
+    rotate: float = field(low=0.0, high=180.0, doc="degrees in [0, 180]")
+    crop_scale: tuple[float, float] = field(low=0.0, high=1.0, open_low=True, length=2,
+                                           doc="[low, high]: area fractions in (0, 1], low <= high")
+
+    def check(self, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+        if self.crop_scale[0] > self.crop_scale[1]:
+            fail("crop_scale", "[low, high] with low <= high")
+
+
+@dataclasses.dataclass(frozen=True)
+class Train(Section):
+    SECTION: ClassVar[str] = "train"
+    arch: Literal["resnet18", "resnet34", "resnet50", "densenet121"] = field()
+    output_stride: Literal[32, 16, 8] = field()
+    weights: Literal["none", "imagenet", "IMAGENET1K_V1", "IMAGENET1K_V2"] = field()
+    freeze: list[str] = field(doc="a list of module-name prefixes, e.g. [conv1, bn1, layer1]")
+    epochs: int = field(low=1)
+    batch_size: int = field(low=1)
+    lr_head: float = field(low=0.0, open_low=True)
+    lr_backbone: float = field(low=0.0, open_low=True)
+    weight_decay: float = field(low=0.0)
+    scheduler: Literal["none", "cosine", "plateau"] = field()
+    pos_weight_cap: float | None = field(low=1.0, doc="null (no cap) or a number >= 1")
+    patience: int = field(low=1)
+    augment: Augment = field()
+    device: Literal["auto", "cpu", "cuda", "mps"] = field()
+    workers: int = field(low=0)
+    seed: int = field(low=0, high=2**32 - 1)
+    resume: bool = field()
+
+    # What shapes the model: a resumed run must have been started with the same values.
+    RECIPE: ClassVar[tuple[str, ...]] = (
+        "arch", "output_stride", "weights", "freeze", "epochs", "batch_size", "lr_head", "lr_backbone",
+        "weight_decay", "scheduler", "pos_weight_cap", "patience", "augment", "seed")
+
+    def recipe(self) -> dict[str, Any]:
+        """The recipe as plain data (lists, dicts), as stored in checkpoints."""
+        return {k: plain(getattr(self, k)) for k in self.RECIPE}
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluate(Section):
+    SECTION: ClassVar[str] = "evaluate"
+    bootstrap: int = field(low=10)
+    seed: int = field(low=0, high=2**32 - 1)
+    batch_size: int = field(low=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibrate(Section):
+    SECTION: ClassVar[str] = "calibrate"
+    policy: Literal["max_f1", "youden", "target_recall"] = field()
+    target_recall: float = field(low=0.0, high=1.0, open_low=True)
+    method: Literal["none", "temperature", "platt", "isotonic"] = field()
+    ece_bins: int = field(low=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Explain(Section):
+    SECTION: ClassVar[str] = "explain"
+    per_class: int = field(low=0)
+    layer: str = field(doc="'auto' or a module name such as layer3")
+    cam_threshold: float = field(low=0.0, high=1.0, open_low=True, open_high=True,
+                                 doc="a number in (0, 1): the fraction of the heatmap's maximum that outlines regions")
+    iobb_thresholds: list[float] = field(low=0.0, high=1.0, open_high=True, doc="a non-empty list of numbers in [0, 1)")
+    batch_size: int = field(low=1)
+
+    def check(self, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+        if not self.iobb_thresholds:
+            fail("iobb_thresholds", "a non-empty list of numbers in [0, 1)")
+
+
+SECTIONS: tuple[type[Section], ...] = (Data, Demo, Split, Prepare, Train, Evaluate, Calibrate, Explain)
+S = TypeVar("S", bound=Section)
+
+
+def plain(value: Any) -> Any:
+    """A section value as YAML/JSON-ready data: nested sections as dicts, tuples as lists."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def read_yaml(path: Path | str) -> dict[str, Any]:
+    """The whole params file as a mapping; its sections must be ones this schema knows."""
+    path = Path(path)
+    try:
+        params = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run stages from the project root or pass --params") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: cannot read ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if params is None:
+        raise PipelineError(f"{path}: empty; expected the sections {', '.join(s.SECTION for s in SECTIONS)}")
+    if not isinstance(params, dict):
+        raise PipelineError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
+    known = [s.SECTION for s in SECTIONS]
+    for name in params:
+        if name not in known:
+            raise PipelineError(f"{path} {name}: unknown section{suggest(str(name), known)}")
+    return params
+
+
+def suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else f"; expected one of {', '.join(valid)}"
+
+
+def load_section(path: Path | str, cls: type[S]) -> S:
+    """Section `cls.SECTION` of the params file at `path`, typed and checked."""
+    params = read_yaml(path)
+    if cls.SECTION not in params:
+        raise PipelineError(f"{path}: missing section '{cls.SECTION}'; expected keys {', '.join(names(cls))}")
+    return build(cls, params[cls.SECTION], str(path))
+
+
+def names(cls: type[Section]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+
+def build(cls: type[S], values: Any, where: str) -> S:
+    """Check `values` (one section's mapping) against `cls` and return the frozen instance."""
+    section = cls.SECTION
+    if values is None:
+        raise PipelineError(f"{where} {section}: empty section; expected keys {', '.join(names(cls))}")
+    if not isinstance(values, dict):
+        raise PipelineError(f"{where} {section}: {values!r}; expected a mapping of keys {', '.join(names(cls))}")
+    for key in values:
+        if key not in names(cls):
+            raise PipelineError(f"{where} {section}.{key}: unknown key{suggest(str(key), names(cls))}")
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in values:
+            raise PipelineError(f"{where} {section}.{f.name}: missing; expected {describe(hints[f.name], f.metadata)} "
+                                "(the defaults live in params.yaml)")
+        out[f.name] = convert(hints[f.name], f.metadata, values[f.name], f"{section}.{f.name}", where)
+    obj = cls(**out)
+
+    def fail(key: str, expected: str) -> typing.NoReturn:
+        raise PipelineError(f"{where} {section}.{key}: {values[key]!r}; expected {expected}")
+
+    obj.check(fail)
+    return obj
+
+
+def convert(kind: Any, meta: Any, value: Any, key: str, where: str) -> Any:
+    """`value` as `kind` (checked against `meta`'s range), or a PipelineError naming `key`."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+
+    def fail() -> typing.NoReturn:
+        hint = ""
+        if isinstance(value, str) and kind is float and "e" in value.lower():
+            with contextlib.suppress(ValueError):
+                float(value)
+                hint = f" (YAML reads {value} as text: write it with a decimal point, e.g. 1.0e-3)"
+        raise PipelineError(f"{where} {key}: {value!r}; expected {describe(kind, meta)}{hint}")
+
+    if origin in (typing.Union, types.UnionType):  # X | None
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return convert(inner, meta, value, key, where) if value is not None else fail()
+    if origin is Literal:
+        if isinstance(value, bool) or value not in args:
+            fail()
+        return value
+    if isinstance(kind, type) and issubclass(kind, Section):
+        return build(kind, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, list) or (meta["length"] is not None and len(value) != meta["length"]):
+            fail()
+        items = [convert(args[0], meta, v, key, where) for v in value]
+        return tuple(items) if origin is tuple else items
+    if kind is bool:
+        return value if isinstance(value, bool) else fail()
+    if kind is str:
+        return value if isinstance(value, str) and value else fail()
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        fail()
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            fail()
+        value = float(value)
+    low, high = meta["low"], meta["high"]
+    if low is not None and (value < low or (meta["open_low"] and value == low)):
+        fail()
+    if high is not None and (value > high or (meta["open_high"] and value == high)):
+        fail()
+    return value
+
+
+def describe(kind: Any, meta: Any) -> str:
+    """What a key expects, in words: 'an integer >= 1', 'one of cosine, none', 'a list of numbers in [0, 1)'."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if meta.get("doc"):
+        return meta["doc"]
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in args if a is not type(None)]
+        return f"null or {describe(inner, meta)}"
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if isinstance(kind, type) and issubclass(kind, Section):
+        return f"a mapping of keys {', '.join(names(kind))}"
+    if origin in (list, tuple):
+        item = describe(args[0], meta)
+        item = item.replace("an integer", "integers").replace("a number", "numbers").replace("a non-empty", "")
+        return f"a list of {meta['length'] or ''} {item}".replace("  ", " ")
+    if kind is bool:
+        return "true or false"
+    if kind is str:
+        return "a non-empty string"
+    words = "an integer" if kind is int else "a number"
+    low, high = meta["low"], meta["high"]
+    if low is not None and high is not None:
+        return f"{words} in {'(' if meta['open_low'] else '['}{low}, {high}{')' if meta['open_high'] else ']'}"
+    if low is not None:
+        return f"{words} {'>' if meta['open_low'] else '>='} {low}"
+    if high is not None:
+        return f"{words} {'<' if meta['open_high'] else '<='} {high}"
+    return words

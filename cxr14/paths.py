@@ -1,0 +1,19 @@
+"""Where the pipeline keeps its outputs, relative to the project root: named once, as `dvc.yaml` names them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPLITS = ("train", "val", "test")
+DEMO = Path("data/demo")
+SPLIT = Path("data/split")  # <split>.csv: Image Index, Patient ID, path, one 0/1 column per class
+PREPARED = Path("data/prepared")  # <split>.npy: uint8 (N, S, S)
+PREDICTIONS = Path("data/predictions")  # val.csv, test.csv: labels and prob_<Class> per image
+MODELS = Path("models")
+MODEL = MODELS / "model.pt"  # best epoch
+LAST = MODELS / "last.pt"  # resume point
+THRESHOLDS = MODELS / "thresholds.json"
+CALIBRATOR = MODELS / "calibrator.json"
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+DVCLIVE = Path("dvclive")

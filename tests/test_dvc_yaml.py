@@ -1,0 +1,128 @@
+"""dvc.yaml is the contract: each stage lists exactly the project modules it imports, and the params it reads.
+
+DVC re-runs a stage when one of its deps changes, so a module missing from a stage's deps would leave
+stale outputs after an edit, and a module listed but not imported would re-run the stage for nothing.
+The import closure is derived from the code (every `import`, at any depth, lazy ones included).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("cxr14", "stages")
+
+
+def module_file(name: str) -> Path | None:
+    """The project file of a dotted module name (package or module), or None for third-party modules."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    raise AssertionError(f"import of {name}: no such project module")
+
+
+def imported_files(path: Path) -> set[Path]:
+    """Project files `path` imports directly: `import a.b`, `from a import b` (b a module or a name in a)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            base = ROOT.joinpath(*name.split("."))
+            if name.split(".")[0] in PACKAGES and not (base.with_suffix(".py").is_file() or base.is_dir()) \
+                    and name != names[0]:
+                continue  # `from cxr14.x import some_function`: a name, not a module
+            file = module_file(name)
+            if file is not None and file.name != "__init__.py":
+                found.add(file)
+    return found
+
+
+def import_closure(path: Path) -> set[Path]:
+    """`path` and every project file it imports, transitively."""
+    seen, todo = set(), [path]
+    while todo:
+        file = todo.pop()
+        if file not in seen:
+            seen.add(file)
+            todo.extend(imported_files(file))
+    return seen
+
+
+def stages() -> dict[str, dict]:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def stage_module(stage: dict) -> Path:
+    cmd = stage["cmd"].split()
+    assert cmd[:2] == ["python", "-m"], f"stage command {stage['cmd']!r}: expected python -m stages.<name>"
+    return module_file(cmd[2])
+
+
+def listed_modules(stage: dict) -> set[Path]:
+    return {ROOT / dep for dep in stage["deps"] if str(dep).endswith(".py")}
+
+
+@pytest.mark.parametrize("name", list(stages()))
+def test_stage_deps_are_exactly_its_import_closure(name: str) -> None:
+    stage = stages()[name]
+    derived = import_closure(stage_module(stage))
+    listed = listed_modules(stage)
+    missing = sorted(str(p.relative_to(ROOT)) for p in derived - listed)
+    extra = sorted(str(p.relative_to(ROOT)) for p in listed - derived)
+    assert not missing, f"dvc.yaml stage {name}: imports {missing} but does not list them under deps"
+    assert not extra, f"dvc.yaml stage {name}: lists {extra} under deps but does not import them"
+
+
+def test_closure_follows_library_imports() -> None:
+    """The derivation itself: train reaches cxr14/metrics.py only through engine, and calibrate never torch code."""
+    train = import_closure(ROOT / "stages/train.py")
+    assert ROOT / "cxr14/metrics.py" in train and ROOT / "cxr14/engine.py" in train
+    assert ROOT / "cxr14/model.py" not in import_closure(ROOT / "stages/calibrate.py")
+
+
+def test_removing_a_module_from_deps_is_caught() -> None:
+    stage = stages()["train"]
+    derived = import_closure(stage_module(stage))
+    trimmed = listed_modules(stage) - {ROOT / "cxr14/engine.py"}
+    assert derived - trimmed == {ROOT / "cxr14/engine.py"}
+
+
+def test_library_never_imports_a_stage() -> None:
+    for path in sorted((ROOT / "cxr14").glob("*.py")):
+        stage_imports = [p for p in imported_files(path) if p.parent.name == "stages"]
+        assert not stage_imports, f"{path.relative_to(ROOT)} imports {stage_imports}"
+
+
+def test_no_sys_path_edits() -> None:
+    for path in sorted(ROOT.glob("**/*.py")):
+        if ".venv" in path.parts or path == Path(__file__):
+            continue
+        assert "sys.path" not in path.read_text(), f"{path.relative_to(ROOT)} edits sys.path"
+
+
+SECTIONS_READ = {  # params sections each stage loads through cxr14.params.load_section
+    "demo": {"demo"}, "split": {"data", "split"}, "prepare": {"prepare"}, "train": {"train"},
+    "evaluate": {"evaluate", "data", "train"}, "calibrate": {"calibrate"}, "explain": {"explain", "data"},
+}
+
+
+@pytest.mark.parametrize("name", list(stages()))
+def test_stage_params_name_the_sections_it_reads(name: str) -> None:
+    """Every section a stage loads appears in its params (whole, or the keys it uses)."""
+    declared = {str(p).split(".")[0] if isinstance(p, str) else next(iter(p)) for p in stages()[name]["params"]}
+    code = stage_module(stages()[name]).read_text()
+    loaded = {s.lower() for s in ("Data", "Demo", "Split", "Prepare", "Train", "Evaluate", "Calibrate", "Explain")
+              if f"load_section(args.params, {s})" in code}
+    assert loaded == SECTIONS_READ[name] == declared
