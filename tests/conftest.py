@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `pytest` (not only `python -m pytest`) must find the stages package
-    sys.path.insert(0, str(REPO))
 
 # A test that hangs dumps every thread's stack and ends the run, instead of running out CI's clock silently.
 HANG_SECONDS = 900
@@ -157,6 +156,24 @@ def write_params(
         f"prepare:\n  image_size: {image_size}\n  workers: {workers}\n"
     )
     return path
+
+
+def project_params(path: Path, overrides: dict[str, dict] | None = None) -> Path:
+    """The repo's own params.yaml (every section, every key) with `overrides` merged per section, written to
+    `path`: tests start from the real defaults, since the schema refuses missing keys."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in (overrides or {}).items():
+        params[section] = merge(params.get(section, {}), values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def merge(base: dict, update: dict) -> dict:
+    """`base` with `update`'s keys replaced, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def run_module(module: str, *args: str | Path, ci: bool = True) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,7 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import precision_recall_curve
 
 from stages import calibrate
-from stages.calibration import (
+from cxr14.calibration import (
     apply_calibrator,
     brier,
     choose_threshold,
@@ -31,8 +31,8 @@ from stages.calibration import (
     separable,
     sigmoid,
 )
-from stages.common import PipelineError, run_main, write_json
-from stages.nih import CLASSES
+from cxr14.common import PipelineError, run_main, write_json
+from cxr14.nih import CLASSES
 
 PARAMS = {"policy": "max_f1", "target_recall": 0.9, "method": "temperature", "ece_bins": 15}
 

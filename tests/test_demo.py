@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from stages import demo, phantom
-from stages.common import PipelineError
-from stages.nih import CLASSES, parse_findings, read_image_list, read_label_table, scan_images
+from cxr14.common import PipelineError
+from cxr14.nih import CLASSES, parse_findings, read_image_list, read_label_table, scan_images
 
 SMALL = {"patients": 25, "images": 60, "image_size": 64, "label_noise": 0.05, "class_floor": 0.03,
          "test_fraction": 0.2, "seed": 0}

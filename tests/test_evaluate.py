@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from stages.auc import auc_with_interval, patient_bootstrap_weights, pr_on_grid, roc_on_grid, weighted_auc
-from stages.evaluate import curves, score_test
-from stages.nih import CLASSES
+from cxr14.metrics import auc_with_interval, patient_bootstrap_weights, pr_on_grid, roc_on_grid, weighted_auc
+from cxr14.evaluation import curves, score_test
+from cxr14.nih import CLASSES
 
 
 def test_weighted_auc_by_hand_with_ties() -> None:

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.common import PipelineError
+from cxr14.common import PipelineError
 from stages.explain import check_params, choose_examples
-from stages.localisation import heat_boxes, inside, iobb, peak, score_box, summarise
-from stages.nih import BBOX_LIST, CLASSES, read_box_list
-from tests.conftest import NIH
+from cxr14.localisation import heat_boxes, inside, iobb, peak, score_box, summarise
+from cxr14.nih import BBOX_LIST, CLASSES, read_box_list
+from conftest import NIH
 
 needs_nih = pytest.mark.skipif(not (NIH / "images").is_dir(), reason="needs the NIH sample in ../shared/nih")
 

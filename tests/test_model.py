@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from stages import model as model_mod
-from stages.common import PipelineError
-from stages.data import augment, to_model_input
-from stages.engine import mean_auc, positive_weights
-from stages.model import build_model, freeze, param_groups, set_train_mode
+from cxr14 import model as model_mod
+from cxr14.common import PipelineError
+from cxr14.data import augment, to_model_input
+from cxr14.engine import mean_auc, positive_weights
+from cxr14.model import build_model, freeze, param_groups, set_train_mode
 from stages.train import check_params
 
 NIH_FREEZE = ["conv1", "bn1", "layer1", "layer2", "layer3"]

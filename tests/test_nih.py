@@ -23,8 +23,8 @@ from conftest import (
 )
 from PIL import Image
 
-from stages.common import PipelineError
-from stages.nih import (
+from cxr14.common import PipelineError
+from cxr14.nih import (
     CLASSES,
     LABEL_TABLE_NAMES,
     find_label_table,

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.nih import CLASSES
+from cxr14.nih import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 

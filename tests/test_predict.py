@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from stages import predict
-from stages.gradcam import GradCAM, resample
-from stages.localisation import peak
-from stages.model import build_model, gradcam_layer
-from stages.nih import CLASSES
+from cxr14 import predict
+from cxr14.gradcam import GradCAM, resample
+from cxr14.localisation import peak
+from cxr14.model import build_model, gradcam_layer
+from cxr14.nih import CLASSES
 
 NIH_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "nih" / "images"
 
@@ -153,7 +153,7 @@ def squares(n: int, rng: np.random.Generator, size: int = 32, side: int = 6) -> 
 
 
 def test_heatmap_peaks_inside_the_planted_box_of_a_trained_tiny_model() -> None:
-    from stages.localisation import inside, peak
+    from cxr14.localisation import inside, peak
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -180,7 +180,7 @@ def test_heatmap_peaks_inside_the_planted_box_of_a_trained_tiny_model() -> None:
 
 
 def test_overlay_draws_heat_box_and_legend(tmp_path: Path) -> None:
-    from stages.gradcam import overlay
+    from cxr14.gradcam import overlay
 
     heat = np.zeros((32, 32), dtype=np.float32)
     heat[8, 24] = 1.0  # the peak, inside the box below

@@ -25,8 +25,8 @@ from conftest import (
 )
 
 from stages import prepare, split
-from stages.common import PipelineError, atomic_path, load_params, run_main, write_json
-from stages.nih import load_gray
+from cxr14.common import PipelineError, atomic_path, load_params, run_main, write_json
+from cxr14.nih import load_gray
 
 SPLITS = ("train", "val", "test")
 NPY_FILES = sorted(f"{n}.npy" for n in SPLITS)

@@ -26,8 +26,8 @@ from conftest import (
 )
 
 from stages import split
-from stages.common import PipelineError, run_main
-from stages.nih import CLASSES
+from cxr14.common import PipelineError, run_main
+from cxr14.nih import CLASSES
 
 SPLITS = ("train", "val", "test")
 SPLIT_FILES = [f"{n}.csv" for n in SPLITS]

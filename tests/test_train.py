@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from stages import demo, prepare, split, train
-from stages.common import PipelineError
+from cxr14.common import PipelineError
 
 TRAIN = {
     "arch": "resnet18", "weights": "none", "freeze": [], "epochs": 1, "batch_size": 16, "lr_head": 1e-3,
