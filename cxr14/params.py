@@ -238,6 +238,7 @@ def build(cls: type[S], values: Any, where: str) -> S:
 def convert(kind: Any, meta: Any, value: Any, key: str, where: str) -> Any:
     """`value` as `kind` (checked against `meta`'s range), or a PipelineError naming `key`."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
+    raw = value  # as written, for the message
 
     def fail() -> typing.NoReturn:
         hint = ""
@@ -245,7 +246,7 @@ def convert(kind: Any, meta: Any, value: Any, key: str, where: str) -> Any:
             with contextlib.suppress(ValueError):
                 float(value)
                 hint = f" (YAML reads {value} as text: write it with a decimal point, e.g. 1.0e-3)"
-        raise PipelineError(f"{where} {key}: {value!r}; expected {describe(kind, meta)}{hint}")
+        raise PipelineError(f"{where} {key}: {raw!r}; expected {describe(kind, meta)}{hint}")
 
     if origin in (typing.Union, types.UnionType):  # X | None
         if value is None and type(None) in args:
@@ -261,7 +262,10 @@ def convert(kind: Any, meta: Any, value: Any, key: str, where: str) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, list) or (meta["length"] is not None and len(value) != meta["length"]):
             fail()
-        items = [convert(args[0], meta, v, key, where) for v in value]
+        try:
+            items = [convert(args[0], meta, v, key, where) for v in value]
+        except PipelineError:
+            fail()  # name the whole list, not the item
         return tuple(items) if origin is tuple else items
     if kind is bool:
         return value if isinstance(value, bool) else fail()

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import run_module
+from conftest import project_params, run_module
 from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import precision_recall_curve
 
-from stages import calibrate
 from cxr14.calibration import (
     apply_calibrator,
     brier,
@@ -26,13 +24,15 @@ from cxr14.calibration import (
     fit_temperature,
     load_calibrator,
     logit,
-    mean_defined,
     reliability,
     separable,
+    separating,
     sigmoid,
 )
 from cxr14.common import PipelineError, run_main, write_json
+from cxr14.metrics import mean_defined
 from cxr14.nih import CLASSES
+from stages import calibrate
 
 PARAMS = {"policy": "max_f1", "target_recall": 0.9, "method": "temperature", "ece_bins": 15}
 
@@ -53,26 +53,44 @@ TIE_P = np.array([0.9, 0.7, 0.7, 0.6, 0.4, 0.4, 0.2, 0.1])
 RARE_Y = np.array([1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
 RARE_P = np.array([0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
 
+# A policy picks a cut at a val score (the lowest score taken as positive); the threshold is then placed
+# halfway between that score and the next lower val score, so the val decisions are those of the cut.
+
+
+def halfway(low: float, cut: float) -> object:
+    return pytest.approx((low + cut) / 2, abs=1e-12)
+
 
 def test_max_f1_threshold_and_metrics_with_ties() -> None:
     t = choose_threshold("max_f1", TIE_Y, TIE_P)
-    assert t == 0.6
+    assert t == halfway(0.4, 0.6)  # the cut 0.6, the next lower score 0.4 (tied twice)
     assert decision_metrics(TIE_Y, TIE_P, t) == {"F1": 0.75, "Precision": 0.75, "Recall": 0.75}
+    assert decision_metrics(TIE_Y, TIE_P, 0.6) == decision_metrics(TIE_Y, TIE_P, t)
     # The tie at 0.7 is decided together: both tied images are positive decisions.
     assert decision_metrics(TIE_Y, TIE_P, 0.7) == pytest.approx({"F1": 4 / 7, "Precision": 2 / 3, "Recall": 0.5})
     assert decision_metrics(TIE_Y, TIE_P, 0.4) == pytest.approx({"F1": 0.6, "Precision": 0.5, "Recall": 0.75})
 
 
 def test_youden_and_target_recall_by_hand() -> None:
-    assert choose_threshold("max_f1", RARE_Y, RARE_P) == 0.95
-    assert choose_threshold("youden", RARE_Y, RARE_P) == 0.75
-    assert choose_threshold("youden", TIE_Y, TIE_P) == 0.6  # J: .25 .25 .5 0 .25 0
-    assert choose_threshold("target_recall", RARE_Y, RARE_P, 0.9) == 0.75
-    assert choose_threshold("target_recall", RARE_Y, RARE_P, 0.5) == 0.95
-    assert choose_threshold("target_recall", TIE_Y, TIE_P, 0.9) == 0.2
-    assert choose_threshold("target_recall", TIE_Y, TIE_P, 0.75) == 0.6  # recall exactly at the target counts
-    assert choose_threshold("target_recall", TIE_Y, TIE_P, 0.5) == 0.7
-    assert choose_threshold("target_recall", TIE_Y, TIE_P, 1.0) == 0.2
+    # (cut, next lower val score) by hand; the threshold is halfway between them
+    assert choose_threshold("max_f1", RARE_Y, RARE_P) == halfway(0.9, 0.95)
+    assert choose_threshold("youden", RARE_Y, RARE_P) == halfway(0.7, 0.75)
+    assert choose_threshold("youden", TIE_Y, TIE_P) == halfway(0.4, 0.6)  # J: .25 .25 .5 0 .25 0
+    assert choose_threshold("target_recall", RARE_Y, RARE_P, 0.9) == halfway(0.7, 0.75)
+    assert choose_threshold("target_recall", RARE_Y, RARE_P, 0.5) == halfway(0.9, 0.95)
+    assert choose_threshold("target_recall", TIE_Y, TIE_P, 0.9) == halfway(0.1, 0.2)
+    assert choose_threshold("target_recall", TIE_Y, TIE_P, 0.75) == halfway(0.4, 0.6)  # recall at the target counts
+    assert choose_threshold("target_recall", TIE_Y, TIE_P, 0.5) == halfway(0.6, 0.7)  # the tie at 0.7 taken whole
+    assert choose_threshold("target_recall", TIE_Y, TIE_P, 1.0) == halfway(0.1, 0.2)
+
+
+def test_threshold_is_the_cut_itself_when_no_val_score_lies_below() -> None:
+    # Recall 1 needs the lowest score, a positive: every val image is positive and nothing lies below the cut.
+    y, p = np.array([1, 0, 1]), np.array([0.9, 0.5, 0.1])
+    assert choose_threshold("target_recall", y, p, 1.0) == 0.1
+    assert separating(p, 0.1) == 0.1
+    assert separating(p, 0.9) == halfway(0.5, 0.9)
+    assert separating(np.array([0.3, 1.0, 1.0]), 1.0) == halfway(0.3, 1.0)  # a plateau at 1.0: never 1.0 itself
 
 
 def test_one_sided_class_has_no_threshold() -> None:
@@ -106,8 +124,10 @@ def test_max_f1_agrees_with_sklearn_pr_curve(seed: int) -> None:
         precision, recall, thresholds = precision_recall_curve(y, p)
         with np.errstate(invalid="ignore"):
             f1 = np.nan_to_num(2 * precision * recall / (precision + recall))[:-1]
+        cut = thresholds[np.argmax(f1)]
         t = choose_threshold("max_f1", y, p)
-        assert t == thresholds[np.argmax(f1)]
+        assert t == halfway(p[p < cut].max(), cut)
+        assert np.array_equal(p >= t, p >= cut)  # the same val decisions as sklearn's cut
         # and it is the best F1 over every possible cut (brute force over the distinct scores)
         best = max(decision_metrics(y, p, s)["F1"] for s in np.unique(p))
         assert decision_metrics(y, p, t)["F1"] == pytest.approx(best, abs=1e-12)
@@ -217,20 +237,39 @@ def test_load_calibrator_refuses_bad_files(tmp_path: Path) -> None:
             load_calibrator(path)
 
 
+def write_split(path: Path, labels: np.ndarray, probs: np.ndarray) -> None:
+    """One split's predictions in the evaluate stage's format."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(labels)
+    frame = pd.DataFrame({"Image Index": [f"{k:08d}_000.png" for k in range(n)], "Patient ID": np.arange(n)})
+    for j, name in enumerate(CLASSES):
+        frame[name] = labels[:, j]
+        frame[f"prob_{name}"] = probs[:, j]
+    frame.to_csv(path, index=False)
+
+
 def write_predictions(folder: Path, n: int = 300, seed: int = 0) -> None:
     """val.csv and test.csv in the evaluate stage's format."""
-    folder.mkdir(parents=True, exist_ok=True)
     for i, split in enumerate(("val", "test")):
-        labels, probs = synthetic(n, seed + i)
-        frame = pd.DataFrame({"Image Index": [f"{k:08d}_000.png" for k in range(n)], "Patient ID": np.arange(n)})
-        for j, name in enumerate(CLASSES):
-            frame[name] = labels[:, j]
-            frame[f"prob_{name}"] = probs[:, j]
-        frame.to_csv(folder / f"{split}.csv", index=False)
+        write_split(folder / f"{split}.csv", *synthetic(n, seed + i))
+
+
+def top_block(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 14) labels and scores where, per class, the top tenth of the scores is all positive and another
+    twentieth of positives is scattered below: isotonic regression maps the top block onto a plateau at 1.0,
+    and max F1 takes exactly that plateau (F1 0.8 there; every lower cut adds mostly negatives)."""
+    rng = np.random.default_rng(seed)
+    labels, probs = np.zeros((n, len(CLASSES)), dtype=int), rng.uniform(0.05, 0.95, (n, len(CLASSES)))
+    for j in range(len(CLASSES) - 1):  # Hernia: no positives
+        order = np.argsort(-probs[:, j])
+        labels[order[: n // 10], j] = 1
+        labels[rng.choice(order[n // 10:], n // 20, replace=False), j] = 1
+    return labels, probs
 
 
 def stage_args(tmp_path: Path, **params: object) -> list[str]:
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"calibrate": {**PARAMS, **params}}))
+    """The stage's arguments, with the project's params.yaml (calibrate section: PARAMS and `params`) in tmp_path."""
+    project_params(tmp_path / "params.yaml", {"calibrate": {**PARAMS, **params}})
     return ["--params", str(tmp_path / "params.yaml"), "--predictions", str(tmp_path / "pred"),
             "--out-models", str(tmp_path / "models"), "--metrics", str(tmp_path / "metrics/calibrate.json"),
             "--plots", str(tmp_path / "plots")]
@@ -239,9 +278,7 @@ def stage_args(tmp_path: Path, **params: object) -> list[str]:
 @pytest.mark.parametrize("method", ["none", "temperature", "platt", "isotonic"])
 def test_stage_writes_seed_schema_and_metrics(method: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_predictions(tmp_path / "pred", n=2000)
-    start = time.perf_counter()
     calibrate.main(stage_args(tmp_path, method=method))
-    assert time.perf_counter() - start < 10  # 14 classes x 2,000 rows per split
     assert "class Hernia has no positives in val" in capsys.readouterr().err
 
     doc = json.loads((tmp_path / "models/thresholds.json").read_text())
@@ -292,6 +329,30 @@ def test_target_recall_policy_reaches_the_target_on_val(tmp_path: Path) -> None:
     assert all(doc["metrics"][n]["Recall"] >= 0.8 for n in CLASSES[:-1])
 
 
+def test_isotonic_max_f1_thresholds_lie_between_val_scores(tmp_path: Path) -> None:
+    # Regression: on isotonic's top plateau the max-F1 cut is 1.0, and the threshold was that cut, exactly 1.0.
+    write_split(tmp_path / "pred/val.csv", *top_block(400, 0))
+    write_split(tmp_path / "pred/test.csv", *top_block(400, 1))
+    calibrate.main(stage_args(tmp_path, method="isotonic", policy="max_f1"))
+    doc = json.loads((tmp_path / "models/thresholds.json").read_text())
+    labels, probs = top_block(400, 0)
+    cal = apply_calibrator(load_calibrator(tmp_path / "models/calibrator.json"), probs)
+    plateau = 0
+    for j, name in enumerate(CLASSES[:-1]):
+        y, p, t = labels[:, j], cal[:, j], doc["thresholds"][name]
+        precision, recall, cuts = precision_recall_curve(y, p)
+        with np.errstate(invalid="ignore"):
+            cut = cuts[np.argmax(np.nan_to_num(2 * precision * recall / (precision + recall))[:-1])]
+        plateau += cut == 1.0
+        assert 0.0 < t < 1.0
+        assert t == halfway(p[p < cut].max(), cut)
+        assert np.array_equal(p >= t, p >= cut)  # the val decisions are still those of the max-F1 cut
+        assert doc["metrics"][name] == pytest.approx(decision_metrics(y, p, t), abs=1e-6)
+        assert doc["metrics"][name]["F1"] == pytest.approx(0.8, abs=0.05)
+    assert plateau >= 10  # the case the fix is for: most classes' max-F1 cut is the plateau at 1.0
+    assert doc["thresholds"]["Hernia"] is None
+
+
 def test_separable_val_class_is_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_predictions(tmp_path / "pred")
     val = pd.read_csv(tmp_path / "pred/val.csv")
@@ -303,13 +364,41 @@ def test_separable_val_class_is_warned_about(tmp_path: Path, capsys: pytest.Capt
     assert json.loads((tmp_path / "models/thresholds.json").read_text())["metrics"]["Edema"]["F1"] == 1.0
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("method", "beta"), ("method", None), ("policy", "max_auc"), ("target_recall", 0), ("target_recall", 1.5),
-    ("target_recall", "high"), ("target_recall", True), ("ece_bins", 0), ("ece_bins", 2.5),
+METHODS = "one of none, temperature, platt, isotonic"
+RECALL = "a number in (0.0, 1.0]"
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("method", "beta", METHODS), ("method", None, METHODS),
+    ("policy", "max_auc", "one of max_f1, youden, target_recall"),
+    ("target_recall", 0, RECALL), ("target_recall", 1.5, RECALL), ("target_recall", "high", RECALL),
+    ("target_recall", True, RECALL), ("ece_bins", 0, "an integer >= 1"), ("ece_bins", 2.5, "an integer >= 1"),
 ])
-def test_bad_params_are_named(key: str, value: object, tmp_path: Path) -> None:
-    with pytest.raises(PipelineError, match=rf"calibrate\.{key}: .*; expected"):
+def test_bad_params_are_named(key: str, value: object, expected: str, tmp_path: Path) -> None:
+    write_predictions(tmp_path / "pred", n=20)
+    with pytest.raises(PipelineError) as error:
         calibrate.main(stage_args(tmp_path, **{key: value}))
+    assert str(error.value) == f"{tmp_path / 'params.yaml'} calibrate.{key}: {value!r}; expected {expected}"
+    assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()  # refused before any work
+
+
+def test_unknown_and_missing_params_are_named(tmp_path: Path) -> None:
+    write_predictions(tmp_path / "pred", n=20)
+    args = stage_args(tmp_path)
+    path = tmp_path / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["calibrate"]["ece_bin"] = params["calibrate"].pop("ece_bins")  # a typo
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(PipelineError) as error:
+        calibrate.main(args)
+    assert str(error.value) == f"{path} calibrate.ece_bin: unknown key; did you mean ece_bins?"
+    del params["calibrate"]["ece_bin"]  # the key left out: its default lives in params.yaml only
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(PipelineError) as error:
+        calibrate.main(args)
+    assert str(error.value) == (f"{path} calibrate.ece_bins: missing; expected an integer >= 1 "
+                                "(the defaults live in params.yaml)")
+    assert not (tmp_path / "models").exists()
 
 
 def test_bad_predictions_are_named(tmp_path: Path) -> None:
@@ -333,18 +422,22 @@ def test_bad_predictions_are_named(tmp_path: Path) -> None:
         calibrate.main(args)
 
 
-def test_command_line_runs_in_seconds_and_fails_in_one_line(tmp_path: Path) -> None:
+def test_command_line_runs_and_prints_the_test_summary(tmp_path: Path) -> None:
     write_predictions(tmp_path / "pred", n=2000)
-    start = time.perf_counter()
     result = run_module("calibrate", *stage_args(tmp_path, method="isotonic"))
     assert result.returncode == 0, result.stderr
-    assert time.perf_counter() - start < 20
-    assert "test macro ECE" in result.stdout
+    assert result.stderr.splitlines() == ["warning: class Hernia has no positives in val: its threshold and metrics "
+                                          "are null, its calibration the identity"]
+    test = json.loads((tmp_path / "metrics/calibrate.json").read_text())["test"]["macro"]
+    assert result.stdout.splitlines() == [
+        f"calibrate: isotonic + max_f1: test macro ECE {test['ece_before']} -> {test['ece_after']}, F1 {test['f1']}, "
+        f"precision {test['precision']}, recall {test['recall']}"]
 
 
 def test_bad_param_is_one_line_and_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as stop:
         run_main(calibrate.main, stage_args(tmp_path, method="magic"))
     assert stop.value.code == 1
-    assert capsys.readouterr().err.splitlines() == [
-        "error: params.yaml calibrate.method: 'magic'; expected one of none, temperature, platt, isotonic"]
+    assert capsys.readouterr().err.splitlines() == [  # the message names the params file actually read
+        f"error: {tmp_path / 'params.yaml'} calibrate.method: 'magic'; expected one of none, temperature, platt, "
+        "isotonic"]

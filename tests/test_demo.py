@@ -1,4 +1,5 @@
-"""The demo stage: NIH layout that the real readers accept, determinism, label model, boxes, params."""
+"""The demo dataset (cxr14.demo) and its stage: NIH layout that the real readers accept, determinism, label model,
+boxes, params."""
 
 from __future__ import annotations
 
@@ -9,14 +10,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
-from stages import demo, phantom
+from cxr14 import demo, phantom
 from cxr14.common import PipelineError
 from cxr14.nih import CLASSES, parse_findings, read_image_list, read_label_table, scan_images
+from cxr14.params import Demo, build
+from stages import demo as demo_stage
 
 SMALL = {"patients": 25, "images": 60, "image_size": 64, "label_noise": 0.05, "class_floor": 0.03,
          "test_fraction": 0.2, "seed": 0}
+DEMO_KEYS = "patients, images, image_size, label_noise, class_floor, test_fraction, seed"
+
+
+def config(**change: object) -> Demo:
+    """SMALL with `change`, checked by the params schema as the stage does."""
+    return build(Demo, {**SMALL, **change}, "test")
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -33,18 +43,18 @@ def labels(path: Path) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("demo") / "demo"
-    return out, demo.generate(SMALL, out, workers=2)
+    return out, demo.generate(config(), out, workers=2)
 
 
 def test_same_params_give_identical_files_whatever_the_worker_count(small, tmp_path):
     out, _ = small
     again = tmp_path / "again"
-    demo.generate(SMALL, again, workers=1)
+    demo.generate(config(), again, workers=1)
     first, second = digest(out), digest(again)
     assert len(first) == 5 + SMALL["images"]
     assert first == second
     other = tmp_path / "other"
-    demo.generate({**SMALL, "seed": 1}, other, workers=1)
+    demo.generate(config(seed=1), other, workers=1)
     assert digest(other)["Data_Entry_2017.csv"] != first["Data_Entry_2017.csv"]
 
 
@@ -131,7 +141,7 @@ def test_each_finding_is_visible_at_half_size_and_boxed_tightly(k):
 
 
 def test_zero_noise_gives_clean_labels_and_noise_flips_some(tmp_path):
-    demo.generate({**SMALL, "label_noise": 0.0}, tmp_path / "a", workers=1)
+    demo.generate(config(label_noise=0.0), tmp_path / "a", workers=1)
     assert labels(tmp_path / "a" / "Data_Entry_2017.csv").equals(labels(tmp_path / "a" / "clean_labels.csv"))
     rng = np.random.default_rng(0)
     clean = (rng.random((20000, len(CLASSES))) < 0.1).astype(np.uint8)
@@ -155,15 +165,44 @@ def test_label_model_keeps_real_cooccurrence_and_exact_totals():
     assert (per_patient == 1).mean() > 0.4  # most NIH patients have a single film
 
 
-@pytest.mark.parametrize("change, key", [({"image_size": "big"}, "image_size"), ({"label_noise": 0.9}, "label_noise"),
-                                         ({"patients": True}, "patients"), ({"images": 10}, "images"),
-                                         ({"test_fraction": 1.0}, "test_fraction"), ({"colour": 1}, "colour")])
-def test_bad_params_are_refused_with_the_key_named(tmp_path, change, key):
-    with pytest.raises(PipelineError, match=f"demo.{key}"):
-        demo.generate({**SMALL, **change}, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-    with pytest.raises(PipelineError, match="demo.seed"):
-        demo.validate({k: v for k, v in SMALL.items() if k != "seed"})
+MISSING = object()  # a `change` value that drops the key
+BAD_PARAMS = [
+    ({"image_size": "big"}, "demo.image_size: 'big'; expected an integer in [64, 2048]"),
+    ({"label_noise": 0.9}, "demo.label_noise: 0.9; expected a number in [0.0, 0.5]"),
+    ({"patients": True}, "demo.patients: True; expected an integer in [2, 1000000]"),
+    ({"images": 10}, "demo.images: 10; expected >= demo.patients (25): every patient has an image"),
+    ({"test_fraction": 1.0}, "demo.test_fraction: 1.0; expected a number in [0.01, 0.99]"),
+    ({"seed": -1}, "demo.seed: -1; expected an integer in [0, 4294967295]"),
+    ({"colour": 1}, f"demo.colour: unknown key; expected one of {DEMO_KEYS}"),
+    ({"image_sise": 64}, "demo.image_sise: unknown key; did you mean image_size?"),
+    ({"seed": MISSING},
+     "demo.seed: missing; expected an integer in [0, 4294967295] (the defaults live in params.yaml)"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_PARAMS, ids=[m.split(";")[0] for _, m in BAD_PARAMS])
+def test_bad_params_are_refused_with_the_key_named(tmp_path, change, message):
+    values = {k: v for k, v in {**SMALL, **change}.items() if v is not MISSING}
+    with pytest.raises(PipelineError) as err:
+        build(Demo, values, "test")
+    assert str(err.value) == f"test {message}"
+    # The stage names the params file it was given, and writes nothing.
+    params = tmp_path / "my-params.yaml"
+    params.write_text(yaml.safe_dump({"demo": values}))
+    out = tmp_path / "data" / "demo"
+    with pytest.raises(PipelineError) as err:
+        demo_stage.main(["--out", str(out), "--params", str(params)])
+    assert str(err.value) == f"{params} {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-params.yaml"]
+
+
+def test_params_without_a_demo_section_are_refused(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  root: data/demo\n  missing: error\n")
+    with pytest.raises(PipelineError) as err:
+        demo_stage.main(["--out", str(tmp_path / "demo"), "--params", str(params)])
+    assert str(err.value) == f"{params}: missing section 'demo'; expected keys {DEMO_KEYS}"
+    assert not (tmp_path / "demo").exists()
 
 
 def test_main_replaces_the_old_dataset_and_leaves_no_temp_files(tmp_path, capsys):
@@ -172,7 +211,7 @@ def test_main_replaces_the_old_dataset_and_leaves_no_temp_files(tmp_path, capsys
     out = tmp_path / "data" / "demo"
     (out / "images").mkdir(parents=True)
     (out / "stale.txt").write_text("old")
-    demo.main(["--out", str(out), "--params", str(params)])
+    demo_stage.main(["--out", str(out), "--params", str(params)])
     assert not (out / "stale.txt").exists() and len(list((out / "images").iterdir())) == 30
     assert sorted(p.name for p in out.parent.iterdir()) == ["demo"]
     printed = capsys.readouterr().out
@@ -181,7 +220,7 @@ def test_main_replaces_the_old_dataset_and_leaves_no_temp_files(tmp_path, capsys
 
 def test_a_failed_run_keeps_the_previous_dataset_whole(tmp_path, monkeypatch):
     out = tmp_path / "demo"
-    demo.generate(SMALL, out, workers=1)
+    demo.generate(config(), out, workers=1)
     before = digest(out)
 
     def crash(folder: Path, *args: object) -> None:
@@ -190,6 +229,6 @@ def test_a_failed_run_keeps_the_previous_dataset_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo, "render_all", crash)
     with pytest.raises(KeyboardInterrupt):
-        demo.generate({**SMALL, "seed": 7}, out, workers=1)
+        demo.generate(config(seed=7), out, workers=1)
     assert digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]

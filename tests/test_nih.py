@@ -1,4 +1,4 @@
-"""stages.nih: class names, label table, split lists, both download layouts, image decoding."""
+"""cxr14.nih (class names, label table, split lists, both download layouts) and cxr14.images (decoding)."""
 
 from __future__ import annotations
 
@@ -24,17 +24,16 @@ from conftest import (
 from PIL import Image
 
 from cxr14.common import PipelineError
+from cxr14.images import load_gray, to_gray8
 from cxr14.nih import (
     CLASSES,
     LABEL_TABLE_NAMES,
     find_label_table,
     image_dirs,
-    load_gray,
     parse_findings,
     read_image_list,
     read_label_table,
     scan_images,
-    to_gray8,
 )
 
 SEED_ORDER = [

@@ -1,4 +1,5 @@
-"""stages.prepare (decode once into .npy per split) and the atomic-output plumbing of stages.common."""
+"""stages.prepare and cxr14.arrays (decode once into .npy per split), cxr14.data's reading of those arrays, the
+atomic-output plumbing of cxr14.common and the params loader of cxr14.params."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import (
     NIH,
     NIH_IMAGES,
@@ -24,9 +26,15 @@ from conftest import (
     write_params,
 )
 
+from torch.utils.data import BatchSampler, RandomSampler
+
+from cxr14.arrays import write_array
+from cxr14.common import PipelineError, atomic_path, run_main, write_json
+from cxr14.data import PreparedImages, SortedBatchSampler, make_loader
+from cxr14.images import load_gray
+from cxr14.nih import CLASSES
+from cxr14.params import Data, Prepare, load_section
 from stages import prepare, split
-from cxr14.common import PipelineError, atomic_path, load_params, run_main, write_json
-from cxr14.nih import load_gray
 
 SPLITS = ("train", "val", "test")
 NPY_FILES = sorted(f"{n}.npy" for n in SPLITS)
@@ -189,7 +197,7 @@ def test_bad_image_shuts_the_worker_pool_down_before_the_error_returns(tmp_path)
     bad.write_bytes(b"not a png")
     good = [str(p) for p in sorted((NIH / "images").glob("*.png"))[:12]]
     with pytest.raises(PipelineError) as err:
-        prepare.write_array([*good, str(bad), *good], 16, 2, tmp_path / "out.npy", "table.csv")
+        write_array([*good, str(bad), *good], 16, 2, tmp_path / "out.npy", "table.csv")
     assert "table.csv line 14" in str(err.value)
     assert multiprocessing.active_children() == []  # while `err` (and its traceback's frames) still live
     assert [t.name for t in threading.enumerate() if "_handle_" in t.name] == []  # the pool's three threads
@@ -213,7 +221,7 @@ def test_a_worker_killed_mid_decode_is_an_error_not_a_hang(tmp_path):
     killer = threading.Thread(target=kill_a_worker)
     killer.start()
     with pytest.raises(PipelineError) as err:
-        prepare.write_array(images, 16, 2, tmp_path / "out.npy", "table.csv")
+        write_array(images, 16, 2, tmp_path / "out.npy", "table.csv")
     killer.join()
     path, line = re.fullmatch(r"(.+) \(table.csv line (\d+)\): a decoding worker process died at or after this "
                               r"image \(out of memory\?\); try fewer prepare.workers", str(err.value)).groups()
@@ -243,8 +251,9 @@ def test_prepare_cli_bad_image_is_one_line_without_traceback(tiny_split):
 @pytest.mark.parametrize(
     ("image_size", "workers", "fragment"),
     [
-        (4, 2, "prepare.image_size: 4; expected an integer from 8 to 4096"),
-        ("'64'", 2, "prepare.image_size: '64'; expected an integer from 8 to 4096"),
+        (4, 2, "prepare.image_size: 4; expected an integer in [8, 4096]"),
+        ("'64'", 2, "prepare.image_size: '64'; expected an integer in [8, 4096]"),
+        (64.0, 2, "prepare.image_size: 64.0; expected an integer in [8, 4096]"),
         (64, -1, "prepare.workers: -1; expected 0 (all cores) or a positive integer"),
     ],
 )
@@ -266,7 +275,66 @@ def test_prepare_without_split_tables(tiny_split):
     assert files_under(tiny_split["out"]) == []
 
 
-# ---------------------------------------------------------------- atomic outputs and params (stages.common)
+# ---------------------------------------------------------------- reading prepared arrays (cxr14.data)
+
+
+def numbered_array(tmp_path: Path, n: int, size: int = 8) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A prepared-like .npy whose row i is filled with i (noise elsewhere in it), and distinct labels per row."""
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
+    array[:, 0, 0] = np.arange(n)
+    path = tmp_path / "train.npy"
+    np.save(path, array)
+    labels = rng.random((n, len(CLASSES))).astype(np.float32)
+    return path, array, labels
+
+
+def test_prepared_images_returns_rows_in_the_order_asked(tmp_path):
+    """Regression: __getitem__ sorted the rows it was asked for, while its docstring promised `ds[[3, 7, 1]]`."""
+    path, array, labels = numbered_array(tmp_path, 10)
+    ds = PreparedImages(path, labels)
+    assert len(ds) == 10 and ds.image_size == 8
+    images, got = ds[[3, 7, 1]]
+    assert images.dtype == torch.uint8 and images.shape == (3, 1, 8, 8)
+    assert images[:, 0, 0, 0].tolist() == [3, 7, 1]
+    np.testing.assert_array_equal(images[:, 0].numpy(), array[[3, 7, 1]])
+    np.testing.assert_array_equal(got.numpy(), labels[[3, 7, 1]])
+    # a numpy index, a repeated row, descending order: still row for row as asked
+    rows = np.array([9, 0, 9, 4])
+    images, got = ds[rows]
+    np.testing.assert_array_equal(images[:, 0].numpy(), array[rows])
+    np.testing.assert_array_equal(got.numpy(), labels[rows])
+    images, got = PreparedImages(path)[[5, 2]]  # without labels
+    np.testing.assert_array_equal(images[:, 0].numpy(), array[[5, 2]])
+    assert got.shape == (2, 0)
+
+
+def test_shuffled_loader_batches_come_out_sorted(tmp_path):
+    """Training order depends on it: a shuffled batch is read (and augmented) in file order, labels alongside."""
+    n, batch = 23, 5
+    path, array, labels = numbered_array(tmp_path, n)
+    loader = make_loader(PreparedImages(path, labels), batch_size=batch, shuffle=True, seed=3)
+    assert isinstance(loader.sampler, SortedBatchSampler)
+    batches = []
+    for images, got in loader:
+        rows = images[:, 0, 0, 0].tolist()
+        assert rows == sorted(rows)
+        np.testing.assert_array_equal(images[:, 0].numpy(), array[rows])
+        np.testing.assert_array_equal(got.numpy(), labels[rows])
+        batches.append(rows)
+    assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
+    assert sorted(r for b in batches for r in b) == list(range(n))  # every row once
+    assert batches != [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]  # shuffled across batches
+    # The sorted batches hold the same rows as the seeded shuffle's, and the same seed gives the same batches.
+    shuffled = BatchSampler(RandomSampler(range(n), generator=torch.Generator().manual_seed(3)), batch, False)
+    assert batches == [sorted(b) for b in shuffled]
+    again = [images[:, 0, 0, 0].tolist() for images, _ in make_loader(PreparedImages(path, labels), batch, True, 3)]
+    assert again == batches
+    plain = [images[:, 0, 0, 0].tolist() for images, _ in make_loader(PreparedImages(path, labels), batch, False)]
+    assert plain == [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
+
+
+# ---------------------------------------------------------------- atomic outputs (cxr14.common), params (cxr14.params)
 
 
 def test_atomic_path_keeps_old_file_when_the_block_raises(tmp_path):
@@ -313,13 +381,19 @@ def test_write_json_is_stable_and_atomic(tmp_path):
     assert os.listdir(path.parent) == ["split.json"]
 
 
-def test_load_params_errors(tmp_path):
-    with pytest.raises(PipelineError, match="not found; run stages from the project root"):
-        load_params(path=tmp_path / "params.yaml")
-    (tmp_path / "params.yaml").write_text("data: [unclosed\n")
-    with pytest.raises(PipelineError, match="not valid YAML"):
-        load_params(path=tmp_path / "params.yaml")
-    (tmp_path / "params.yaml").write_text("data:\n  root: x\n")
-    assert load_params("data", path=tmp_path / "params.yaml") == {"root": "x"}
-    with pytest.raises(PipelineError, match="missing section 'prepare'"):
-        load_params("prepare", path=tmp_path / "params.yaml")
+def test_load_section_errors(tmp_path):
+    path = tmp_path / "params.yaml"
+    with pytest.raises(PipelineError) as err:
+        load_section(path, Data)
+    assert str(err.value) == f"{path}: not found; run stages from the project root or pass --params"
+    path.write_text("data: [unclosed\n")
+    with pytest.raises(PipelineError, match=f"^{re.escape(str(path))}: not valid YAML"):
+        load_section(path, Data)
+    path.write_text("data:\n  root: x\n  missing: skip\n")
+    assert load_section(path, Data) == Data(root="x", missing="skip")
+    with pytest.raises(PipelineError) as err:
+        load_section(path, Prepare)
+    assert str(err.value) == f"{path}: missing section 'prepare'; expected keys image_size, workers"
+    path.write_text("data:\n  root: x\n")
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))} data\.missing: missing; expected one of"):
+        load_section(path, Data)

@@ -1,4 +1,5 @@
-"""stages.split: patient-disjoint stratified split on the real 112,120-row table, the CLI, and bad inputs."""
+"""cxr14.splits and stages.split: patient-disjoint stratified split on the real 112,120-row table, the CLI, and
+bad inputs."""
 
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ from conftest import (
     REPO,
     TINY_ROWS,
     files_under,
+    project_params,
     run_module,
     write_params,
 )
 
-from stages import split
 from cxr14.common import PipelineError, run_main
 from cxr14.nih import CLASSES
+from cxr14.splits import build_splits, stratified_patient_split
+from stages import split
 
 SPLITS = ("train", "val", "test")
 SPLIT_FILES = [f"{n}.csv" for n in SPLITS]
@@ -85,7 +88,7 @@ def real_trees(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_splits(real_trees):
     """build_splits(root, 0.1, 42, 'error') on each layout, computed once."""
-    return {layout: split.build_splits(root, 0.1, 42, "error") for layout, root in real_trees.items()}
+    return {layout: build_splits(root, 0.1, 42, "error") for layout, root in real_trees.items()}
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +165,7 @@ def test_real_split_labels_and_paths(real_splits, real_reference, real_trees, la
 
 
 def test_real_split_same_seed_same_split_in_either_layout(real_trees, real_splits):
-    again, again_metrics = split.build_splits(real_trees["nih"], 0.1, 42, "error")
+    again, again_metrics = build_splits(real_trees["nih"], 0.1, 42, "error")
     first, first_metrics = real_splits["nih"]
     for name in first:
         pd.testing.assert_frame_equal(again[name], first[name])
@@ -175,7 +178,7 @@ def test_real_split_same_seed_same_split_in_either_layout(real_trees, real_split
 
 
 def test_real_split_other_seed_other_split(real_trees, real_splits):
-    other, metrics = split.build_splits(real_trees["nih"], 0.1, 7, "error")
+    other, metrics = build_splits(real_trees["nih"], 0.1, 7, "error")
     first, _ = real_splits["nih"]
     val_42, val_7 = set(first["val"]["Patient ID"]), set(other["val"]["Patient ID"])
     assert val_42 != val_7
@@ -192,7 +195,7 @@ def test_stratified_patient_split_keeps_patients_whole_and_follows_fraction():
     labels = (rng.random((len(patients), len(CLASSES))) < np.linspace(0.01, 0.3, len(CLASSES))).astype(np.uint8)
     table = pd.DataFrame(labels, columns=list(CLASSES)).assign(**{"Patient ID": patients})
     for fraction in (0.1, 0.25, 0.5):
-        in_val = split.stratified_patient_split(table, fraction, seed=3)
+        in_val = stratified_patient_split(table, fraction, seed=3)
         assert in_val.dtype == bool and in_val.shape == (len(table),)
         per_patient = pd.Series(in_val).groupby(patients).nunique()
         assert (per_patient == 1).all()  # a patient is never cut in two
@@ -231,7 +234,7 @@ def test_split_cli_on_the_nih_sample_skips_missing(nih_sample_split):
 
 def test_split_missing_error_on_the_nih_sample_names_count_and_first(tmp_path):
     with pytest.raises(PipelineError) as err:
-        split.build_splits(NIH, 0.1, 42, "error")
+        build_splits(NIH, 0.1, 42, "error")
     message = str(err.value)
     on_disk = set(os.listdir(NIH / "images"))
     listed = (NIH / "train_val_list.txt").read_text().split() + (NIH / "test_list.txt").read_text().split()
@@ -293,11 +296,11 @@ def test_split_main_on_tiny_dataset(request, tmp_path, layout, capsys):
 def test_split_skip_counts_missing_images(tiny_nih, tmp_path):
     for name in ("00000001_001.png", "00000008_000.png"):
         tiny_nih.paths[name].unlink()
-    splits, metrics = split.build_splits(tiny_nih.root, 0.1, 42, "skip")
+    splits, metrics = build_splits(tiny_nih.root, 0.1, 42, "skip")
     assert metrics["missing_images"] == 2
     assert len(splits["test"]) == 3 and len(splits["train"]) + len(splits["val"]) == 12
     with pytest.raises(PipelineError, match=r"2 of 17 listed images are missing \(first: 00000001_001.png, 0000000"):
-        split.build_splits(tiny_nih.root, 0.1, 42, "error")
+        build_splits(tiny_nih.root, 0.1, 42, "error")
 
 
 def both_lists(data):
@@ -416,18 +419,28 @@ def test_split_cli_bad_input_has_no_traceback(tiny_nih, tmp_path):
     assert files_under(tmp_path / "out") == []
 
 
-@pytest.mark.parametrize(
-    ("fraction", "missing", "fragment"),
-    [
-        (0.0, "error", "split.val_fraction: 0.0"),
-        (1.0, "skip", "split.val_fraction: 1.0"),
-        (0.1, "ignore", "data.missing: 'ignore'; expected 'error' or 'skip'"),
-    ],
-)
-def test_split_bad_params(tiny_nih, fraction, missing, fragment):
-    with pytest.raises(PipelineError, match="^params.yaml ") as err:
-        split.build_splits(tiny_nih.root, fraction, 0, missing)
-    assert fragment in str(err.value)
+BAD_PARAMS = [
+    ({"split": {"val_fraction": 0.0}}, "split.val_fraction: 0.0; expected a number in (0.0, 1.0)"),
+    ({"split": {"val_fraction": 1.0}}, "split.val_fraction: 1.0; expected a number in (0.0, 1.0)"),
+    ({"split": {"val_fraction": 1.5}}, "split.val_fraction: 1.5; expected a number in (0.0, 1.0)"),
+    ({"split": {"val_fraction": "0.1"}}, "split.val_fraction: '0.1'; expected a number in (0.0, 1.0)"),
+    ({"split": {"seed": -1}}, "split.seed: -1; expected an integer in [0, 4294967295]"),
+    ({"split": {"val_fractoin": 0.1}}, "split.val_fractoin: unknown key; did you mean val_fraction?"),
+    ({"data": {"missing": "ignore"}}, "data.missing: 'ignore'; expected one of error, skip"),
+    ({"data": {"missing": "maybe"}}, "data.missing: 'maybe'; expected one of error, skip"),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), BAD_PARAMS, ids=[m.split(";")[0] for _, m in BAD_PARAMS])
+def test_split_bad_params(tiny_nih, tmp_path, bad, message):
+    """The schema refuses them in one line naming the params file given with --params; nothing is written."""
+    data = {"root": str(tiny_nih.root), "missing": "error", **bad.get("data", {})}
+    params = project_params(tmp_path / "other-params.yaml", {**bad, "data": data})
+    out, metrics = tmp_path / "out" / "split", tmp_path / "out" / "metrics.json"
+    with pytest.raises(PipelineError) as err:
+        split.main(["--params", str(params), "--out", str(out), "--metrics", str(metrics)])
+    assert str(err.value) == f"{params} {message}"
+    assert files_under(tmp_path / "out") == []
 
 
 def test_split_outputs_replace_old_ones_together(tiny_nih, tmp_path):
