@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cxr14.metrics import auc_with_interval, patient_bootstrap_weights, pr_on_grid, roc_on_grid, weighted_auc
-from cxr14.evaluation import curves, score_test
+from cxr14.evaluation import clean_labels, curves, score_test
+from cxr14.metrics import (
+    auc,
+    auc_with_interval,
+    has_both,
+    mean_defined,
+    patient_bootstrap_weights,
+    pr_on_grid,
+    roc_on_grid,
+    weighted_auc,
+)
 from cxr14.nih import CLASSES
 
 
@@ -20,6 +31,15 @@ def test_weighted_auc_by_hand_with_ties() -> None:
     # weight 2 on the 0.1 negative: pairs 2*2 + 0.5*2 + 2 = 7 of 8
     assert weighted_auc(scores, labels, np.array([[2.0, 1, 1, 1, 1]]))[0] == pytest.approx(7 / 8)
     assert np.isnan(weighted_auc(scores, np.zeros(5), np.ones((1, 5)))[0])
+
+
+def test_auc_and_macro_mean_only_where_both_labels_exist() -> None:
+    assert has_both(np.array([0, 1, 0])) and not has_both(np.zeros(3)) and not has_both(np.ones(3))
+    assert not has_both(np.array([], dtype=int))
+    assert auc(np.array([0.1, 0.4, 0.4, 0.8, 0.4]), np.array([0, 0, 1, 1, 0])) == pytest.approx(5 / 6)
+    assert auc(np.array([0.1, 0.2]), np.array([1, 1])) is None and auc(np.array([0.1, 0.2]), np.zeros(2)) is None
+    assert mean_defined([0.5, None, 1.0, float("nan")]) == 0.75  # None and NaN are skipped, not counted as 0
+    assert mean_defined([None, float("nan")]) is None
 
 
 def test_weighted_auc_matches_sklearn_on_tied_random_data() -> None:
@@ -89,6 +109,15 @@ def test_score_test_values_and_a_class_without_positives(capsys) -> None:
     assert m["mean_auc"] == pytest.approx(np.mean(defined), abs=1e-6)
     assert m["gap_to_oracle"] == pytest.approx(m["oracle_mean_auc"] - m["mean_auc"], abs=1e-6)
     assert m["patients"] == 40 and m["images"] == 120
+
+
+def test_clean_labels_follow_the_given_order_and_are_none_on_real_data(tmp_path: Path) -> None:
+    assert clean_labels(tmp_path, pd.Series(["a.png"])) is None  # real data: no clean_labels.csv
+    pd.DataFrame({"Image Index": ["a.png", "b.png", "c.png"],
+                  "Finding Labels": ["Mass|Nodule", "No Finding", "Hernia"]}).to_csv(tmp_path / "clean_labels.csv")
+    clean = clean_labels(tmp_path, pd.Series(["c.png", "a.png", "b.png"]))
+    assert clean.shape == (3, 14)
+    assert [[CLASSES[k] for k in np.flatnonzero(row)] for row in clean] == [["Hernia"], ["Mass", "Nodule"], []]
 
 
 def test_curve_tables_skip_classes_without_both_labels() -> None:

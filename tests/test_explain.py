@@ -5,13 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import yaml
+from conftest import NIH, project_params
 
+from cxr14.boxes import BBOX_LIST, read_box_list
 from cxr14.common import PipelineError
-from stages.explain import check_params, choose_examples
+from cxr14.explanations import choose_examples, localisation, scaled_boxes
 from cxr14.localisation import heat_boxes, inside, iobb, peak, score_box, summarise
-from cxr14.nih import BBOX_LIST, CLASSES, read_box_list
-from conftest import NIH
+from cxr14.nih import CLASSES
+from cxr14.params import Explain, build
+from stages import explain
 
 needs_nih = pytest.mark.skipif(not (NIH / "images").is_dir(), reason="needs the NIH sample in ../shared/nih")
 
@@ -85,12 +90,28 @@ def test_examples_are_the_most_confident_of_each_kind() -> None:
     assert [row for _, kind, row, _ in two if kind == "TP"] == [0, 1] and len(two) == 5  # one FP exists
 
 
+def test_localisation_scores_each_box_with_its_class_heatmap() -> None:
+    mass, nodule = CLASSES.index("Mass"), CLASSES.index("Nodule")
+    hot = np.zeros((20, 20))
+    hot[2:6, 3:9] = 1.0  # one region, x 3..9, y 2..6; its peak at (3.5, 2.5)
+    maps = {(0, mass): hot, (1, mass): hot[::-1].copy(), (0, nodule): hot.T.copy()}
+    boxes = pd.DataFrame({"Image Index": ["a.png", "b.png", "a.png"], "Finding": ["Mass", "Mass", "Nodule"],
+                          "x": [2.0, 2.0, 2.0], "y": [1.0, 1.0, 1.0], "w": [8.0, 8.0, 8.0], "h": [6.0, 6.0, 6.0],
+                          "row": [0, 1, 0]})
+    # Mass on row 0: its own region, hit both ways; Mass on row 1 (map flipped to y 14..18) and Nodule (map
+    # transposed to x 2..6, y 3..9): peaks outside the box, regions half inside (2 x 4 of Nodule's 4 x 6)
+    out = localisation(maps, boxes, 0.5, [0.1, 0.5], peaks=[(3.5, 2.5), (15.5, 15.5)])
+    assert out["per_class"] == {
+        "Mass": {"boxes": 2, "pointing_game": 0.5, "pointing_game_ceiling": 1.0, "iobb_0.1": 0.5, "iobb_0.5": 0.5},
+        "Nodule": {"boxes": 1, "pointing_game": 1.0, "pointing_game_ceiling": 1.0, "iobb_0.1": 1.0, "iobb_0.5": 0.0},
+    }
+    assert out["overall"] == {"boxes": 3, "pointing_game": 0.666667, "pointing_game_ceiling": 1.0,
+                              "iobb_0.1": 0.666667, "iobb_0.5": 0.333333}
+    assert localisation({}, boxes.iloc[:0], 0.5, [0.1])["overall"]["pointing_game"] is None
+
+
 @needs_nih
 def test_nih_boxes_scale_from_original_pixels_to_the_model_size() -> None:
-    import pandas as pd
-
-    from stages.explain import scaled_boxes
-
     boxes = read_box_list(NIH / BBOX_LIST)
     names = sorted(p.name for p in (NIH / "images").glob("*.png"))
     table = pd.DataFrame({"Image Index": names, "path": [str(NIH / "images" / n) for n in names]})
@@ -103,16 +124,45 @@ def test_nih_boxes_scale_from_original_pixels_to_the_model_size() -> None:
     assert [table["Image Index"][r] for r in scaled["row"]] == scaled["Image Index"].tolist()
 
 
+GOOD = {"per_class": 1, "layer": "auto", "cam_threshold": 0.5, "iobb_thresholds": [0.1, 0.25, 0.5], "batch_size": 32}
+THRESHOLDS = "a non-empty list of numbers in [0, 1)"
+
+
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("per_class", -1, "explain.per_class: -1; expected a non-negative integer"),
-    ("batch_size", 0, "explain.batch_size: 0; expected a positive integer"),
-    ("cam_threshold", 1.5, "explain.cam_threshold: 1.5; expected a number in"),
-    ("iobb_thresholds", [0.1, 1.2], r"explain.iobb_thresholds: \[0.1, 1.2\]; expected a list"),
-    ("layer", 3, "explain.layer: 3; expected 'auto' or a module name"),
+    ("per_class", -1, "explain.per_class: -1; expected an integer >= 0"),
+    ("per_class", 1.5, "explain.per_class: 1.5; expected an integer >= 0"),
+    ("batch_size", 0, "explain.batch_size: 0; expected an integer >= 1"),
+    ("cam_threshold", 1.5, "explain.cam_threshold: 1.5; expected a number in (0, 1): the fraction of the heatmap's "
+                           "maximum that outlines regions"),
+    ("cam_threshold", 0, "explain.cam_threshold: 0; expected a number in (0, 1)"),
+    ("iobb_thresholds", [0.1, 1.2], f"explain.iobb_thresholds: [0.1, 1.2]; expected {THRESHOLDS}"),
+    ("iobb_thresholds", [], f"explain.iobb_thresholds: []; expected {THRESHOLDS}"),
+    ("iobb_thresholds", 0.5, f"explain.iobb_thresholds: 0.5; expected {THRESHOLDS}"),
+    ("layer", 3, "explain.layer: 3; expected 'auto' or a module name such as layer3"),
 ])
 def test_bad_explain_params_are_named(key: str, value: object, message: str) -> None:
-    good = {"per_class": 1, "layer": "auto", "cam_threshold": 0.5, "iobb_thresholds": [0.1, 0.25, 0.5],
-            "batch_size": 32}
-    check_params(good)
-    with pytest.raises(PipelineError, match=message):
-        check_params(good | {key: value})
+    assert build(Explain, GOOD, "p.yaml") == Explain(**GOOD)
+    with pytest.raises(PipelineError) as error:
+        build(Explain, GOOD | {key: value}, "p.yaml")
+    assert str(error.value).startswith(f"p.yaml {message}")
+
+
+def test_explain_stage_refuses_bad_params_naming_the_file(tmp_path: Path) -> None:
+    # main reads its params before the model or any data, so this fails on the params alone
+    path = project_params(tmp_path / "params.yaml", {"explain": {"batch_size": 0}})
+    with pytest.raises(PipelineError) as error:
+        explain.main(["--params", str(path)])
+    assert str(error.value) == f"{path} explain.batch_size: 0; expected an integer >= 1"
+    params = yaml.safe_load(path.read_text())
+    params["explain"]["batch_size"] = 32
+    params["explain"]["per_clas"] = params["explain"].pop("per_class")
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(PipelineError) as error:
+        explain.main(["--params", str(path)])
+    assert str(error.value) == f"{path} explain.per_clas: unknown key; did you mean per_class?"
+    del params["explain"]["per_clas"]
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(PipelineError) as error:
+        explain.main(["--params", str(path)])
+    assert str(error.value) == (f"{path} explain.per_class: missing; expected an integer >= 0 "
+                                "(the defaults live in params.yaml)")

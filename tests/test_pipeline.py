@@ -39,7 +39,7 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the pipeline (code, dvc.yaml, params with TINY overrides) in a new git + DVC repo."""
     work = tmp_path_factory.mktemp("project")
-    for name in ("stages", "dvc.yaml", "params.yaml"):
+    for name in ("cxr14", "stages", "dvc.yaml", "params.yaml"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -25,7 +25,6 @@ from conftest import (
     run_module,
     write_params,
 )
-
 from torch.utils.data import BatchSampler, RandomSampler
 
 from cxr14.arrays import write_array

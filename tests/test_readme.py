@@ -41,7 +41,7 @@ def test_nih_recipe_command_gives_valid_train_params() -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from cxr14.model import build_model, freeze, param_groups
-    from stages.train import check_params
+    from cxr14.params import Train, build
 
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- nih-recipe -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
@@ -55,11 +55,10 @@ def test_nih_recipe_command_gives_valid_train_params() -> None:
             node = node[part]
         assert key in node, f"README sets unknown param {override.key_or_group}"
         node[key] = override.value()
-    t = params["train"]
-    check_params(t)
-    assert (t["arch"], t["weights"], t["lr_head"], t["lr_backbone"]) == ("resnet50", "imagenet", 1e-3, 1e-4)
-    assert params["prepare"]["image_size"] == 224 and t["batch_size"] == 64
-    model = build_model(t["arch"], "none")  # same modules as with ImageNet weights, no file needed
-    frozen = freeze(model, t["freeze"])
+    t = build(Train, params["train"], "README nih-recipe")
+    assert (t.arch, t.weights, t.lr_head, t.lr_backbone) == ("resnet50", "imagenet", 1e-3, 1e-4)
+    assert params["prepare"]["image_size"] == 224 and t.batch_size == 64
+    model = build_model(t.arch, "none")  # same modules as with ImageNet weights, no file needed
+    frozen = freeze(model, t.freeze)
     assert "layer3" in frozen and "layer4" not in frozen
-    assert [g["name"] for g in param_groups(model, t["arch"], t["lr_head"], t["lr_backbone"])] == ["head", "backbone"]
+    assert [g["name"] for g in param_groups(model, t.arch, t.lr_head, t.lr_backbone)] == ["head", "backbone"]

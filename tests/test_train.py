@@ -5,18 +5,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
+import socket
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import project_params
 
-from stages import demo, prepare, split, train
+from cxr14 import training
 from cxr14.common import PipelineError
+from cxr14.demo import generate
+from cxr14.nih import CLASSES
+from cxr14.params import Demo, build
+from stages import prepare, split, train
 
 TRAIN = {
-    "arch": "resnet18", "weights": "none", "freeze": [], "epochs": 1, "batch_size": 16, "lr_head": 1e-3,
+    "arch": "resnet18", "output_stride": 32, "weights": "none", "freeze": [], "epochs": 1, "batch_size": 16, "lr_head": 1e-3,
     "lr_backbone": 1e-3, "weight_decay": 1e-4, "scheduler": "cosine", "pos_weight_cap": 20, "patience": 3,
     "augment": {"hflip": 0.5, "rotate": 5, "crop_scale": [0.85, 1.0]}, "device": "cpu", "workers": 0, "seed": 0,
     "resume": False,
@@ -27,15 +33,15 @@ TRAIN = {
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """data/split and data/prepared for a 60-image demo at 48 px, built once."""
     root = tmp_path_factory.mktemp("tiny")
-    params = {
+    project_params(root / "params.yaml", {
         "data": {"root": "data/demo", "missing": "error"},
         "demo": {"patients": 24, "images": 60, "image_size": 64, "label_noise": 0.0, "class_floor": 0.03,
                  "test_fraction": 0.25, "seed": 0},
         "split": {"val_fraction": 0.25, "seed": 0},
         "prepare": {"image_size": 48, "workers": 1},
-    }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    demo.generate(params["demo"], root / "data/demo", workers=1)
+    })
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    generate(build(Demo, params["demo"], "test"), root / "data/demo", workers=1)
     cwd = os.getcwd()
     os.chdir(root)  # split tables hold paths relative to the project, as in the real pipeline
     try:
@@ -66,9 +72,7 @@ def write_train_params(folder: Path, **overrides) -> None:
 
 def test_one_epoch_writes_checkpoint_metrics_and_logs(workdir: Path) -> None:
     write_train_params(workdir)
-    start = time.perf_counter()
     train.main([])
-    assert time.perf_counter() - start < 60
     ckpt = torch.load("models/model.pt", weights_only=True)
     assert ckpt["arch"] == "resnet18" and ckpt["image_size"] == 48 and len(ckpt["classes"]) == 14
     assert ckpt["params"]["lr_head"] == 1e-3 and ckpt["epoch"] == 1
@@ -88,7 +92,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(workdir: Path, monke
     straight = torch.load("models/last.pt", weights_only=True)
     shutil.rmtree("models"), shutil.rmtree("dvclive")
 
-    real_epoch = train.train_one_epoch
+    real_epoch = training.train_one_epoch
     calls = {"n": 0}
 
     def killed_in_second_epoch(*args, **kwargs):
@@ -97,11 +101,11 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(workdir: Path, monke
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_one_epoch", killed_in_second_epoch)
+    monkeypatch.setattr(training, "train_one_epoch", killed_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train.main([])
     assert torch.load("models/last.pt", weights_only=True)["state"]["epoch"] == 1
-    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(training, "train_one_epoch", real_epoch)
     write_train_params(workdir, epochs=2, scheduler="cosine", resume=True)
     train.main([])
     resumed = torch.load("models/last.pt", weights_only=True)
@@ -125,3 +129,41 @@ def test_missing_prepared_data_is_a_clear_error(workdir: Path) -> None:
     Path("data/prepared/val.npy").unlink()
     with pytest.raises(PipelineError, match=r"data/prepared/val.npy: cannot open prepared array .* run the prepare"):
         train.main([])
+
+
+def test_resume_refused_leaves_the_logs_alone(workdir: Path) -> None:
+    write_train_params(workdir)
+    train.main([])
+    logged = Path("dvclive/plots/metrics/val/mean_auc.tsv").read_text()
+    write_train_params(workdir, lr_head=5e-4, resume=True)
+    with pytest.raises(PipelineError, match="other train params"):
+        train.main([])
+    assert Path("dvclive/plots/metrics/val/mean_auc.tsv").read_text() == logged
+
+
+def test_val_without_any_two_sided_class_stops_with_its_cause(workdir: Path) -> None:
+    """The seed's failure mode: val mean AUC NaN, no epoch is ever 'better', no model.pt, evaluate confused."""
+    write_train_params(workdir)
+    table = pd.read_csv("data/split/val.csv")
+    table[list(CLASSES)] = 0
+    table.to_csv("data/split/val.csv", index=False)
+    with pytest.raises(PipelineError, match=r"data/split/val.csv: no class has both positive and negative images in "
+                                            r"val .* undefined; raise split.val_fraction"):
+        train.main([])
+    assert not Path("models/model.pt").exists()
+
+
+def test_imagenet_weights_offline_stop_the_stage_with_where_to_put_them(workdir: Path, monkeypatch, tmp_path) -> None:
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    write_train_params(workdir, weights="imagenet")
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        with pytest.raises(PipelineError) as err:
+            train.main([])
+    finally:
+        torch.hub._hub_dir = None
+    assert str(tmp_path / "hub/checkpoints/resnet18-f37072fd.pth") in str(err.value)
+    assert "download failed" in str(err.value) and not Path("models").exists()
