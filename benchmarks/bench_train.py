@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_data import SeedDataset  # this folder is the script's first sys.path entry
+from bench_data import SeedDataset  # beside this script, which Python puts first on the import path
 
 from cxr14.arrays import write_array
 from cxr14.common import cpu_count

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from cxr14.common import rounded
+
 Box = tuple[float, float, float, float]
 
 
@@ -64,10 +66,10 @@ def summarise(scores: Sequence[dict[str, float]], iobb_thresholds: Sequence[floa
     """Hit fractions over a set of boxes: pointing game and T(IoBB) at each threshold (IoBB > T)."""
     out: dict[str, float | int | None] = {"boxes": len(scores)}
     point = [s["pointing"] for s in scores]
-    out["pointing_game"] = round(float(np.mean(point)), 6) if scores else None
+    out["pointing_game"] = rounded(float(np.mean(point))) if scores else None
     if scores and all("reachable" in s for s in scores):  # the best pointing game this map resolution allows
-        out["pointing_game_ceiling"] = round(float(np.mean([s["reachable"] for s in scores])), 6)
+        out["pointing_game_ceiling"] = rounded(float(np.mean([s["reachable"] for s in scores])))
     for t in iobb_thresholds:
         hits = [s["iobb"] > t for s in scores]
-        out[f"iobb_{t:g}"] = round(float(np.mean(hits)), 6) if scores else None
+        out[f"iobb_{t:g}"] = rounded(float(np.mean(hits))) if scores else None
     return out

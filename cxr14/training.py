@@ -17,6 +17,7 @@ from torch import nn
 from cxr14.common import PipelineError
 from cxr14.data import IMAGENET_MEAN, IMAGENET_STD, PreparedImages, make_loader
 from cxr14.engine import Batches, evaluate, loss_function, make_scheduler, train_one_epoch
+from cxr14.metrics import has_both
 from cxr14.model import param_groups, read_checkpoint, save_checkpoint
 from cxr14.nih import CLASSES
 from cxr14.params import Train
@@ -51,7 +52,7 @@ def resume_state(path: Path, t: Train, model: nn.Module, optimizer: torch.optim.
 def check_val_labels(val: PreparedImages, where: str) -> None:
     """Early stopping and the best checkpoint need a val mean AUC: at least one class with both outcomes."""
     labels = val.labels
-    if labels is None or not ((labels.sum(0) > 0) & (labels.sum(0) < len(labels))).any():
+    if labels is None or not any(has_both(labels[:, k]) for k in range(labels.shape[1])):
         raise PipelineError(f"{where}: no class has both positive and negative images in val ({len(val)} images), so "
                             "the val mean ROC-AUC that picks the best epoch is undefined; raise split.val_fraction")
 

@@ -14,7 +14,7 @@ import torch
 from dvclive import Live
 
 from cxr14 import paths
-from cxr14.common import PipelineError, cpu_count, run_main, write_json
+from cxr14.common import PipelineError, cpu_count, rounded, run_main, write_json
 from cxr14.data import PreparedImages, read_labels
 from cxr14.engine import pick_device
 from cxr14.model import build_model, freeze, imagenet_weights
@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> None:
 
     state = fit(model, frozen, train_set, val_set, t, device, open_log, paths.MODELS, pretrained)
     write_json(paths.METRICS / "train.json", {
-        "best_epoch": state["best_epoch"], "best_val_mean_auc": round(state["best_auc"], 6),
-        "epochs_run": state["epoch"], "seconds": round(state["seconds"], 1),
-        "images_per_second": round(state["images"] / max(state["seconds"], 1e-9), 1),
+        "best_epoch": state["best_epoch"], "best_val_mean_auc": rounded(state["best_auc"]),
+        "epochs_run": state["epoch"], "seconds": rounded(state["seconds"], 1),
+        "images_per_second": rounded(state["images"] / max(state["seconds"], 1e-9), 1),
     })
 
 

@@ -96,10 +96,11 @@ def test_localisation_scores_each_box_with_its_class_heatmap() -> None:
     hot[2:6, 3:9] = 1.0  # one region, x 3..9, y 2..6; its peak at (3.5, 2.5)
     maps = {(0, mass): hot, (1, mass): hot[::-1].copy(), (0, nodule): hot.T.copy()}
     boxes = pd.DataFrame({"Image Index": ["a.png", "b.png", "a.png"], "Finding": ["Mass", "Mass", "Nodule"],
-                          "x": [2.0, 2.0, 2.0], "y": [1.0, 1.0, 1.0], "w": [8.0, 8.0, 8.0], "h": [6.0, 6.0, 6.0],
+                          "x": [2.0, 2.0, 2.0], "y": [1.0, 1.0, 1.0], "w": [8.0, 8.0, 8.0], "h": [6.0, 6.0, 4.0],
                           "row": [0, 1, 0]})
-    # Mass on row 0: its own region, hit both ways; Mass on row 1 (map flipped to y 14..18) and Nodule (map
-    # transposed to x 2..6, y 3..9): peaks outside the box, regions half inside (2 x 4 of Nodule's 4 x 6)
+    # Mass on row 0 (box x 2..10, y 1..7): its own region inside, hit both ways. Mass on row 1: the map flipped
+    # to y 14..18, peak (3.5, 14.5) and region outside: missed. Nodule (box x 2..10, y 1..5): the map transposed
+    # to x 2..6, y 3..9, peak (2.5, 3.5) inside, its region 4 x 2 of 4 x 6 inside (IoBB 1/3).
     out = localisation(maps, boxes, 0.5, [0.1, 0.5], peaks=[(3.5, 2.5), (15.5, 15.5)])
     assert out["per_class"] == {
         "Mass": {"boxes": 2, "pointing_game": 0.5, "pointing_game_ceiling": 1.0, "iobb_0.1": 0.5, "iobb_0.5": 0.5},
