@@ -57,7 +57,8 @@ def floor_weights(combos: np.ndarray, counts: np.ndarray, floor: float) -> np.nd
         factor = np.where(marginal < floor, floor * 1.001 / np.maximum(marginal, 1e-12), 1.0)
         weights = weights * np.exp(combos @ np.log(factor))
         weights /= weights.sum()
-    raise PipelineError(f"demo.class_floor = {floor}: cannot raise every class to this frequency; expected less")
+    raise PipelineError(f"demo.class_floor: {floor}; expected less: the real label sets cannot raise every class "
+                        "to this frequency")
 
 
 def images_per_patient(hist: list[int], patients: int, images: int, rng: np.random.Generator) -> np.ndarray:
@@ -122,7 +123,8 @@ def sample_table(cfg: Demo, combos: np.ndarray, counts: np.ndarray, stats: dict)
     rng = np.random.default_rng([cfg.seed, 0])
     per_patient = images_per_patient(stats["images_per_patient"]["counts"], n_pat, n_img, rng)
     if per_patient.max() > 1000:
-        raise PipelineError(f"demo.images = {n_img}: over 1000 per patient (names have 3 digits); raise demo.patients")
+        raise PipelineError(f"demo.images: {n_img}; expected at most 1000 per patient (image names have 3-digit "
+                            "follow-up numbers): raise demo.patients")
     patient = np.repeat(np.arange(1, n_pat + 1), per_patient)
     first = np.repeat(np.cumsum(per_patient) - per_patient, per_patient)
     followup = np.arange(n_img) - first

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from cxr14 import paths
-from cxr14.common import run_main
+from cxr14.common import PipelineError, run_main
 from cxr14.demo import generate
 from cxr14.nih import CLASSES
 from cxr14.params import PARAMS_FILE, Demo, load_section
@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file with a `demo` section")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    s = generate(load_section(args.params, Demo), args.out)
+    try:
+        s = generate(load_section(args.params, Demo), args.out)
+    except PipelineError as exc:  # name the params file for errors about a demo.* value
+        raise PipelineError(f"{args.params} {exc}" if str(exc).startswith("demo.") else str(exc)) from None
     seconds = time.perf_counter() - start
     print(f"demo: {s['images']} images of {s['patients']} patients -> {args.out} in {seconds:.1f} s; "
           f"test: {s['test_images']} images of {s['test_patients']} patients, {s['boxes']} boxes")

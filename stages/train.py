@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-from dvclive import Live
 
 from cxr14 import paths
 from cxr14.common import PipelineError, cpu_count, rounded, run_main, write_json
@@ -28,12 +27,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (section train)")
     args = parser.parse_args(argv)
     t = load_section(args.params, Train)
-    try:
+    try:  # weights first: offline, a missing download is the first thing the user hears of, within seconds
+        torch.manual_seed(t.seed)
+        model = build_model(t.arch, t.weights, len(CLASSES), t.output_stride)
+        frozen = freeze(model, t.freeze)
         device = pick_device(t.device)
         torch.set_num_threads(cpu_count())
-        torch.manual_seed(t.seed)
-        model = build_model(t.arch, t.weights, len(CLASSES), t.output_stride)  # a missing download fails here
-        frozen = freeze(model, t.freeze)
     except PipelineError as exc:  # name the params file for errors about a train.* value
         raise PipelineError(f"{args.params} {exc}" if str(exc).startswith("train.") else str(exc)) from None
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
@@ -41,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     train_set = PreparedImages(paths.PREPARED / "train.npy", read_labels(paths.SPLIT / "train.csv"))
     val_set = PreparedImages(paths.PREPARED / "val.npy", read_labels(paths.SPLIT / "val.csv"))
     check_val_labels(val_set, str(paths.SPLIT / "val.csv"))
+    from dvclive import Live  # imported here: it takes seconds, and a bad setting above should not wait for it
 
     def open_log(resumed: bool) -> Live:
         return Live(dir=str(paths.DVCLIVE), resume=resumed, save_dvc_exp=False, dvcyaml=None)

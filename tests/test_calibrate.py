@@ -58,6 +58,7 @@ RARE_P = np.array([0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1
 
 
 def halfway(low: float, cut: float) -> object:
+    """The threshold expected for a cut at `cut` whose next lower val score is `low`."""
     return pytest.approx((low + cut) / 2, abs=1e-12)
 
 
@@ -257,7 +258,7 @@ def write_predictions(folder: Path, n: int = 300, seed: int = 0) -> None:
 def top_block(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(N, 14) labels and scores where, per class, the top tenth of the scores is all positive and another
     twentieth of positives is scattered below: isotonic regression maps the top block onto a plateau at 1.0,
-    and max F1 takes exactly that plateau (F1 0.8 there; every lower cut adds mostly negatives)."""
+    and for most classes max F1 takes exactly that plateau (F1 0.8 there; lower cuts add mostly negatives)."""
     rng = np.random.default_rng(seed)
     labels, probs = np.zeros((n, len(CLASSES)), dtype=int), rng.uniform(0.05, 0.95, (n, len(CLASSES)))
     for j in range(len(CLASSES) - 1):  # Hernia: no positives

@@ -28,15 +28,28 @@ def test_heatmaps_have_input_shape_and_unit_range() -> None:
     assert maps.min() >= 0 and maps.max() <= 1 and torch.allclose(maps.amax(dim=(2, 3)), torch.ones(3, 2))
 
 
+def forward_hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
 def test_hooks_are_released_after_every_use() -> None:
     model = build_model("resnet18", "none").eval()
     layer = gradcam_layer(model, "resnet18")[1]
-    before = (len(layer._forward_hooks), len(layer._backward_hooks))
-    for _ in range(100):
-        with GradCAM(model, layer) as cam:
+    assert forward_hooks(model) == 0
+    for i in range(100):
+        if i % 2:
+            with GradCAM(model, layer) as cam:
+                assert forward_hooks(model) > 1  # the layer's hook and the strided ops' recorders
+                cam(torch.randn(1, 3, 32, 32), [1])
+        else:  # without `with`: release() removes them
+            cam = GradCAM(model, layer).__enter__()
+            assert forward_hooks(model) > 1
             cam(torch.randn(1, 3, 32, 32), [1])
-    assert (len(layer._forward_hooks), len(layer._backward_hooks)) == before
-    assert not any(len(m._forward_hooks) for m in model.modules())
+            cam.release()
+        assert forward_hooks(model) == 0 and cam.activations is None
+    cam.release()  # twice is safe
+    model(torch.randn(1, 3, 32, 32))
+    assert forward_hooks(model) == 0 and cam.activations is None  # nothing is listening any more
 
 
 @pytest.mark.parametrize(("arch", "layer", "output_stride", "stride", "offset"), [
@@ -87,6 +100,16 @@ def test_margins_by_hand() -> None:
     assert predict.margins(0.5, None) == ("n/a", None, None)
 
 
+def test_margins_at_thresholds_of_one_and_zero() -> None:
+    # Regression: (p - t) / (1 - t) divided by zero at t = 1, p = 1 (an isotonic calibrator's top plateau).
+    assert predict.margins(1.0, 1.0) == ("POS", 0.0, 0.0)
+    assert predict.margins(0.7, 1.0) == ("NEG", pytest.approx(-0.3), pytest.approx(-0.3))  # -0.3 / 1
+    assert predict.margins(0.0, 1.0) == ("NEG", -1.0, -1.0)
+    assert predict.margins(0.3, 0.0) == ("POS", 0.3, 0.3)  # every p is positive at t = 0: relative margin p
+    assert predict.margins(0.0, 0.0) == ("POS", 0.0, 0.0)
+    assert predict.margins(1.0, 0.0) == ("POS", 1.0, 1.0)
+
+
 @pytest.fixture
 def artifacts(tmp_path: Path) -> Path:
     torch.manual_seed(0)
@@ -126,6 +149,26 @@ def test_predict_json_gradcam_and_a_broken_file(artifacts: Path, capsys) -> None
         stem = Path(result["image"]).stem
         assert names == [f"{stem}_{c}.png" for c in positives] or (not positives and len(names) == 1)
         assert all((artifacts / "cam" / n).is_file() for n in names)
+
+
+def test_predict_with_thresholds_of_one_and_zero(artifacts: Path, capsys) -> None:
+    # Regression: a class calibrated onto 1.0 with a threshold of 1.0 (isotonic + max F1) crashed predict.
+    thresholds = {c: 0.5 for c in CLASSES} | {"Mass": 1.0, "Nodule": 1.0, "Edema": 0.0}
+    (artifacts / "thresholds.json").write_text(json.dumps({"metadata": {}, "thresholds": thresholds}))
+    top = {"x": [0.0, 1.0], "y": [1.0, 1.0]}  # isotonic plateau at 1.0: every probability becomes 1.0
+    params = dict.fromkeys(CLASSES) | {"Mass": top}
+    (artifacts / "calibrator.json").write_text(json.dumps({"method": "isotonic", "split": "val", "params": params}))
+    predict.main([str(artifacts / "a.png"), "--model", str(artifacts / "model.pt"), "--params",
+                  str(artifacts / "none.yaml"), "--thresholds", str(artifacts / "thresholds.json"),
+                  "--calibrator", str(artifacts / "calibrator.json"), "--json"])  # returns: exit code 0
+    out = capsys.readouterr()
+    assert out.err == ""  # no traceback, no error
+    rows = {r["class"]: r for r in json.loads(out.out)[0]["predictions"]}
+    mass, nodule, edema = rows["Mass"], rows["Nodule"], rows["Edema"]
+    assert (mass["calibrated"], mass["decision"], mass["margin"], mass["relative_margin"]) == (1.0, "POS", 0.0, 0.0)
+    assert nodule["calibrated"] == nodule["probability"] < 1.0 and nodule["decision"] == "NEG"
+    assert nodule["relative_margin"] == pytest.approx(nodule["calibrated"] - 1.0)
+    assert edema["decision"] == "POS" and edema["relative_margin"] == pytest.approx(edema["calibrated"])
 
 
 @pytest.mark.skipif(not NIH_IMAGES.is_dir(), reason="needs ../shared/nih")
