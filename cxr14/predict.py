@@ -22,7 +22,7 @@ from cxr14 import paths
 from cxr14.calibration import apply_calibrator, load_calibrator, load_thresholds
 from cxr14.common import cpu_count, run_main
 from cxr14.data import to_model_input
-from cxr14.engine import pick_device
+from cxr14.engine import pick_device, same_cpu_kernels
 from cxr14.gradcam import GradCAM, overlay
 from cxr14.images import load_gray
 from cxr14.model import gradcam_layer, load_checkpoint
@@ -110,6 +110,7 @@ def run(argv: list[str] | None = None) -> None:
         device = pick_device(load_section(args.params, Train).device, f"{args.params} train.device")
         layer_name = load_section(args.params, Explain).layer
     torch.set_num_threads(cpu_count())
+    same_cpu_kernels()  # the probabilities evaluate computed for the same image, to the bit
     model, ckpt = load_checkpoint(args.model, device)
     thresholds = load_thresholds(args.thresholds)
     calibrator = load_calibrator(args.calibrator) if args.calibrator.is_file() else None

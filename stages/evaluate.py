@@ -14,7 +14,7 @@ import torch
 
 from cxr14 import paths
 from cxr14.common import PipelineError, atomic_path, cpu_count, run_main, write_json
-from cxr14.engine import pick_device
+from cxr14.engine import pick_device, same_cpu_kernels
 from cxr14.evaluation import clean_labels, curves, predict_split, score_plot, score_test
 from cxr14.model import load_checkpoint
 from cxr14.nih import CLASSES
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     e, data = load_section(args.params, Evaluate), load_section(args.params, Data)
     device = pick_device(load_section(args.params, Train).device, f"{args.params} train.device")
     torch.set_num_threads(cpu_count())
+    same_cpu_kernels()
     model, ckpt = load_checkpoint(args.model, device)
     if list(ckpt["classes"]) != list(CLASSES):
         raise PipelineError(f"{args.model}: classes {ckpt['classes']} differ from this project's {list(CLASSES)}")

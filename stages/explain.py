@@ -21,6 +21,7 @@ from cxr14.boxes import BBOX_LIST, read_box_list
 from cxr14.calibration import apply_calibrator, load_calibrator, load_thresholds
 from cxr14.common import PipelineError, cpu_count, replace_dir, run_main, warn, write_json
 from cxr14.data import PreparedImages
+from cxr14.engine import same_cpu_kernels
 from cxr14.explanations import KINDS, choose_examples, draw, heatmaps, localisation, scaled_boxes
 from cxr14.gradcam import GradCAM
 from cxr14.model import gradcam_layer, load_checkpoint
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     e, data = load_section(args.params, Explain), load_section(args.params, Data)
     torch.set_num_threads(cpu_count())
+    same_cpu_kernels()
     model, ckpt = load_checkpoint(paths.MODEL)
     try:
         layer_name, layer = gradcam_layer(model, ckpt["arch"], e.layer)

@@ -15,7 +15,7 @@ import torch
 from cxr14 import paths
 from cxr14.common import PipelineError, cpu_count, rounded, run_main, write_json
 from cxr14.data import PreparedImages, read_labels
-from cxr14.engine import pick_device
+from cxr14.engine import pick_device, same_cpu_kernels
 from cxr14.model import build_model, freeze, imagenet_weights
 from cxr14.nih import CLASSES
 from cxr14.params import PARAMS_FILE, Train, load_section
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (section train)")
     args = parser.parse_args(argv)
     t = load_section(args.params, Train)
+    same_cpu_kernels()
     try:  # weights first: offline, a missing download is the first thing the user hears of, within seconds
         torch.manual_seed(t.seed)
         model = build_model(t.arch, t.weights, len(CLASSES), t.output_stride)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import numpy as np
@@ -276,3 +277,15 @@ def test_checkpoint_bytes_do_not_depend_on_the_file_name(tmp_path) -> None:
     model_mod.save_checkpoint(tmp_path / "a.pt", payload)
     model_mod.save_checkpoint(tmp_path / "other_name.pt", payload)
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other_name.pt").read_bytes()
+
+
+def test_cpu_kernels_are_capped_at_avx2_unless_the_user_chose(monkeypatch) -> None:
+    """AVX-512 and AVX2 oneDNN kernels round differently: the stages pin AVX2 so x86-64 machines agree."""
+    from cxr14.engine import same_cpu_kernels
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    same_cpu_kernels()
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    same_cpu_kernels()
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"
