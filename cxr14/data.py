@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from cxr14.common import PipelineError
 from cxr14.nih import CLASSES
+from cxr14.splits import read_split_table
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,11 +23,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def read_labels(table: Path | str) -> np.ndarray:
     """(N, 14) float32 labels of a split table, in CLASSES order."""
-    try:
-        frame = pd.read_csv(table, usecols=list(CLASSES))
-    except (FileNotFoundError, ValueError) as exc:
-        raise PipelineError(f"{table}: cannot read labels ({exc}); expected the split stage's table") from None
-    return frame.to_numpy(dtype=np.float32)
+    return read_split_table(table, CLASSES).to_numpy(dtype=np.float32)
 
 
 class PreparedImages(Dataset):

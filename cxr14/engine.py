@@ -6,7 +6,6 @@ seed's loss bug is fixed here once, in `loss_function`: class balance goes throu
 
 from __future__ import annotations
 
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -35,21 +34,6 @@ def loss_function(labels: np.ndarray, cap: float | None) -> torch.nn.BCEWithLogi
     """The training loss: BCE per class with `pos_weight` = negatives / positives (the seed passed `weight=`,
     which scales the negatives' loss too and so does not rebalance anything)."""
     return torch.nn.BCEWithLogitsLoss(pos_weight=positive_weights(labels, cap))
-
-
-CPU_ISA = "AVX2"
-
-
-def same_cpu_kernels() -> None:
-    """Cap oneDNN (PyTorch's CPU convolutions) at AVX2 so that every x86-64 CPU with AVX2 computes the same numbers.
-
-    oneDNN picks AVX-512 kernels where the CPU has them, and they round differently from the AVX2 ones:
-    measured on the demo (2 threads), val mean AUC 0.923421 and test 0.9334 with AVX-512 against 0.923647
-    and 0.9391 with AVX2, while ATen's own capability (ATEN_CPU_CAPABILITY) changed nothing there.
-    oneDNN reads the cap at its first convolution, so calling this before any forward pass is enough; a
-    user's own ONEDNN_MAX_CPU_ISA wins. The thread count still changes the numbers (docs/reproducibility.md).
-    """
-    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", CPU_ISA)
 
 
 def pick_device(name: str, key: str = "train.device") -> torch.device:
@@ -108,15 +92,20 @@ def train_one_epoch(model, loader, criterion, optimizer, batches, frozen, genera
     return {"loss": total / max(seen, 1), "images": seen, "seconds": seconds}
 
 
+def forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits as float32, under the same autocast everywhere (bf16 on CUDA, none elsewhere): evaluate, whose
+    predictions the thresholds are fitted on, and predict must compute a probability the same way."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        return model(x).float()
+
+
 @torch.no_grad()
 def evaluate(model, loader, criterion, batches) -> dict:
     """Loss, probabilities and ROC-AUCs on a split (no augmentation, eval mode)."""
     model.eval()
     probs, labels, total = [], [], 0.0
-    use_bf16 = batches.device.type == "cuda"
     for images, y in loader:
-        with torch.autocast(batches.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(batches(images)).float()
+        logits = forward(model, batches(images))
         total += criterion(logits, y.to(batches.device)).item() * len(y)
         probs.append(torch.sigmoid(logits).cpu().numpy())
         labels.append(y.numpy())

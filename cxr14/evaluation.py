@@ -21,6 +21,7 @@ from cxr14.engine import Batches, evaluate
 from cxr14.metrics import auc as auc_of
 from cxr14.metrics import auc_with_interval, has_both, mean_defined, patient_bootstrap_weights, pr_on_grid, roc_on_grid
 from cxr14.nih import CLASSES, parse_findings
+from cxr14.splits import read_split_table
 
 GRID = np.linspace(0, 1, 101)
 
@@ -28,7 +29,7 @@ GRID = np.linspace(0, 1, 101)
 def predict_split(model: torch.nn.Module, ckpt: dict, split: str, device: torch.device,
                   batch_size: int) -> pd.DataFrame:
     """Labels and probabilities of one split, in split-table order (the predictions contract)."""
-    table = pd.read_csv(paths.SPLIT / f"{split}.csv")
+    table = read_split_table(paths.SPLIT / f"{split}.csv")
     data = PreparedImages(paths.PREPARED / f"{split}.npy", read_labels(paths.SPLIT / f"{split}.csv"))
     if data.image_size != ckpt["image_size"]:
         raise PipelineError(f"{data.path}: images are {data.image_size} px, not {ckpt['image_size']} px as the model "
@@ -68,7 +69,8 @@ def score_test(pred: pd.DataFrame, clean: np.ndarray | None, resamples: int, see
            "patients": int(pred["Patient ID"].nunique()), "bootstrap_resamples": resamples}
     if clean is not None:
         out["oracle_mean_auc"] = rounded(mean_defined([v["oracle_auc"] for v in per_class.values()]))
-        out["gap_to_oracle"] = rounded(out["oracle_mean_auc"] - out["mean_auc"])
+        defined = out["mean_auc"] is not None and out["oracle_mean_auc"] is not None
+        out["gap_to_oracle"] = rounded(out["oracle_mean_auc"] - out["mean_auc"]) if defined else None
     out["per_class"] = per_class
     return out
 

@@ -126,6 +126,10 @@ def freeze(model: nn.Module, prefixes: list[str]) -> list[str]:
             raise PipelineError(
                 f"train.freeze: {prefix!r} matches no module; expected prefixes of {', '.join(top)}"
             )
+    heads = [h for h in {spec[1] for spec in ARCHS.values()} if h in names and any(_matches(h, p) for p in prefixes)]
+    if heads:
+        raise PipelineError(f"train.freeze: {prefixes!r} freezes the new head '{heads[0]}', which must learn; "
+                            "expected backbone modules only")
     for name, param in model.named_parameters():
         if any(_matches(name, p) for p in prefixes):
             param.requires_grad_(False)
@@ -189,6 +193,10 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
         raise PipelineError(f"{path}: checkpoint lacks {', '.join(missing)}; expected one written by the train stage")
-    model = build_model(ckpt["arch"], "none", len(ckpt["classes"]), int(ckpt.get("output_stride", 32)))
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model = build_model(ckpt["arch"], "none", len(ckpt["classes"]), int(ckpt.get("output_stride", 32)))
+        model.load_state_dict(ckpt["state_dict"])
+    except (PipelineError, RuntimeError, TypeError, ValueError) as exc:  # a foreign or edited checkpoint
+        reason = " ".join(str(exc).split())[:300]
+        raise PipelineError(f"{path}: checkpoint does not describe a model this project builds ({reason})") from None
     return model.to(device).eval(), ckpt

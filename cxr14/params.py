@@ -253,8 +253,8 @@ def convert(kind: Any, meta: Any, value: Any, key: str, where: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return convert(inner, meta, value, key, where) if value is not None else fail()
-    if origin is Literal:
-        if isinstance(value, bool) or value not in args:
+    if origin is Literal:  # 32.0 is not the choice 32, nor True the choice 1
+        if not any(type(value) is type(choice) and value == choice for choice in args):
             fail()
         return value
     if isinstance(kind, type) and issubclass(kind, Section):

@@ -20,9 +20,9 @@ import torch
 
 from cxr14 import paths
 from cxr14.calibration import apply_calibrator, load_calibrator, load_thresholds
-from cxr14.common import cpu_count, run_main
+from cxr14.common import PipelineError, cpu_count, run_main, same_cpu_kernels
 from cxr14.data import to_model_input
-from cxr14.engine import pick_device, same_cpu_kernels
+from cxr14.engine import forward, pick_device
 from cxr14.gradcam import GradCAM, overlay
 from cxr14.images import load_gray
 from cxr14.model import gradcam_layer, load_checkpoint
@@ -50,7 +50,7 @@ def predict_one(path: str, model, ckpt, layer, calibrator, thresholds, gradcam_d
     x = to_model_input(torch.from_numpy(gray.copy())[None, None].to(device), tuple(ckpt["mean"]), tuple(ckpt["std"]))
     classes = list(ckpt["classes"])
     with torch.no_grad():
-        raw = torch.sigmoid(model(x))[0].cpu().numpy()
+        raw = torch.sigmoid(forward(model, x))[0].cpu().numpy()
     cal = apply_calibrator(calibrator, raw[None], classes)[0] if calibrator else raw
     rows = []
     for k, name in enumerate(classes):
@@ -101,20 +101,26 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--gradcam", type=Path, metavar="DIR", help="write heatmaps of positive classes here")
     parser.add_argument("--layer", help="Grad-CAM layer, e.g. layer3 (default: explain.layer of --params, else the "
                         "last block)")
-    parser.add_argument("--params", type=Path, default=PARAMS_FILE,
-                        help="project params, read when the file exists: train.device (where the model runs) and "
-                        "explain.layer (default: params.yaml)")
+    parser.add_argument("--params", type=Path,
+                        help="project params to read train.device (where the model runs) and explain.layer from "
+                        "(default: params.yaml when the working directory has one; else the CPU and the last block)")
     args = parser.parse_args(argv)
-    device, layer_name = torch.device("cpu"), "auto"
-    if args.params.is_file():
-        device = pick_device(load_section(args.params, Train).device, f"{args.params} train.device")
-        layer_name = load_section(args.params, Explain).layer
+    params = args.params or (PARAMS_FILE if PARAMS_FILE.is_file() else None)  # a named file must exist
+    device, layer_name, layer_key = torch.device("cpu"), "auto", "--layer"
+    if params is not None:
+        device = pick_device(load_section(params, Train).device, f"{params} train.device")
+        layer_name, layer_key = load_section(params, Explain).layer, f"{params} explain.layer"
+    if args.layer:
+        layer_name, layer_key = args.layer, "--layer"
     torch.set_num_threads(cpu_count())
-    same_cpu_kernels()  # the probabilities evaluate computed for the same image, to the bit
+    same_cpu_kernels()  # the same kernels as the evaluate stage whose probabilities the thresholds were fitted on
     model, ckpt = load_checkpoint(args.model, device)
     thresholds = load_thresholds(args.thresholds)
     calibrator = load_calibrator(args.calibrator) if args.calibrator.is_file() else None
-    _, layer = gradcam_layer(model, ckpt["arch"], args.layer or layer_name)
+    try:
+        _, layer = gradcam_layer(model, ckpt["arch"], layer_name)
+    except PipelineError as exc:
+        raise PipelineError(f"{layer_key}: {exc}") from None
     results, failed = [], 0
     for path in args.images:
         try:

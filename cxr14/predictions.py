@@ -7,7 +7,7 @@ one-line error naming the row and column.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +19,9 @@ from cxr14.nih import CLASSES
 PROB_PREFIX = "prob_"
 
 
-def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities), both (N, 14) in CLASSES order, from the evaluate stage's CSV; checked."""
+def read_predictions(path: Path, names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities), both (N, 14) in CLASSES order, from the evaluate stage's CSV; checked, and
+    with `names` (the split table's Image Index column) checked to be those images in that order."""
     try:
         frame = pd.read_csv(path)
     except FileNotFoundError:
@@ -33,6 +34,8 @@ def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise PipelineError(f"{path}: missing column {', '.join(missing)}; expected <Class> and prob_<Class> per class")
     if frame.empty:
         raise PipelineError(f"{path}: no rows")
+    if names is not None and ("Image Index" not in frame or frame["Image Index"].tolist() != list(names)):
+        raise PipelineError(f"{path}: rows are not the split table's images in its order; run dvc repro evaluate")
     labels = numeric(path, frame, list(CLASSES), lambda v: np.isin(v, (0, 1)), "0 or 1")
     probs = numeric(path, frame, prob_columns, lambda v: (v >= 0) & (v <= 1), "a probability in [0, 1]")
     return labels.astype(np.int64), probs

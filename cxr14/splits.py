@@ -7,6 +7,7 @@ inflated val AUC. Here whole patients go to one split, and rare findings (Hernia
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,15 @@ from cxr14.nih import (
     read_label_table,
     scan_images,
 )
+
+
+def read_split_table(table: Path | str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """A split stage table (or some of its columns), or a one-line error saying to run the split stage."""
+    try:
+        return pd.read_csv(table, usecols=list(columns) if columns else None)
+    except (OSError, ValueError, pd.errors.EmptyDataError) as exc:  # ParserError is a ValueError
+        raise PipelineError(f"{table}: cannot read the split table ({' '.join(str(exc).split())}); "
+                            "run the split stage (dvc repro split)") from None
 
 
 def _line_of(path: Path, name: str) -> int:

@@ -49,12 +49,13 @@ def resume_state(path: Path, t: Train, model: nn.Module, optimizer: torch.optim.
     return last["state"]
 
 
-def check_val_labels(val: PreparedImages, where: str) -> None:
+def check_val_labels(val: PreparedImages) -> None:
     """Early stopping and the best checkpoint need a val mean AUC: at least one class with both outcomes."""
     labels = val.labels
     if labels is None or not any(has_both(labels[:, k]) for k in range(labels.shape[1])):
-        raise PipelineError(f"{where}: no class has both positive and negative images in val ({len(val)} images), so "
-                            "the val mean ROC-AUC that picks the best epoch is undefined; raise split.val_fraction")
+        raise PipelineError(f"{val.path}: no class has both positive and negative labels among these {len(val)} val "
+                            "images, so the val mean ROC-AUC that picks the best epoch is undefined; raise "
+                            "split.val_fraction")
 
 
 def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set: PreparedImages, t: Train,
@@ -66,6 +67,7 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
     refused resume leaves the old logs alone. Returns the final state: epochs run, best epoch and AUC,
     training seconds and images.
     """
+    check_val_labels(val_set)
     criterion = loss_function(train_set.labels, t.pos_weight_cap).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, t.arch, t.lr_head, t.lr_backbone), weight_decay=t.weight_decay)
     scheduler = make_scheduler(optimizer, t.scheduler, t.epochs)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from cxr14 import paths
-from cxr14.common import PipelineError, atomic_path, cpu_count, run_main, write_json
-from cxr14.engine import pick_device, same_cpu_kernels
+from cxr14.common import PipelineError, atomic_path, cpu_count, run_main, same_cpu_kernels, write_json
+from cxr14.engine import pick_device
 from cxr14.evaluation import clean_labels, curves, predict_split, score_plot, score_test
 from cxr14.model import load_checkpoint
 from cxr14.nih import CLASSES
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_path(plots / f"{name}.csv") as tmp:
             frame.to_csv(tmp, index=False)
     score_plot(test, plots / "scores.png")
-    oracle = f" (oracle {metrics['oracle_mean_auc']:.4f})" if "oracle_mean_auc" in metrics else ""
-    print(f"evaluate: test mean ROC-AUC {metrics['mean_auc']:.4f}{oracle} on {metrics['images']} images")
+    oracle = f" (oracle {metrics['oracle_mean_auc']})" if "oracle_mean_auc" in metrics else ""
+    print(f"evaluate: test mean ROC-AUC {metrics['mean_auc']}{oracle} on {metrics['images']} images")
 
 
 if __name__ == "__main__":

@@ -19,15 +19,15 @@ import torch
 from cxr14 import paths
 from cxr14.boxes import BBOX_LIST, read_box_list
 from cxr14.calibration import apply_calibrator, load_calibrator, load_thresholds
-from cxr14.common import PipelineError, cpu_count, replace_dir, run_main, warn, write_json
+from cxr14.common import PipelineError, cpu_count, replace_dir, run_main, same_cpu_kernels, warn, write_json
 from cxr14.data import PreparedImages
-from cxr14.engine import same_cpu_kernels
 from cxr14.explanations import KINDS, choose_examples, draw, heatmaps, localisation, scaled_boxes
 from cxr14.gradcam import GradCAM
 from cxr14.model import gradcam_layer, load_checkpoint
 from cxr14.nih import CLASSES
 from cxr14.params import PARAMS_FILE, Data, Explain, load_section
 from cxr14.predictions import read_predictions
+from cxr14.splits import read_split_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,11 +42,8 @@ def main(argv: list[str] | None = None) -> None:
         layer_name, layer = gradcam_layer(model, ckpt["arch"], e.layer)
     except PipelineError as exc:
         raise PipelineError(f"{args.params} explain.layer: {exc}") from None
-    table = pd.read_csv(paths.SPLIT / "test.csv")
-    labels, raw = read_predictions(paths.PREDICTIONS / "test.csv")
-    if pd.read_csv(paths.PREDICTIONS / "test.csv")["Image Index"].tolist() != table["Image Index"].tolist():
-        raise PipelineError(f"{paths.PREDICTIONS / 'test.csv'}: rows differ from {paths.SPLIT / 'test.csv'}; "
-                            "run dvc repro")
+    table = read_split_table(paths.SPLIT / "test.csv")
+    labels, raw = read_predictions(paths.PREDICTIONS / "test.csv", table["Image Index"])
     thresholds = load_thresholds(paths.THRESHOLDS)
     cal = apply_calibrator(load_calibrator(paths.CALIBRATOR), raw)
     test = PreparedImages(paths.PREPARED / "test.npy", labels.astype(np.float32))

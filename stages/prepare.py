@@ -10,12 +10,11 @@ import argparse
 import contextlib
 from pathlib import Path
 
-import pandas as pd
-
 from cxr14 import paths
 from cxr14.arrays import write_array
-from cxr14.common import PipelineError, atomic_path, cpu_count, run_main
+from cxr14.common import atomic_path, cpu_count, run_main
 from cxr14.params import PARAMS_FILE, Prepare, load_section
+from cxr14.splits import read_split_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,12 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     p = load_section(args.params, Prepare)
     workers = p.workers or cpu_count()
     tables = {name: args.split_dir / f"{name}.csv" for name in paths.SPLITS}
-    image_paths = {}
-    for name, table in tables.items():
-        try:
-            image_paths[name] = pd.read_csv(table, usecols=["path"])["path"].tolist()
-        except (FileNotFoundError, ValueError) as exc:
-            raise PipelineError(f"{table}: cannot read the split table ({exc}); run the split stage first") from None
+    image_paths = {name: read_split_table(table, ["path"])["path"].tolist() for name, table in tables.items()}
     # All three arrays appear together or not at all: a bad image in test leaves no new train.npy.
     with contextlib.ExitStack() as stack:
         for name in paths.SPLITS:

@@ -13,13 +13,13 @@ import argparse
 import torch
 
 from cxr14 import paths
-from cxr14.common import PipelineError, cpu_count, rounded, run_main, write_json
+from cxr14.common import PipelineError, cpu_count, rounded, run_main, same_cpu_kernels, write_json
 from cxr14.data import PreparedImages, read_labels
-from cxr14.engine import pick_device, same_cpu_kernels
+from cxr14.engine import pick_device
 from cxr14.model import build_model, freeze, imagenet_weights
 from cxr14.nih import CLASSES
 from cxr14.params import PARAMS_FILE, Train, load_section
-from cxr14.training import check_val_labels, fit
+from cxr14.training import fit
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,19 +28,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     t = load_section(args.params, Train)
     same_cpu_kernels()
-    try:  # weights first: offline, a missing download is the first thing the user hears of, within seconds
+    try:  # settings and weights before any data: offline, a missing download fails within seconds
+        device = pick_device(t.device)
+        torch.set_num_threads(cpu_count())
         torch.manual_seed(t.seed)
         model = build_model(t.arch, t.weights, len(CLASSES), t.output_stride)
         frozen = freeze(model, t.freeze)
-        device = pick_device(t.device)
-        torch.set_num_threads(cpu_count())
     except PipelineError as exc:  # name the params file for errors about a train.* value
         raise PipelineError(f"{args.params} {exc}" if str(exc).startswith("train.") else str(exc)) from None
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     pretrained = None if t.weights == "none" else str(imagenet_weights(t.arch, t.weights))
     train_set = PreparedImages(paths.PREPARED / "train.npy", read_labels(paths.SPLIT / "train.csv"))
     val_set = PreparedImages(paths.PREPARED / "val.npy", read_labels(paths.SPLIT / "val.csv"))
-    check_val_labels(val_set, str(paths.SPLIT / "val.csv"))
     from dvclive import Live  # imported here: it takes seconds, and a bad setting above should not wait for it
 
     def open_log(resumed: bool) -> Live:

@@ -34,7 +34,8 @@ def imported_files(path: Path) -> set[Path]:
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import; the closure derivation reads absolute imports only"
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
         else:
             continue

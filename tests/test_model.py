@@ -281,7 +281,7 @@ def test_checkpoint_bytes_do_not_depend_on_the_file_name(tmp_path) -> None:
 
 def test_cpu_kernels_are_capped_at_avx2_unless_the_user_chose(monkeypatch) -> None:
     """AVX-512 and AVX2 oneDNN kernels round differently: the stages pin AVX2 so x86-64 machines agree."""
-    from cxr14.engine import same_cpu_kernels
+    from cxr14.common import same_cpu_kernels
 
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     same_cpu_kernels()
@@ -289,3 +289,35 @@ def test_cpu_kernels_are_capped_at_avx2_unless_the_user_chose(monkeypatch) -> No
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
     same_cpu_kernels()
     assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"
+
+
+def test_freezing_the_new_head_is_refused() -> None:
+    model = build_model("resnet18", "none")
+    with pytest.raises(PipelineError, match=r"train.freeze: \['layer1', 'fc'\] freezes the new head 'fc'"):
+        freeze(model, ["layer1", "fc"])
+    with pytest.raises(PipelineError, match="freezes the new head 'classifier'"):
+        freeze(build_model("densenet121", "none"), ["features", "classifier"])
+
+
+def test_a_foreign_checkpoint_is_a_one_line_error(tmp_path) -> None:
+    good = build_model("resnet18", "none")
+    payload = {"state_dict": good.state_dict(), "arch": "resnet99", "classes": list("ABCDEFGHIJKLMN"),
+               "image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
+    model_mod.save_checkpoint(tmp_path / "arch.pt", payload)
+    with pytest.raises(PipelineError, match=r"arch.pt: checkpoint does not describe a model .*resnet99"):
+        model_mod.load_checkpoint(tmp_path / "arch.pt")
+    model_mod.save_checkpoint(tmp_path / "shape.pt", {**payload, "arch": "resnet34"})
+    with pytest.raises(PipelineError, match=r"shape.pt: checkpoint does not describe a model"):
+        model_mod.load_checkpoint(tmp_path / "shape.pt")
+
+
+def test_params_choices_match_what_the_model_factory_builds() -> None:
+    """The schema's Literals and the factory's tables name the same archs, weights and strides."""
+    import typing
+
+    from cxr14.params import Train
+
+    hints = typing.get_type_hints(Train)
+    assert set(typing.get_args(hints["arch"])) == set(model_mod.ARCHS)
+    assert set(typing.get_args(hints["weights"])) == set(model_mod.WEIGHTS)
+    assert set(typing.get_args(hints["output_stride"])) == set(model_mod.OUTPUT_STRIDES)

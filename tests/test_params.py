@@ -140,3 +140,10 @@ def test_every_stage_stops_on_a_typo_before_doing_work(tmp_path: Path, stage: st
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert lines == [f"error: {params} {section}.{typo}: unknown key; did you mean {meant}?"], result.stderr
+
+
+def test_a_float_is_not_an_integer_choice() -> None:
+    values = yaml.safe_load((REPO / "params.yaml").read_text())
+    with pytest.raises(PipelineError, match=r"x train.output_stride: 32.0; expected one of 32, 16, 8"):
+        build(Train, {**values["train"], "output_stride": 32.0}, "x")
+    assert type(build(Train, values["train"], "x").output_stride) is int

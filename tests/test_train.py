@@ -148,8 +148,8 @@ def test_val_without_any_two_sided_class_stops_with_its_cause(workdir: Path) -> 
     table = pd.read_csv("data/split/val.csv")
     table[list(CLASSES)] = 0
     table.to_csv("data/split/val.csv", index=False)
-    with pytest.raises(PipelineError, match=r"data/split/val.csv: no class has both positive and negative images in "
-                                            r"val .* undefined; raise split.val_fraction"):
+    with pytest.raises(PipelineError, match=r"data/prepared/val.npy: no class has both positive and negative labels "
+                                            r"among these \d+ val images, .* undefined; raise split.val_fraction"):
         train.main([])
     assert not Path("models/model.pt").exists()
 

@@ -2,9 +2,9 @@
 
 The demo dataset must look like ChestX-ray14 (label frequencies, co-occurrence, follow-ups, age,
 sex, view) without shipping the 112,120-row table. This tool boils the table down to a few KB of
-counts, committed as `stages/demo_stats.json`; rerun it only if NIH publishes a new table.
+counts, committed as `cxr14/demo_stats.json`; rerun it only if NIH publishes a new table.
 
-    python tools/derive_demo_stats.py [--nih ../shared/nih] [--out stages/demo_stats.json]
+    python tools/derive_demo_stats.py [--nih ../shared/nih] [--out cxr14/demo_stats.json]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from cxr14.common import PipelineError, run_main, write_json
+from cxr14.demo import STATS_FILE
 from cxr14.nih import CLASSES, NO_FINDING, find_label_table, read_label_table
 
 IMAGES_PER_PATIENT_CAP = 30  # the last bucket counts patients with >= this many images
@@ -78,7 +79,7 @@ def derive(table: pd.DataFrame, labels: pd.DataFrame) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nih", type=Path, default=Path("../shared/nih"), help="folder with NIH's label table")
-    parser.add_argument("--out", type=Path, default=Path("stages/demo_stats.json"), help="JSON file to write")
+    parser.add_argument("--out", type=Path, default=STATS_FILE, help="JSON file to write (what the demo stage reads)")
     args = parser.parse_args(argv)
     if not args.nih.is_dir():
         raise PipelineError(f"{args.nih}: not a directory; pass --nih with the folder holding NIH's label table")
