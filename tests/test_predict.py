@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import project_params
 from PIL import Image
 
 from cxr14 import predict
+from cxr14.common import PipelineError
 from cxr14.gradcam import GradCAM, resample
 from cxr14.localisation import peak
 from cxr14.model import build_model, gradcam_layer
@@ -158,8 +160,9 @@ def test_predict_with_thresholds_of_one_and_zero(artifacts: Path, capsys) -> Non
     top = {"x": [0.0, 1.0], "y": [1.0, 1.0]}  # isotonic plateau at 1.0: every probability becomes 1.0
     params = dict.fromkeys(CLASSES) | {"Mass": top}
     (artifacts / "calibrator.json").write_text(json.dumps({"method": "isotonic", "split": "val", "params": params}))
+    params_file = project_params(artifacts / "params.yaml", {"train": {"device": "cpu"}})
     predict.main([str(artifacts / "a.png"), "--model", str(artifacts / "model.pt"), "--params",
-                  str(artifacts / "none.yaml"), "--thresholds", str(artifacts / "thresholds.json"),
+                  str(params_file), "--thresholds", str(artifacts / "thresholds.json"),
                   "--calibrator", str(artifacts / "calibrator.json"), "--json"])  # returns: exit code 0
     out = capsys.readouterr()
     assert out.err == ""  # no traceback, no error
@@ -235,3 +238,17 @@ def test_overlay_draws_heat_box_and_legend(tmp_path: Path) -> None:
     peak, cold = image[top + 85, 245], image[top + 300, 20]
     assert peak[0] > peak[2] + 50 and cold[2] > cold[0] + 20  # red at the peak, blue far from it
     assert (image[top + 40, 200:280] > 240).all()  # the box's top edge, white, at y = 4 * 10
+
+
+def test_predict_params_named_but_missing_is_an_error(artifacts: Path) -> None:
+    with pytest.raises(PipelineError, match=r"nowhere.yaml: not found"):
+        predict.run([str(artifacts / "a.png"), "--model", str(artifacts / "model.pt"), "--params",
+                     str(artifacts / "nowhere.yaml")])
+
+
+def test_predict_bad_layer_names_where_it_came_from(artifacts: Path) -> None:
+    params_file = project_params(artifacts / "layer.yaml", {"explain": {"layer": "layer9"}})
+    with pytest.raises(PipelineError, match=r"layer.yaml explain.layer: Grad-CAM layer 'layer9' is no module"):
+        predict.run([str(artifacts / "a.png"), "--model", str(artifacts / "model.pt"), "--params", str(params_file)])
+    with pytest.raises(PipelineError, match=r"^--layer: Grad-CAM layer 'layer7'"):
+        predict.run([str(artifacts / "a.png"), "--model", str(artifacts / "model.pt"), "--layer", "layer7"])

@@ -62,3 +62,16 @@ def test_nih_recipe_command_gives_valid_train_params() -> None:
     frozen = freeze(model, t.freeze)
     assert "layer3" in frozen and "layer4" not in frozen
     assert [g["name"] for g in param_groups(model, t.arch, t.lr_head, t.lr_backbone)] == ["head", "backbone"]
+
+
+def test_gpu_check_smoke_runs_on_the_cpu(tmp_path) -> None:
+    """benchmarks/gpu_check.py is run by hand on a GPU now and then; its --smoke mode keeps it working."""
+    import json
+
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--json", str(tmp_path / "g.json")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads((tmp_path / "g.json").read_text())
+    assert figures["smoke"] and figures["predict"]["heatmaps"] == 1
+    assert figures["train_resnet50"]["max_loss_difference"] == 0.0  # fp32 both times on the CPU: the same steps
+    assert figures["evaluate_max_probability_difference"] == 0.0
