@@ -1,4 +1,4 @@
-"""Benchmark: what capping oneDNN at AVX2 (cxr14.engine.same_cpu_kernels) costs in training speed.
+"""Benchmark: what capping oneDNN at AVX2 (train.cpu_kernels: avx2, cxr14.common.cpu_kernels) costs in training speed.
 
 Trains the demo's model (resnet18, 96 px, batch 32, synthetic batches) for a few steps in fresh processes,
 alternating oneDNN's own choice of kernels and the AVX2 cap, and prints the median step time of each and

@@ -111,6 +111,7 @@ class Train(Section):
     patience: int = field(low=1)
     augment: Augment = field()
     device: Literal["auto", "cpu", "cuda", "mps"] = field()
+    cpu_kernels: Literal["avx2", "native"] = field()
     workers: int = field(low=0)
     seed: int = field(low=0, high=2**32 - 1)
     resume: bool = field()
@@ -118,7 +119,7 @@ class Train(Section):
     # What shapes the model: a resumed run must have been started with the same values.
     RECIPE: ClassVar[tuple[str, ...]] = (
         "arch", "output_stride", "weights", "freeze", "epochs", "batch_size", "lr_head", "lr_backbone",
-        "weight_decay", "scheduler", "pos_weight_cap", "patience", "augment", "seed")
+        "weight_decay", "scheduler", "pos_weight_cap", "patience", "augment", "seed", "cpu_kernels")
 
     def recipe(self) -> dict[str, Any]:
         """The recipe as plain data (lists, dicts), as stored in checkpoints."""

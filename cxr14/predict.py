@@ -20,7 +20,7 @@ import torch
 
 from cxr14 import paths
 from cxr14.calibration import apply_calibrator, load_calibrator, load_thresholds
-from cxr14.common import PipelineError, cpu_count, run_main, same_cpu_kernels
+from cxr14.common import PipelineError, cpu_count, cpu_kernels, run_main
 from cxr14.data import to_model_input
 from cxr14.engine import forward, pick_device
 from cxr14.gradcam import GradCAM, overlay
@@ -102,18 +102,20 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--layer", help="Grad-CAM layer, e.g. layer3 (default: explain.layer of --params, else the "
                         "last block)")
     parser.add_argument("--params", type=Path,
-                        help="project params to read train.device (where the model runs) and explain.layer from "
+                        help="project params to read train.device (where the model runs), train.cpu_kernels and "
+                        "explain.layer from "
                         "(default: params.yaml when the working directory has one; else the CPU and the last block)")
     args = parser.parse_args(argv)
     params = args.params or (PARAMS_FILE if PARAMS_FILE.is_file() else None)  # a named file must exist
     device, layer_name, layer_key = torch.device("cpu"), "auto", "--layer"
     if params is not None:
-        device = pick_device(load_section(params, Train).device, f"{params} train.device")
+        train = load_section(params, Train)
+        device = pick_device(train.device, f"{params} train.device")
+        cpu_kernels(train.cpu_kernels)  # the kernels evaluate used for the probabilities thresholds were fitted on
         layer_name, layer_key = load_section(params, Explain).layer, f"{params} explain.layer"
     if args.layer:
         layer_name, layer_key = args.layer, "--layer"
     torch.set_num_threads(cpu_count())
-    same_cpu_kernels()  # the same kernels as the evaluate stage whose probabilities the thresholds were fitted on
     model, ckpt = load_checkpoint(args.model, device)
     thresholds = load_thresholds(args.thresholds)
     calibrator = load_calibrator(args.calibrator) if args.calibrator.is_file() else None

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from cxr14 import paths
-from cxr14.common import PipelineError, atomic_path, cpu_count, run_main, same_cpu_kernels, write_json
+from cxr14.common import PipelineError, atomic_path, cpu_count, cpu_kernels, run_main, write_json
 from cxr14.engine import pick_device
 from cxr14.evaluation import clean_labels, curves, predict_split, score_plot, score_test
 from cxr14.model import load_checkpoint
@@ -27,9 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=paths.MODEL, help="train-stage checkpoint")
     args = parser.parse_args(argv)
     e, data = load_section(args.params, Evaluate), load_section(args.params, Data)
-    device = pick_device(load_section(args.params, Train).device, f"{args.params} train.device")
+    t = load_section(args.params, Train)
+    device = pick_device(t.device, f"{args.params} train.device")
     torch.set_num_threads(cpu_count())
-    same_cpu_kernels()
+    cpu_kernels(t.cpu_kernels)  # the same kernels as training: predictions reproduce to the bit too
     model, ckpt = load_checkpoint(args.model, device)
     if list(ckpt["classes"]) != list(CLASSES):
         raise PipelineError(f"{args.model}: classes {ckpt['classes']} differ from this project's {list(CLASSES)}")

@@ -19,24 +19,24 @@ import torch
 from cxr14 import paths
 from cxr14.boxes import BBOX_LIST, read_box_list
 from cxr14.calibration import apply_calibrator, load_calibrator, load_thresholds
-from cxr14.common import PipelineError, cpu_count, replace_dir, run_main, same_cpu_kernels, warn, write_json
+from cxr14.common import PipelineError, cpu_count, cpu_kernels, replace_dir, run_main, warn, write_json
 from cxr14.data import PreparedImages
 from cxr14.explanations import KINDS, choose_examples, draw, heatmaps, localisation, scaled_boxes
 from cxr14.gradcam import GradCAM
 from cxr14.model import gradcam_layer, load_checkpoint
 from cxr14.nih import CLASSES
-from cxr14.params import PARAMS_FILE, Data, Explain, load_section
+from cxr14.params import PARAMS_FILE, Data, Explain, Train, load_section
 from cxr14.predictions import read_predictions
 from cxr14.splits import read_split_table
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (sections explain, data)")
+    parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (sections explain, data, train)")
     args = parser.parse_args(argv)
     e, data = load_section(args.params, Explain), load_section(args.params, Data)
     torch.set_num_threads(cpu_count())
-    same_cpu_kernels()
+    cpu_kernels(load_section(args.params, Train).cpu_kernels)
     model, ckpt = load_checkpoint(paths.MODEL)
     try:
         layer_name, layer = gradcam_layer(model, ckpt["arch"], e.layer)

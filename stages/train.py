@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from cxr14 import paths
-from cxr14.common import PipelineError, cpu_count, rounded, run_main, same_cpu_kernels, write_json
+from cxr14.common import PipelineError, cpu_count, cpu_kernels, rounded, run_main, write_json
 from cxr14.data import PreparedImages, read_labels
 from cxr14.engine import pick_device
 from cxr14.model import build_model, freeze, imagenet_weights
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (section train)")
     args = parser.parse_args(argv)
     t = load_section(args.params, Train)
-    same_cpu_kernels()
+    cpu_kernels(t.cpu_kernels)
     try:  # settings and weights before any data: offline, a missing download fails within seconds
         device = pick_device(t.device)
         torch.set_num_threads(cpu_count())

@@ -279,15 +279,17 @@ def test_checkpoint_bytes_do_not_depend_on_the_file_name(tmp_path) -> None:
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other_name.pt").read_bytes()
 
 
-def test_cpu_kernels_are_capped_at_avx2_unless_the_user_chose(monkeypatch) -> None:
-    """AVX-512 and AVX2 oneDNN kernels round differently: the stages pin AVX2 so x86-64 machines agree."""
-    from cxr14.common import same_cpu_kernels
+def test_cpu_kernels_are_capped_at_avx2_unless_native_or_the_user_chose(monkeypatch) -> None:
+    """AVX-512 and AVX2 oneDNN kernels round differently: train.cpu_kernels avx2 pins AVX2 so x86-64 machines agree."""
+    from cxr14.common import cpu_kernels
 
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    same_cpu_kernels()
+    cpu_kernels("native")
+    assert "ONEDNN_MAX_CPU_ISA" not in os.environ
+    cpu_kernels("avx2")
     assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
-    same_cpu_kernels()
+    cpu_kernels("avx2")
     assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"
 
 
