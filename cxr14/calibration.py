@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr14.common import PipelineError
+from cxr14.common import PipelineError, rounded, warn
 from cxr14.metrics import has_both, mean_defined
 from cxr14.nih import CLASSES
 
@@ -274,3 +274,32 @@ def reliability_frame(labels: np.ndarray, raw: np.ndarray, cal: np.ndarray, bins
         for curve, y, p in curves:
             rows += [{"curve": curve, "stage": stage, **r} for r in reliability(y, p, bins)]
     return pd.DataFrame(rows, columns=["curve", "stage", "bin", "mean_predicted", "fraction_positive", "count"])
+
+
+def check_classes(method: str, val: np.ndarray, val_probs: np.ndarray, test: np.ndarray,
+                  classes: Sequence[str] = CLASSES) -> None:
+    """Warn, per class, where val or test cannot support what calibrate reports (one-sided labels, a val set
+    that separates the class perfectly and so drives the calibrator to its extreme)."""
+    for j, name in enumerate(classes):
+        if not has_both(val[:, j]):
+            side = "no positives" if val[:, j].sum() == 0 else "no negatives"
+            warn(f"class {name} has {side} in val: its threshold and metrics are null, its calibration the identity")
+        elif method != "none" and separable(val[:, j], val_probs[:, j]):
+            warn(f"class {name}: val separates it perfectly ({val[:, j].sum()} positives), so its {method} "
+                 "calibration is extreme and unreliable; a larger val set fixes this")
+        if has_both(val[:, j]) and not has_both(test[:, j]):
+            warn(f"class {name} has only one outcome in test: its test recall or precision is null")
+
+
+def thresholds_file(thresholds: dict[str, float | None], policy: str, method: str,
+                    data: dict[str, tuple[np.ndarray, np.ndarray]], cal: dict[str, np.ndarray],
+                    classes: Sequence[str] = CLASSES) -> dict[str, Any]:
+    """models/thresholds.json in the seed's schema (metadata, thresholds, val metrics) plus test_metrics."""
+    def at_thresholds(split: str) -> dict:
+        return {n: rounded(decision_metrics(data[split][0][:, j], cal[split][:, j], thresholds[n]))
+                for j, n in enumerate(classes)}
+
+    return {"metadata": {"method": policy, "split": "val", "num_classes": len(classes), "policy": policy,
+                         "calibration": method},
+            "thresholds": thresholds,  # not rounded: `calibrated prob >= threshold` must reproduce the metrics exactly
+            "metrics": at_thresholds("val"), "test_metrics": at_thresholds("test")}

@@ -87,6 +87,12 @@ def write_json(path: Path | str, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def write_csv(path: Path | str, frame: Any, **options: Any) -> None:
+    """Write a pandas DataFrame as CSV atomically, without its index."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, **options)
+
+
 def progress(iterable: Any = None, **kwargs: Any) -> Any:
     """A tqdm bar on stderr that stays quiet when stderr is not a terminal and CI is set."""
     from tqdm.auto import tqdm

@@ -21,6 +21,7 @@ from cxr14.engine import Batches, evaluate
 from cxr14.metrics import auc as auc_of
 from cxr14.metrics import auc_with_interval, has_both, mean_defined, patient_bootstrap_weights, pr_on_grid, roc_on_grid
 from cxr14.nih import CLASSES, parse_findings
+from cxr14.predictions import PROB_PREFIX
 from cxr14.splits import read_split_table
 
 GRID = np.linspace(0, 1, 101)
@@ -36,7 +37,7 @@ def predict_split(model: torch.nn.Module, ckpt: dict, split: str, device: torch.
                             "was trained; run dvc repro")
     result = evaluate(model, make_loader(data, batch_size, shuffle=False), torch.nn.BCEWithLogitsLoss(),
                       Batches(device, reuse=True))
-    probs = pd.DataFrame(result["probs"], columns=[f"prob_{c}" for c in CLASSES])
+    probs = pd.DataFrame(result["probs"], columns=[PROB_PREFIX + c for c in CLASSES])
     return pd.concat([table[["Image Index", "Patient ID", *CLASSES]], probs], axis=1)
 
 
@@ -54,7 +55,7 @@ def score_test(pred: pd.DataFrame, clean: np.ndarray | None, resamples: int, see
     weights = patient_bootstrap_weights(pred["Patient ID"].to_numpy(), resamples, seed)
     per_class, aucs = {}, []
     for k, name in enumerate(CLASSES):
-        y, p = pred[name].to_numpy(), pred[f"prob_{name}"].to_numpy()
+        y, p = pred[name].to_numpy(), pred[PROB_PREFIX + name].to_numpy()
         auc, low, high = auc_with_interval(p, y, weights)
         if auc is None:
             warn(f"{name} has no positives (or no negatives) in test; its metrics are null")
@@ -79,7 +80,7 @@ def curves(pred: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """ROC (TPR at fixed FPR) and PR (precision at fixed recall), one column per class with positives."""
     roc, pr = pd.DataFrame({"fpr": GRID}), pd.DataFrame({"recall": GRID})
     for name in CLASSES:
-        y, p = pred[name].to_numpy(), pred[f"prob_{name}"].to_numpy()
+        y, p = pred[name].to_numpy(), pred[PROB_PREFIX + name].to_numpy()
         if has_both(y):
             roc[name], pr[name] = roc_on_grid(p, y, GRID).round(5), pr_on_grid(p, y, GRID).round(5)
     return roc, pr
@@ -96,7 +97,7 @@ def score_plot(pred: pd.DataFrame, path: Path) -> None:
     eps = 1e-4
     for k, name in enumerate(CLASSES):
         for offset, label, color in ((-0.2, 0, "tab:blue"), (0.2, 1, "tab:red")):
-            values = pred.loc[pred[name] == label, f"prob_{name}"].clip(eps, 1 - eps).to_numpy()
+            values = pred.loc[pred[name] == label, PROB_PREFIX + name].clip(eps, 1 - eps).to_numpy()
             if len(values) > 1:
                 parts = ax.violinplot(values, [k + offset], widths=0.35, showextrema=False)
                 for body in parts["bodies"]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,12 +188,16 @@ def read_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> dic
         raise PipelineError(f"{path}: not a readable checkpoint ({' '.join(str(exc).split())[:300]})") from None
 
 
-def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """The trained model (eval mode) and its metadata from a train-stage checkpoint."""
+def load_checkpoint(path: Path | str, device: torch.device | str = "cpu",
+                    classes: Sequence[str] | None = None) -> tuple[nn.Module, dict]:
+    """The trained model (eval mode) and its metadata from a train-stage checkpoint; with `classes`, the
+    checkpoint must predict exactly those, in that order (the stages' predictions files assume it)."""
     ckpt = read_checkpoint(path, device)
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
         raise PipelineError(f"{path}: checkpoint lacks {', '.join(missing)}; expected one written by the train stage")
+    if classes is not None and list(ckpt["classes"]) != list(classes):
+        raise PipelineError(f"{path}: classes {ckpt['classes']} differ from this project's {list(classes)}")
     try:
         model = build_model(ckpt["arch"], "none", len(ckpt["classes"]), int(ckpt.get("output_stride", 32)))
         model.load_state_dict(ckpt["state_dict"])

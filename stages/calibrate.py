@@ -13,30 +13,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pandas as pd
-
 from cxr14 import paths
 from cxr14.calibration import (
     apply_calibrator,
+    check_classes,
     choose_threshold,
-    decision_metrics,
     fit_calibrator,
     reliability_frame,
-    separable,
     split_metrics,
+    thresholds_file,
 )
-from cxr14.common import atomic_path, rounded, run_main, warn, write_json
-from cxr14.metrics import has_both
+from cxr14.common import rounded, run_main, write_csv, write_json
 from cxr14.nih import CLASSES
 from cxr14.params import PARAMS_FILE, Calibrate, load_section
 from cxr14.predictions import read_predictions
 
 SPLITS = ("val", "test")
-
-
-def write_csv(path: Path, frame: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.6f")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,40 +45,23 @@ def main(argv: list[str] | None = None) -> None:
     data = {s: read_predictions(args.predictions / f"{s}.csv") for s in SPLITS}
 
     labels, raw = data["val"]
-    for j, name in enumerate(CLASSES):
-        if not has_both(labels[:, j]):
-            side = "no positives" if labels[:, j].sum() == 0 else "no negatives"
-            warn(f"class {name} has {side} in val: its threshold and metrics are null, its calibration the identity")
-        elif c.method != "none" and separable(labels[:, j], raw[:, j]):
-            warn(f"class {name}: val separates it perfectly ({labels[:, j].sum()} positives), so its {c.method} "
-                 "calibration is extreme and unreliable; a larger val set fixes this")
-        if has_both(labels[:, j]) and not has_both(data["test"][0][:, j]):
-            warn(f"class {name} has only one outcome in test: its test recall or precision is null")
+    check_classes(c.method, labels, raw, data["test"][0])
     spec = fit_calibrator(c.method, labels, raw)
     cal = {s: apply_calibrator(spec, data[s][1]) for s in SPLITS}
     thresholds = {n: choose_threshold(c.policy, labels[:, j], cal["val"][:, j], c.target_recall)
                   for j, n in enumerate(CLASSES)}
 
-    def at_thresholds(split: str) -> dict:
-        return {n: rounded(decision_metrics(data[split][0][:, j], cal[split][:, j], thresholds[n]))
-                for j, n in enumerate(CLASSES)}
-
     write_json(args.out_models / "calibrator.json", spec)
-    write_json(args.out_models / "thresholds.json", {
-        "metadata": {"method": c.policy, "split": "val", "num_classes": len(CLASSES), "policy": c.policy,
-                     "calibration": c.method},
-        "thresholds": thresholds,  # not rounded: `calibrated prob >= threshold` must reproduce the metrics exactly
-        "metrics": at_thresholds("val"),
-        "test_metrics": at_thresholds("test"),
-    })
+    write_json(args.out_models / "thresholds.json", thresholds_file(thresholds, c.policy, c.method, data, cal))
     metrics = rounded({s: split_metrics(*data[s], cal[s], thresholds, c.ece_bins) for s in SPLITS})
     write_json(args.metrics, metrics)
     for s in SPLITS:
         frame = reliability_frame(data[s][0], data[s][1], cal[s], c.ece_bins)
-        write_csv(args.plots / f"reliability_{s}.csv", frame)
+        write_csv(args.plots / f"reliability_{s}.csv", frame, float_format="%.6f")
         for stage in ("before", "after"):  # one file per line: DVC colours series by file, not by a column
             pooled = frame[(frame["curve"] == "pooled") & (frame["stage"] == stage)]
-            write_csv(args.plots / f"reliability_{s}_{stage}.csv", pooled.drop(columns=["curve", "stage"]))
+            write_csv(args.plots / f"reliability_{s}_{stage}.csv", pooled.drop(columns=["curve", "stage"]),
+                      float_format="%.6f")
     test = metrics["test"]["macro"]
     print(f"calibrate: {c.method} + {c.policy}: test macro ECE {test['ece_before']} -> {test['ece_after']}, "
           f"F1 {test['f1']}, precision {test['precision']}, recall {test['recall']}")

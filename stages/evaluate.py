@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from cxr14 import paths
-from cxr14.common import PipelineError, atomic_path, cpu_count, cpu_kernels, run_main, write_json
+from cxr14.common import cpu_count, cpu_kernels, run_main, write_csv, write_json
 from cxr14.engine import pick_device
 from cxr14.evaluation import clean_labels, curves, predict_split, score_plot, score_test
 from cxr14.model import load_checkpoint
@@ -31,20 +31,16 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(t.device, f"{args.params} train.device")
     torch.set_num_threads(cpu_count())
     cpu_kernels(t.cpu_kernels)  # the same kernels as training: predictions reproduce to the bit too
-    model, ckpt = load_checkpoint(args.model, device)
-    if list(ckpt["classes"]) != list(CLASSES):
-        raise PipelineError(f"{args.model}: classes {ckpt['classes']} differ from this project's {list(CLASSES)}")
+    model, ckpt = load_checkpoint(args.model, device, CLASSES)
     preds = {split: predict_split(model, ckpt, split, device, e.batch_size) for split in ("val", "test")}
     for split, frame in preds.items():
-        with atomic_path(paths.PREDICTIONS / f"{split}.csv") as tmp:
-            frame.to_csv(tmp, index=False, float_format="%.6g")
+        write_csv(paths.PREDICTIONS / f"{split}.csv", frame, float_format="%.6g")
     test = preds["test"]
     metrics = score_test(test, clean_labels(Path(data.root), test["Image Index"]), e.bootstrap, e.seed)
     write_json(paths.METRICS / "evaluate.json", metrics)
     plots = paths.PLOTS / "evaluate"
     for name, frame in zip(("roc", "pr"), curves(test), strict=True):
-        with atomic_path(plots / f"{name}.csv") as tmp:
-            frame.to_csv(tmp, index=False)
+        write_csv(plots / f"{name}.csv", frame)
     score_plot(test, plots / "scores.png")
     oracle = f" (oracle {metrics['oracle_mean_auc']})" if "oracle_mean_auc" in metrics else ""
     print(f"evaluate: test mean ROC-AUC {metrics['mean_auc']}{oracle} on {metrics['images']} images")

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     e, data = load_section(args.params, Explain), load_section(args.params, Data)
     torch.set_num_threads(cpu_count())
     cpu_kernels(load_section(args.params, Train).cpu_kernels)
-    model, ckpt = load_checkpoint(paths.MODEL)
+    model, ckpt = load_checkpoint(paths.MODEL, classes=CLASSES)
     try:
         layer_name, layer = gradcam_layer(model, ckpt["arch"], e.layer)
     except PipelineError as exc:

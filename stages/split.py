@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     splits, metrics = build_splits(data.root, split.val_fraction, split.seed, data.missing)
     with contextlib.ExitStack() as stack:  # all tables are replaced together, or none
         for name, frame in splits.items():
-            frame.to_csv(stack.enter_context(atomic_path(args.out / f"{name}.csv")), index=False)
+            frame.to_csv(stack.enter_context(atomic_path(args.out / f"{name}.csv")), index=False)  # renamed at exit
     write_json(args.metrics, metrics)
     sizes = ", ".join(f"{n} {metrics[n]['images']} images / {metrics[n]['patients']} patients" for n in paths.SPLITS)
     skipped = f"; skipped {metrics['missing_images']} missing" if metrics["missing_images"] else ""
