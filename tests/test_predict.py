@@ -242,13 +242,19 @@ def test_overlay_draws_heat_box_and_legend(tmp_path: Path) -> None:
 
 def test_predict_params_named_but_missing_is_an_error(artifacts: Path) -> None:
     with pytest.raises(PipelineError, match=r"nowhere.yaml: not found"):
-        predict.run([str(artifacts / "a.png"), "--model", str(artifacts / "model.pt"), "--params",
-                     str(artifacts / "nowhere.yaml")])
+        predict.run([str(artifacts / "a.png"), *own_files(artifacts), "--params", str(artifacts / "nowhere.yaml")])
 
 
 def test_predict_bad_layer_names_where_it_came_from(artifacts: Path) -> None:
     params_file = project_params(artifacts / "layer.yaml", {"explain": {"layer": "layer9"}})
     with pytest.raises(PipelineError, match=r"layer.yaml explain.layer: Grad-CAM layer 'layer9' is no module"):
-        predict.run([str(artifacts / "a.png"), "--model", str(artifacts / "model.pt"), "--params", str(params_file)])
+        predict.run([str(artifacts / "a.png"), *own_files(artifacts), "--params", str(params_file)])
     with pytest.raises(PipelineError, match=r"^--layer: Grad-CAM layer 'layer7'"):
-        predict.run([str(artifacts / "a.png"), "--model", str(artifacts / "model.pt"), "--layer", "layer7"])
+        predict.run([str(artifacts / "a.png"), *own_files(artifacts), "--params", str(params_file),
+                     "--layer", "layer7"])
+
+
+def own_files(artifacts: Path) -> list[str]:
+    """The test's model and thresholds, never the repo's models/ (absent on a fresh clone)."""
+    return ["--model", str(artifacts / "model.pt"), "--thresholds", str(artifacts / "thresholds.json"),
+            "--calibrator", str(artifacts / "none.json")]
