@@ -154,7 +154,7 @@ def load_calibrator(path: Path | str) -> dict[str, Any]:
     return check_calibrator(spec, str(path))
 
 
-def choose_threshold(policy: str, y: np.ndarray, p: np.ndarray, target_recall: float = 0.9) -> float | None:
+def choose_threshold(policy: str, y: np.ndarray, p: np.ndarray, target_recall: float | None = None) -> float | None:
     """Val threshold for one class (positive = p >= threshold); None if the labels are one-sided.
 
     The policy picks which val images are positive (a cut at one of their scores); the threshold is then
@@ -176,6 +176,8 @@ def choose_threshold(policy: str, y: np.ndarray, p: np.ndarray, target_recall: f
         keep = np.isfinite(thresholds)
         cut = thresholds[keep][np.argmax((tpr - fpr)[keep])]
     elif policy == "target_recall":  # recall falls as the threshold rises: the highest one still reaching the target
+        if target_recall is None:
+            raise PipelineError("threshold policy target_recall needs calibrate.target_recall")
         _, recall, thresholds = precision_recall_curve(y, p)
         cut = thresholds[recall[:-1] >= target_recall].max()
     else:
@@ -227,7 +229,7 @@ def reliability(y: np.ndarray, p: np.ndarray, bins: int) -> list[dict[str, float
              "count": int(count[b])} for b in np.flatnonzero(count)]
 
 
-def ece(y: np.ndarray, p: np.ndarray, bins: int = 15) -> float | None:
+def ece(y: np.ndarray, p: np.ndarray, bins: int) -> float | None:
     """Expected calibration error: sum over bins of |mean p - positive rate| weighted by the bin's share."""
     n = np.asarray(p).size
     if n == 0:
