@@ -9,6 +9,7 @@ that could not be fitted (no positives or no negatives in val), which then passe
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -133,10 +134,12 @@ def check_calibrator(spec: Any, where: str, classes: Sequence[str] = CLASSES) ->
         if name not in params:
             raise PipelineError(f"{where}: no {method} parameters for class {name}")
         v = params[name]
-        ok = (v is None or (method == "temperature" and isinstance(v, (int, float)) and v > 0)
-              or (method == "platt" and isinstance(v, list) and len(v) == 2
-                  and all(isinstance(a, (int, float)) for a in v))
-              or (method == "isotonic" and isinstance(v, dict) and len(v.get("x", [])) == len(v.get("y", [])) > 0))
+        ok = (v is None or (method == "temperature" and finite(v) and v > 0)
+              or (method == "platt" and isinstance(v, list) and len(v) == 2 and all(map(finite, v)))
+              or (method == "isotonic" and isinstance(v, dict) and isinstance(v.get("x"), list)
+                  and isinstance(v.get("y"), list) and len(v["x"]) == len(v["y"]) > 0
+                  and all(map(finite, v["x"] + v["y"])) and all(0 <= b <= 1 for b in v["y"])
+                  and all(a <= b for a, b in zip(v["x"], v["x"][1:], strict=False))))
         if not ok:
             raise PipelineError(f"{where}: class {name}: {v!r} is not a valid {method} calibrator")
     return spec
@@ -244,15 +247,42 @@ def brier(y: np.ndarray, p: np.ndarray) -> float | None:
     return float(np.mean((p - y) ** 2)) if p.size else None
 
 
-def load_thresholds(path: Path | str) -> dict[str, float | None]:
-    """Per-class thresholds from the calibrate stage's thresholds.json (None where val had no positives)."""
+def finite(value: Any) -> bool:
+    """A real number (not a bool, a string, NaN or an infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def load_thresholds(path: Path | str, classes: Sequence[str] = CLASSES) -> tuple[dict[str, float | None], str | None]:
+    """Per-class thresholds from the calibrate stage's thresholds.json (None where val had no positives), and the
+    calibration method whose probabilities they apply to (None for files that do not say)."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())["thresholds"]
+        data = json.loads(path.read_text())
+        thresholds = data["thresholds"]
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found; run the calibrate stage (dvc repro calibrate)") from None
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path}: not a thresholds file ({exc}); expected the calibrate stage's output") from None
+    if not isinstance(thresholds, dict):
+        raise PipelineError(f"{path}: 'thresholds' is {thresholds!r}; expected a mapping of class to threshold")
+    for name in classes:
+        if name not in thresholds:
+            raise PipelineError(f"{path}: no threshold for class {name}; expected one per class (null where undefined)")
+        v = thresholds[name]
+        if v is not None and not (finite(v) and 0 <= v <= 1):
+            raise PipelineError(f"{path}: class {name}: threshold {v!r}; expected a number in [0, 1] or null")
+    metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    return thresholds, metadata.get("calibration")
+
+
+def check_pairing(thresholds_path: Path | str, applies_to: str | None, calibrator: dict[str, Any] | None,
+                  calibrator_path: Path | str) -> None:
+    """Thresholds chosen on calibrated probabilities must meet those, not the raw ones (a class flips otherwise)."""
+    method = calibrator["method"] if calibrator is not None else "none"
+    if applies_to is not None and applies_to != method:
+        found = f"{calibrator_path} is {method}" if calibrator is not None else f"{calibrator_path} was not found"
+        raise PipelineError(f"{thresholds_path}: these thresholds apply to {applies_to}-calibrated probabilities, "
+                            f"but {found}; use the calibrate stage's calibrator.json from the same run")
 
 
 def split_metrics(labels: np.ndarray, raw: np.ndarray, cal: np.ndarray, thresholds: dict, bins: int) -> dict:

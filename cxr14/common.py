@@ -7,6 +7,7 @@ so stages raise `PipelineError` and write through `atomic_path`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import multiprocessing
 import os
@@ -143,6 +144,11 @@ def run_main(main: Callable[..., Any], argv: list[str] | None = None) -> None:
         main(argv)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as exc:  # a full disk, a folder we may not read: what and where, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        hint = "; free some space and re-run" if exc.errno == errno.ENOSPC else ""
+        print(f"error: {where}{exc.strerror or exc}{hint}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

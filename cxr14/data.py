@@ -36,9 +36,13 @@ class PreparedImages(Dataset):
     def __init__(self, array: Path | str, labels: np.ndarray | None = None) -> None:
         self.path = Path(array)
         try:
-            shape = np.load(self.path, mmap_mode="r").shape
-        except (OSError, ValueError) as exc:
-            raise PipelineError(f"{self.path}: cannot open prepared array ({exc}); run the prepare stage") from None
+            array = np.load(self.path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as exc:  # a 0-byte file is an EOFError
+            raise PipelineError(f"{self.path}: cannot open prepared array ({exc or 'empty file'}); run the prepare "
+                                "stage") from None
+        shape = array.shape
+        if array.dtype != np.uint8:
+            raise PipelineError(f"{self.path}: {array.dtype} pixels; expected uint8 from the prepare stage")
         if len(shape) != 3 or shape[1] != shape[2]:
             raise PipelineError(f"{self.path}: shape {shape}; expected (images, size, size) from the prepare stage")
         if labels is not None and len(labels) != shape[0]:

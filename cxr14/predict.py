@@ -11,6 +11,7 @@ other files are still processed (exit code 1 at the end).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from cxr14 import paths
-from cxr14.calibration import apply_calibrator, load_calibrator, load_thresholds
+from cxr14.calibration import apply_calibrator, check_pairing, load_calibrator, load_thresholds
 from cxr14.common import PipelineError, cpu_count, cpu_kernels, run_main
 from cxr14.data import to_model_input
 from cxr14.engine import forward, pick_device
@@ -43,8 +44,9 @@ def margins(p: float, t: float | None) -> tuple[str, float | None, float | None]
     return "NEG", p - t, (p - t) / t
 
 
-def predict_one(path: str, model, ckpt, layer, calibrator, thresholds, gradcam_dir: Path | None) -> dict:
-    """One image's table rows (and heatmap files when asked)."""
+def predict_one(path: str, model, ckpt, layer, calibrator, thresholds, gradcam_dir: Path | None,
+                stem: str | None = None) -> dict:
+    """One image's table rows (and heatmap files `<stem>_<Class>.png`, stem the file's own by default)."""
     gray = load_gray(path, ckpt["image_size"])  # ValueError with the reason for unreadable files
     device = next(model.parameters()).device
     x = to_model_input(torch.from_numpy(gray.copy())[None, None].to(device), tuple(ckpt["mean"]), tuple(ckpt["std"]))
@@ -70,7 +72,7 @@ def predict_one(path: str, model, ckpt, layer, calibrator, thresholds, gradcam_d
         result["gradcam"] = []
         for j, k in enumerate(chosen):
             r = rows[k]
-            out = gradcam_dir / f"{Path(path).stem}_{r['class']}.png"
+            out = gradcam_dir / f"{stem or Path(path).stem}_{r['class']}.png"
             t = "n/a" if r["threshold"] is None else f"{r['threshold']:.3f}"
             overlay(gray, maps[0, j].cpu().numpy(), f"{Path(path).name}: {r['class']}\np={r['calibrated']:.3f}, t={t}, "
                     f"{r['decision']}", out)
@@ -117,16 +119,22 @@ def run(argv: list[str] | None = None) -> None:
         layer_name, layer_key = args.layer, "--layer"
     torch.set_num_threads(cpu_count())
     model, ckpt = load_checkpoint(args.model, device)
-    thresholds = load_thresholds(args.thresholds)
+    thresholds, applies_to = load_thresholds(args.thresholds, ckpt["classes"])
     calibrator = load_calibrator(args.calibrator) if args.calibrator.is_file() else None
+    check_pairing(args.thresholds, applies_to, calibrator, args.calibrator)
+    if args.gradcam is not None and args.gradcam.exists() and not args.gradcam.is_dir():
+        raise PipelineError(f"--gradcam {args.gradcam}: is a file; expected a folder for the heatmaps")
     try:
         _, layer = gradcam_layer(model, ckpt["arch"], layer_name)
     except PipelineError as exc:
         raise PipelineError(f"{layer_key}: {exc}") from None
     results, failed = [], 0
-    for path in args.images:
+    stems = [Path(p).stem for p in args.images]
+    repeated = {s for s, n in collections.Counter(stems).items() if n > 1}  # a/x.png and b/x.png: numbered overlays
+    for i, path in enumerate(args.images):
         try:
-            result = predict_one(path, model, ckpt, layer, calibrator, thresholds, args.gradcam)
+            stem = f"{i + 1}_{stems[i]}" if stems[i] in repeated else stems[i]
+            result = predict_one(path, model, ckpt, layer, calibrator, thresholds, args.gradcam, stem)
         except ValueError as exc:
             print(f"error: {path}: {exc}", file=sys.stderr)
             failed += 1

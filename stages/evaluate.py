@@ -33,14 +33,16 @@ def main(argv: list[str] | None = None) -> None:
     cpu_kernels(t.cpu_kernels)  # the same kernels as training: predictions reproduce to the bit too
     model, ckpt = load_checkpoint(args.model, device, CLASSES)
     preds = {split: predict_split(model, ckpt, split, device, e.batch_size) for split in ("val", "test")}
+    test = preds["test"]
+    # Everything is computed before anything is written: a failure in scoring leaves the old outputs as they were.
+    metrics = score_test(test, clean_labels(Path(data.root), test["Image Index"]), e.bootstrap, e.seed)
+    plots = paths.PLOTS / "evaluate"
+    roc, pr = curves(test)
     for split, frame in preds.items():
         write_csv(paths.PREDICTIONS / f"{split}.csv", frame, float_format="%.6g")
-    test = preds["test"]
-    metrics = score_test(test, clean_labels(Path(data.root), test["Image Index"]), e.bootstrap, e.seed)
     write_json(paths.METRICS / "evaluate.json", metrics)
-    plots = paths.PLOTS / "evaluate"
-    for name, frame in zip(("roc", "pr"), curves(test), strict=True):
-        write_csv(plots / f"{name}.csv", frame)
+    write_csv(plots / "roc.csv", roc)
+    write_csv(plots / "pr.csv", pr)
     score_plot(test, plots / "scores.png")
     oracle = f" (oracle {metrics['oracle_mean_auc']})" if "oracle_mean_auc" in metrics else ""
     print(f"evaluate: test mean ROC-AUC {metrics['mean_auc']}{oracle} on {metrics['images']} images")

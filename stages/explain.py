@@ -18,7 +18,7 @@ import torch
 
 from cxr14 import paths
 from cxr14.boxes import BBOX_LIST, read_box_list
-from cxr14.calibration import apply_calibrator, load_calibrator, load_thresholds
+from cxr14.calibration import apply_calibrator, check_pairing, load_calibrator, load_thresholds
 from cxr14.common import PipelineError, cpu_count, cpu_kernels, replace_dir, run_main, warn, write_json
 from cxr14.data import PreparedImages
 from cxr14.explanations import KINDS, choose_examples, draw, heatmaps, localisation, scaled_boxes
@@ -44,9 +44,14 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"{args.params} explain.layer: {exc}") from None
     table = read_split_table(paths.SPLIT / "test.csv")
     labels, raw = read_predictions(paths.PREDICTIONS / "test.csv", table["Image Index"])
-    thresholds = load_thresholds(paths.THRESHOLDS)
-    cal = apply_calibrator(load_calibrator(paths.CALIBRATOR), raw)
+    thresholds, applies_to = load_thresholds(paths.THRESHOLDS)
+    calibrator = load_calibrator(paths.CALIBRATOR)
+    check_pairing(paths.THRESHOLDS, applies_to, calibrator, paths.CALIBRATOR)
+    cal = apply_calibrator(calibrator, raw)
     test = PreparedImages(paths.PREPARED / "test.npy", labels.astype(np.float32))
+    if test.image_size != ckpt["image_size"]:
+        raise PipelineError(f"{test.path}: images are {test.image_size} px, not {ckpt['image_size']} px as "
+                            f"{paths.MODEL} was trained; run dvc repro")
 
     box_file = Path(data.root) / BBOX_LIST
     if box_file.is_file():
