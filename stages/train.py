@@ -19,7 +19,7 @@ from cxr14.engine import pick_device
 from cxr14.model import build_model, freeze, imagenet_weights
 from cxr14.nih import CLASSES
 from cxr14.params import PARAMS_FILE, Train, load_section
-from cxr14.training import fit
+from cxr14.training import fingerprint, fit
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     def open_log(resumed: bool) -> Live:
         return Live(dir=str(paths.DVCLIVE), resume=resumed, save_dvc_exp=False, dvcyaml=None)
 
-    state = fit(model, frozen, train_set, val_set, t, device, open_log, paths.MODELS, pretrained)
+    data = fingerprint([paths.PREPARED / "train.npy", paths.PREPARED / "val.npy", paths.SPLIT / "train.csv",
+                        paths.SPLIT / "val.csv"])
+    state = fit(model, frozen, train_set, val_set, t, device, open_log, paths.MODELS, pretrained, data)
     write_json(paths.METRICS / "train.json", {
         "best_epoch": state["best_epoch"], "best_val_mean_auc": rounded(state["best_auc"]),
         "epochs_run": state["epoch"], "seconds": rounded(state["seconds"], 1),

@@ -8,6 +8,7 @@ import shutil
 import socket
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -169,3 +170,58 @@ def test_imagenet_weights_offline_stop_the_stage_with_where_to_put_them(workdir:
         torch.hub._hub_dir = None
     assert str(tmp_path / "hub/checkpoints/resnet18-f37072fd.pth") in str(err.value)
     assert "download failed" in str(err.value) and not Path("models").exists()
+
+
+def test_resume_on_other_data_is_refused(workdir: Path) -> None:
+    """The resume point records what it was trained on: another split or other arrays is a one-line refusal."""
+    write_train_params(workdir)
+    train.main([])
+    array = np.load("data/prepared/train.npy")
+    array[0, 0, 0] ^= 1
+    np.save("data/prepared/train.npy", array)
+    write_train_params(workdir, resume=True)
+    with pytest.raises(PipelineError, match=r"models/last.pt was trained on other data \(data/prepared/train.npy "
+                                            r"differs, 1 file\(s\) in all\); set train.resume: false"):
+        train.main([])
+
+
+def test_a_kill_before_any_checkpoint_write_resumes_to_the_uninterrupted_result(workdir: Path, monkeypatch) -> None:
+    """model.pt, last.pt and metrics/train.json agree with an uninterrupted run wherever the run is killed."""
+    write_train_params(workdir, epochs=2, scheduler="cosine")
+    writes = []
+    real_save = training.save_checkpoint
+
+    def counting(path, payload):
+        writes.append(Path(path).name)
+        real_save(path, payload)
+
+    monkeypatch.setattr(training, "save_checkpoint", counting)
+    train.main([])
+    straight = {name: torch.load(f"models/{name}", weights_only=True) for name in ("model.pt", "last.pt")}
+    straight_metrics = {k: v for k, v in json.loads(Path("metrics/train.json").read_text()).items()
+                        if k in ("best_epoch", "best_val_mean_auc", "epochs_run")}
+    assert writes[:2] == ["last.pt", "model.pt"] and len(writes) >= 3
+    for kill_at in range(len(writes)):
+        shutil.rmtree("models"), shutil.rmtree("dvclive"), Path("metrics/train.json").unlink()
+        calls = {"n": 0}
+
+        def killed(path, payload, kill_at=kill_at, calls=calls):
+            if calls["n"] == kill_at:
+                raise KeyboardInterrupt  # as a kill just before this write (writes are atomic: during = before)
+            calls["n"] += 1
+            real_save(path, payload)
+
+        monkeypatch.setattr(training, "save_checkpoint", killed)
+        write_train_params(workdir, epochs=2, scheduler="cosine")
+        with pytest.raises(KeyboardInterrupt):
+            train.main([])
+        monkeypatch.setattr(training, "save_checkpoint", real_save)
+        write_train_params(workdir, epochs=2, scheduler="cosine", resume=True)
+        train.main([])
+        for name, reference in straight.items():
+            resumed = torch.load(f"models/{name}", weights_only=True)
+            weights = "state_dict" if name == "model.pt" else "model"
+            assert all(torch.equal(v, resumed[weights][k]) for k, v in reference[weights].items()), (kill_at, name)
+        assert torch.load("models/model.pt", weights_only=True)["epoch"] == straight["model.pt"]["epoch"], kill_at
+        metrics = json.loads(Path("metrics/train.json").read_text())
+        assert {k: metrics[k] for k in straight_metrics} == straight_metrics, kill_at
