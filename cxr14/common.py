@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,11 +44,47 @@ def rounded(value: Any, digits: int = 6) -> Any:
     return value
 
 
+def remove_leftovers(path: Path) -> None:
+    """Delete what a killed run left beside `path` (`.<name>.*.tmp` files or folders, `.<name>.*.old` folders).
+
+    A SIGKILL skips every `finally`, so nothing else removes them (a killed training run leaves a checkpoint-sized
+    file each time). Safe because one pipeline writes one target at a time: DVC locks the repository for a run.
+    """
+    for pattern in (".tmp", ".old"):
+        for stale in path.parent.glob(glob.escape(f".{path.name}.") + "*" + pattern):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+def exit_with(pid: int) -> None:
+    """Worker-process initializer: end this worker within a second of process `pid` (the stage) ending, SIGKILL
+    included.
+
+    Pool workers come from a fork server, and each holds the pipe that keeps the fork server alive, so after a
+    killed prepare or demo all of them stayed (hundreds of MB) waiting on a queue no one fills; a parent-death
+    signal would not help, their parent is the fork server. A daemon thread polls the stage's pid instead.
+    """
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # alive, and someone else's (cannot happen for our own stage)
+                pass
+
+    threading.Thread(target=watch, name="exit-with-stage", daemon=True).start()
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -65,6 +104,7 @@ def replace_dir(path: Path | str) -> Iterator[Path]:
     so a killed stage leaves the old folder (or none), never half a new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     umask = os.umask(0)
     os.umask(umask)

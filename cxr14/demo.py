@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from cxr14.boxes import BBOX_LIST, BOX_LABELS
-from cxr14.common import PipelineError, cpu_count, process_context, progress, replace_dir
+from cxr14.common import PipelineError, cpu_count, exit_with, process_context, progress, replace_dir
 from cxr14.nih import CLASSES, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST, parse_findings
 from cxr14.params import Demo
 from cxr14.phantom import render
@@ -170,6 +170,12 @@ def keep_freed_memory() -> None:
         libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
 
 
+def worker_setup(stage_pid: int) -> None:
+    """Each rendering worker: gone when the stage is (even killed), glibc kept from trimming."""
+    exit_with(stage_pid)
+    keep_freed_memory()
+
+
 def render_all(folder: Path, t: dict[str, np.ndarray], size: int, seed: int, workers: int) -> list[list[tuple]]:
     """Films in parallel, in order; each depends only on its own row, so any worker count gives the same files."""
     jobs = [(n, int(p), int(f), tuple(map(int, y))) for n, p, f, y in
@@ -179,7 +185,8 @@ def render_all(folder: Path, t: dict[str, np.ndarray], size: int, seed: int, wor
         keep_freed_memory()
         return list(progress(map(draw, jobs), total=len(jobs), desc="demo images", unit="img"))
     context = process_context(["cxr14.phantom"])
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=keep_freed_memory) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=worker_setup,
+                             initargs=(os.getpid(),)) as pool:
         chunk = max(1, min(32, len(jobs) // (8 * workers)))
         return list(progress(pool.map(draw, jobs, chunksize=chunk), total=len(jobs), desc="demo images", unit="img"))
 

@@ -161,3 +161,48 @@ def test_explain_refuses_arrays_of_another_size_than_the_model(files: Path, tmp_
                                             r"models/model.pt was trained; run dvc repro"):
         explain.main(["--params", str(files / "params.yaml")])
     assert sorted(str(p) for p in Path(".").rglob("*")) == before  # nothing written
+
+
+def test_leftovers_of_a_killed_write_are_removed_by_the_next(tmp_path: Path) -> None:
+    from cxr14.common import replace_dir, write_json
+
+    (tmp_path / ".m.json.k1l2.tmp").write_bytes(b"half a file")
+    (tmp_path / ".plots.x9.tmp").mkdir()
+    (tmp_path / ".plots.x9.tmp" / "a.png").write_bytes(b"half")
+    (tmp_path / ".plots.y8.old").mkdir()
+    (tmp_path / ".other.json.k1l2.tmp").write_bytes(b"someone else's")
+    write_json(tmp_path / "m.json", {"a": 1})
+    with replace_dir(tmp_path / "plots") as folder:
+        (folder / "b.png").write_bytes(b"png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.k1l2.tmp", "m.json", "plots"]
+
+
+def test_a_killed_prepare_leaves_no_process_and_its_next_run_no_file(nih_sample_split) -> None:
+    """SIGKILL the prepare stage while its workers decode: they end with it, and a re-run leaves no temporaries."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from conftest import REPO
+
+    assert nih_sample_split["result"].returncode == 0, nih_sample_split["result"].stderr
+    out = nih_sample_split["work"] / "killed"
+    cmd = [sys.executable, "-m", "stages.prepare", "--params", str(nih_sample_split["params"]),
+           "--split-dir", str(nih_sample_split["out"]), "--out", str(out)]
+    env = {**os.environ, "CI": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[psutil.Process] = []
+    deadline = time.monotonic() + 120
+    while len(children) < 3 and proc.poll() is None and time.monotonic() < deadline:  # fork server + 2 workers
+        children = psutil.Process(proc.pid).children(recursive=True)
+        time.sleep(0.05)
+    assert proc.poll() is None and len(children) >= 3, "prepare ended before its workers could be seen"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, f"processes left after the kill: {alive}"
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+    assert sorted(p.name for p in out.iterdir()) == ["test.npy", "train.npy", "val.npy"]
