@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import project_params
+import yaml
+from conftest import REPO, project_params
 from PIL import Image
 
 from cxr14 import predict
@@ -206,3 +207,27 @@ def test_a_killed_prepare_leaves_no_process_and_its_next_run_no_file(nih_sample_
     assert not alive, f"processes left after the kill: {alive}"
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
     assert sorted(p.name for p in out.iterdir()) == ["test.npy", "train.npy", "val.npy"]
+
+
+@pytest.mark.parametrize(("stage", "write", "message"), [
+    ("split", lambda p: project_params(p, {"data": {"root": 5}}), "data.root: 5; expected a folder in NIH layout"),
+    ("split", lambda p: project_params(p, {"data": {"root": None}}), "data.root: None; expected a folder"),
+    ("train", lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary"), "params.yaml: "),
+    ("prepare", lambda p: p.write_text("- a\n- list\n"), "params.yaml: expected a mapping of sections, got list"),
+    ("evaluate", lambda p: p.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(
+        (REPO / "params.yaml").read_text()).items() if k != "data"})), "params.yaml: missing section 'data'"),
+    ("train", lambda p: project_params(p, {"train": {"pos_weight_cap": -1}}), "train.pos_weight_cap: -1; expected"),
+    ("train", lambda p: project_params(p, {"train": {"augment": {"crop_scale": [1.5, 0.5]}}}),
+     "train.augment.crop_scale: [1.5, 0.5]; expected"),
+])
+def test_bad_params_files_are_one_line_before_any_work(tmp_path: Path, stage: str, write, message: str) -> None:
+    """Cases of issue 11's probe that were tracebacks or silently accepted: one line, exit 1, nothing written."""
+    from conftest import run_module
+
+    params = tmp_path / "params.yaml"
+    write(params)
+    before = sorted(tmp_path.iterdir())
+    result = run_module(stage, "--params", params)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert sorted(tmp_path.iterdir()) == before
