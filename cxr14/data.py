@@ -54,6 +54,12 @@ class PreparedImages(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def require_size(self, size: int, model: Path | str = "the model") -> None:
+        """A model sees only the input size it was trained at: other arrays would silently change every score."""
+        if self.image_size != size:
+            raise PipelineError(f"{self.path}: images are {self.image_size} px, not {size} px as {model} was "
+                                "trained; run dvc repro")
+
     def __getitem__(self, rows: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if self._array is None:
             self._array = np.load(self.path, mmap_mode="r")

@@ -15,8 +15,8 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from cxr14 import paths
-from cxr14.common import PipelineError, atomic_path, rounded, warn
-from cxr14.data import PreparedImages, make_loader, read_labels
+from cxr14.common import atomic_path, rounded, warn
+from cxr14.data import PreparedImages, make_loader
 from cxr14.engine import Batches, evaluate
 from cxr14.metrics import auc as auc_of
 from cxr14.metrics import auc_with_interval, has_both, mean_defined, patient_bootstrap_weights, pr_on_grid, roc_on_grid
@@ -30,11 +30,9 @@ GRID = np.linspace(0, 1, 101)
 def predict_split(model: torch.nn.Module, ckpt: dict, split: str, device: torch.device,
                   batch_size: int) -> pd.DataFrame:
     """Labels and probabilities of one split, in split-table order (the predictions contract)."""
-    table = read_split_table(paths.SPLIT / f"{split}.csv")
-    data = PreparedImages(paths.PREPARED / f"{split}.npy", read_labels(paths.SPLIT / f"{split}.csv"))
-    if data.image_size != ckpt["image_size"]:
-        raise PipelineError(f"{data.path}: images are {data.image_size} px, not {ckpt['image_size']} px as the model "
-                            "was trained; run dvc repro")
+    table = read_split_table(paths.SPLIT / f"{split}.csv")  # read once: its labels and its ids
+    data = PreparedImages(paths.PREPARED / f"{split}.npy", table[list(CLASSES)].to_numpy(dtype=np.float32))
+    data.require_size(ckpt["image_size"])
     result = evaluate(model, make_loader(data, batch_size, shuffle=False), torch.nn.BCEWithLogitsLoss(),
                       Batches(device, reuse=True))
     probs = pd.DataFrame(result["probs"], columns=[PROB_PREFIX + c for c in CLASSES])

@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     check_pairing(paths.THRESHOLDS, applies_to, calibrator, paths.CALIBRATOR)
     cal = apply_calibrator(calibrator, raw)
     test = PreparedImages(paths.PREPARED / "test.npy", labels.astype(np.float32))
-    if test.image_size != ckpt["image_size"]:
-        raise PipelineError(f"{test.path}: images are {test.image_size} px, not {ckpt['image_size']} px as "
-                            f"{paths.MODEL} was trained; run dvc repro")
+    test.require_size(ckpt["image_size"], paths.MODEL)
 
     box_file = Path(data.root) / BBOX_LIST
     if box_file.is_file():
