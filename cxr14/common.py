@@ -79,6 +79,37 @@ def exit_with(pid: int) -> None:
     threading.Thread(target=watch, name="exit-with-stage", daemon=True).start()
 
 
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+def free_bytes(path: Path | str) -> int:
+    """Free space where `path` would be written (its nearest existing folder)."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def ensure_space(path: Path | str, needed: int) -> None:
+    """Stop before the work, not after it: decoding 112k images or an epoch of training ends in ENOSPC otherwise."""
+    free = free_bytes(path)
+    if free < needed:
+        raise PipelineError(f"{path}: needs about {human_bytes(needed)} of disk space, {human_bytes(free)} is free "
+                            "there; free some space and re-run")
+
+
+def _out_of_space(exc: OSError, target: Path) -> None:
+    """A full disk names the output being written (the temporary's name, or none at all, says nothing)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise PipelineError(f"{target}: the disk filled up while writing it ({human_bytes(free_bytes(target))} "
+                            "free now; the previous version is untouched); free some space and re-run") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -94,14 +125,20 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as exc:
+        _out_of_space(exc, path)
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def replace_dir(path: Path | str) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `path`; on success it replaces `path` by renames only,
-    so a killed stage leaves the old folder (or none), never half a new one."""
+    """Yield an empty temporary folder beside `path`; on success it replaces `path` in one step where Linux
+    can exchange two names (renameat2), so a kill at any moment leaves the old folder or the new one, whole.
+
+    Elsewhere it takes two renames, and a kill between them leaves neither (the old one is beside it, `.old`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path)
@@ -111,6 +148,8 @@ def replace_dir(path: Path | str) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; outputs get the usual permissions
     try:
         yield tmp
+        if path.is_dir() and not path.is_symlink() and exchange(tmp, path):
+            return  # tmp now holds the old folder, removed below
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
         if path.is_dir() and not path.is_symlink():
             os.replace(path, old)  # a directory may replace an empty one
@@ -118,8 +157,31 @@ def replace_dir(path: Path | str) -> Iterator[Path]:
             path.unlink()
         os.replace(tmp, path)
         shutil.rmtree(old)
+    except OSError as exc:
+        _out_of_space(exc, path)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # glibc before 2.28, or another C library
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system without exchange
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def write_json(path: Path | str, data: Any) -> None:
@@ -178,14 +240,30 @@ def process_context(preload: list[str]) -> multiprocessing.context.BaseContext:
     return context
 
 
+class Terminated(BaseException):
+    """SIGTERM (`kill`, a scheduler's cancel) as an exception, so every `finally` removes its temporaries."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def run_main(main: Callable[..., Any], argv: list[str] | None = None) -> None:
-    """Run a stage entry point; a PipelineError becomes one line on stderr and exit code 1."""
+    """Run a stage entry point; a PipelineError becomes one line on stderr and exit code 1.
+
+    SIGTERM and Ctrl-C unwind like an error (temporaries removed, previous outputs untouched) and exit
+    143 and 130; SIGKILL cannot, and the next run of the stage removes what it left (`remove_leftovers`).
+    """
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         main(argv)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    except OSError as exc:  # a full disk, a folder we may not read: what and where, not a traceback
+    except OSError as exc:  # a folder we may not read, a full disk outside our writes: what and where
         where = f"{exc.filename}: " if exc.filename else ""
         hint = "; free some space and re-run" if exc.errno == errno.ENOSPC else ""
         print(f"error: {where}{exc.strerror or exc}{hint}", file=sys.stderr)
@@ -193,3 +271,9 @@ def run_main(main: Callable[..., Any], argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        raise SystemExit(143) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

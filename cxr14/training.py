@@ -1,21 +1,24 @@
-"""The training loop: epochs, validation, early stopping, best/last checkpoints, exact resume.
+"""The training loop: epochs, validation, early stopping, one resume point, exact resume.
 
-A killed run continues from `last.pt` with the same result as an uninterrupted one: each epoch reseeds
-its shuffle and augmentation from (seed, epoch), so nothing but the saved states carries over.
+A killed run continues from its resume point with the same result as an uninterrupted one: each epoch
+reseeds its shuffle and augmentation from (seed, epoch), so nothing but the saved states carries over.
+
+During training only the resume point is written: one file (`save_checkpoint`, atomic) holding the latest
+weights and optimizer, the best epoch's weights, the per-epoch log and what the run trained on. The stage's
+outputs (model.pt, dvclive/, metrics/train.json) are derived from it when the run ends, so they cannot
+disagree with each other, and a run killed at any moment leaves the previous outputs as they were.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
-from cxr14.common import PipelineError
+from cxr14.common import PipelineError, ensure_space, replace_dir, warn
 from cxr14.data import IMAGENET_MEAN, IMAGENET_STD, PreparedImages, make_loader
 from cxr14.engine import Batches, evaluate, loss_function, make_scheduler, train_one_epoch
 from cxr14.metrics import has_both
@@ -24,17 +27,9 @@ from cxr14.nih import CLASSES
 from cxr14.params import Train
 
 
-class Logger(Protocol):
-    """What `fit` needs of dvclive's `Live`: per-epoch metrics and a step counter."""
-
-    step: int
-
-    def log_metric(self, name: str, value: float) -> None: ...
-    def next_step(self) -> None: ...
-
-
 def fresh_state() -> dict[str, Any]:
-    return {"epoch": 0, "best_auc": -1.0, "best_epoch": 0, "bad_epochs": 0, "seconds": 0.0, "images": 0}
+    return {"epoch": 0, "best_auc": -1.0, "best_epoch": 0, "bad_epochs": 0, "seconds": 0.0, "images": 0,
+            "history": []}
 
 
 def fingerprint(files: list[Path]) -> dict[str, str]:
@@ -52,23 +47,15 @@ def fingerprint(files: list[Path]) -> dict[str, str]:
     return out
 
 
-def resume_state(path: Path, t: Train, data: dict[str, str], model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, device: torch.device) -> dict[str, Any]:
-    """Load model, optimizer and scheduler states from `path`; the recipe and the data must be what it was made
-    with: a resume point from other data (another split seed, another image size) would hand back a model
-    trained on something else."""
-    last = read_checkpoint(path, device)
-    if last.get("recipe") != t.recipe():
+def check_resume_point(path: Path, point: dict[str, Any], t: Train, data: dict[str, str]) -> None:
+    """The recipe and the data must be what the resume point was made with: one from other data (another
+    split seed, another image size) would hand back a model trained on something else."""
+    if point.get("recipe") != t.recipe():
         raise PipelineError(f"{path} was made with other train params; set train.resume: false")
-    changed = [f for f, digest in data.items() if last.get("data", {}).get(f) != digest]
+    changed = [f for f, digest in data.items() if point.get("data", {}).get(f) != digest]
     if changed:
         raise PipelineError(f"{path} was trained on other data ({changed[0]} differs, {len(changed)} file(s) in all); "
                             "set train.resume: false")
-    model.load_state_dict(last["model"])
-    optimizer.load_state_dict(last["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(last["scheduler"])
-    return last["state"]
 
 
 def check_val_labels(val: PreparedImages) -> None:
@@ -80,18 +67,32 @@ def check_val_labels(val: PreparedImages) -> None:
                             "split.val_fraction")
 
 
+def state_bytes(*states: dict[str, Any]) -> int:
+    """Bytes of the tensors in (nested) state dicts: what a checkpoint of them takes on disk, within a few KB."""
+    def size(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(size(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(size(v) for v in value)
+        return 0
+
+    return sum(size(s) for s in states)
+
+
+def cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set: PreparedImages, t: Train,
-        device: torch.device, open_log: Callable[[bool], AbstractContextManager[Logger]], out: Path,
-        pretrained: str | None = None, data: dict[str, str] | None = None) -> dict[str, Any]:
-    """Train per `t`; the best epoch by val mean AUC goes to out/model.pt, every epoch to out/last.pt.
+        device: torch.device, resume_file: Path, data: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train per `t`, writing the resume point `resume_file` after every epoch; return the final one.
 
-    `open_log(resumed)` opens the per-epoch log (dvclive's Live) once the resume point is known, so a
-    refused resume leaves the old logs alone. Returns the final state: epochs run, best epoch and AUC,
-    training seconds and images. `data` (file -> MD5, `fingerprint`) is stored in both checkpoints.
-
-    Each epoch writes last.pt (weights, optimizer, state: the best epoch included) before model.pt: a kill
-    between the two leaves a last.pt whose weights are the new best, and a resume rewrites model.pt from them,
-    so model.pt, last.pt and metrics/train.json always agree whatever moment a run is killed at.
+    The resume point holds `model`, `optimizer`, `scheduler` (latest epoch), `best_model` (the best epoch's
+    weights, or None when that is the latest), `state` (epochs run, best epoch and AUC, patience count,
+    seconds, images, and `history`: each epoch's logged metrics), `recipe` and `data` (file -> MD5,
+    `fingerprint`). With `t.resume`, training continues from an existing one after checking both.
     """
     data = data or {}
     check_val_labels(val_set)
@@ -99,61 +100,84 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
     optimizer = torch.optim.AdamW(param_groups(model, t.arch, t.lr_head, t.lr_backbone), weight_decay=t.weight_decay)
     scheduler = make_scheduler(optimizer, t.scheduler, t.epochs)
     val_loader = make_loader(val_set, t.batch_size, shuffle=False, workers=t.workers)
-    state = fresh_state()
-    if t.resume and (out / "last.pt").is_file():
-        state = resume_state(out / "last.pt", t, data, model, optimizer, scheduler, device)
-        print(f"train: resuming after epoch {state['epoch']} of {t.epochs}")
-        best = read_checkpoint(out / "model.pt", device) if (out / "model.pt").is_file() else {}
-        if state["best_epoch"] == state["epoch"] and best.get("epoch") != state["epoch"]:  # killed between the writes
-            save_checkpoint(out / "model.pt", best_checkpoint(model, t, train_set, pretrained, data, state))
-    with open_log(state["epoch"] > 0) as live:
-        live.step = state["epoch"]  # dvclive's own resume restarts at 0 when one step was logged
-        batches, eval_batches = Batches(device, t.augment, reuse=True), Batches(device, reuse=True)
-        while state["epoch"] < t.epochs and state["bad_epochs"] < t.patience:
-            epoch = state["epoch"]
-            loader = make_loader(train_set, t.batch_size, shuffle=True, seed=t.seed * 1000 + epoch,
-                                 workers=t.workers, drop_last=len(train_set) > t.batch_size)
-            generator = torch.Generator().manual_seed(t.seed * 1000 + epoch)
-            tr = train_one_epoch(model, loader, criterion, optimizer, batches, frozen, generator,
-                                 desc=f"epoch {epoch + 1}/{t.epochs}")
-            ev = evaluate(model, val_loader, criterion, eval_batches)
-            for group in optimizer.param_groups:
-                live.log_metric(f"lr/{group['name']}", group["lr"])
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(ev["mean_auc"])
-            elif scheduler is not None:
-                scheduler.step()
-            live.log_metric("train/loss", tr["loss"])
-            live.log_metric("val/loss", ev["loss"])
-            live.log_metric("val/mean_auc", ev["mean_auc"])
-            for name, auc in zip(CLASSES, ev["per_class_auc"], strict=True):
-                if auc is not None:
-                    live.log_metric(f"val/auc/{name}", auc)
-            state["epoch"] += 1
-            state["seconds"] += tr["seconds"]
-            state["images"] += tr["images"]
-            improved = ev["mean_auc"] > state["best_auc"]
-            if improved:
-                state.update(best_auc=ev["mean_auc"], best_epoch=state["epoch"], bad_epochs=0)
-            else:
-                state["bad_epochs"] += 1
-            save_checkpoint(out / "last.pt", {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "scheduler": scheduler.state_dict() if scheduler else {},
-                                              "state": state, "recipe": t.recipe(), "data": data})
-            if improved:
-                save_checkpoint(out / "model.pt", best_checkpoint(model, t, train_set, pretrained, data, state))
-            print(f"epoch {state['epoch']}: train loss {tr['loss']:.4f}, val loss {ev['loss']:.4f}, "
-                  f"val mean AUC {ev['mean_auc']:.4f}{' (best)' if improved else ''}, "
-                  f"{tr['images'] / tr['seconds']:.0f} images/s")
-            live.next_step()
-    return state
+    state, best = fresh_state(), None
+    if t.resume and resume_file.is_file():
+        point = read_checkpoint(resume_file, device)
+        check_resume_point(resume_file, point, t, data)
+        model.load_state_dict(point["model"])
+        optimizer.load_state_dict(point["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(point["scheduler"])
+        state = point["state"]
+        best = point["best_model"] if point["best_model"] is not None else cpu_copy(model)
+        print(f"train: resuming from {resume_file} after epoch {state['epoch']} of {t.epochs}")
+    elif t.resume:
+        warn(f"train.resume: no resume point {resume_file} (a run writes it after its first epoch, in the folder "
+             "it runs in); training from the first epoch")
+    # A new resume point (latest and best weights, AdamW's two moments) is written beside the old one before it
+    # replaces it, and model.pt (best weights) at the end: stop now rather than after an epoch's work.
+    weights = state_bytes(model.state_dict())
+    ensure_space(resume_file, 3 * weights + optimizer_bytes(model))
+    batches, eval_batches = Batches(device, t.augment, reuse=True), Batches(device, reuse=True)
+    while state["epoch"] < t.epochs and state["bad_epochs"] < t.patience:
+        epoch = state["epoch"]
+        loader = make_loader(train_set, t.batch_size, shuffle=True, seed=t.seed * 1000 + epoch,
+                             workers=t.workers, drop_last=len(train_set) > t.batch_size)
+        generator = torch.Generator().manual_seed(t.seed * 1000 + epoch)
+        tr = train_one_epoch(model, loader, criterion, optimizer, batches, frozen, generator,
+                             desc=f"epoch {epoch + 1}/{t.epochs}")
+        ev = evaluate(model, val_loader, criterion, eval_batches)
+        row = {f"lr/{group['name']}": group["lr"] for group in optimizer.param_groups}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(ev["mean_auc"])
+        elif scheduler is not None:
+            scheduler.step()
+        row.update({"train/loss": tr["loss"], "val/loss": ev["loss"], "val/mean_auc": ev["mean_auc"]})
+        row.update({f"val/auc/{name}": auc for name, auc in zip(CLASSES, ev["per_class_auc"], strict=True)
+                    if auc is not None})
+        state["history"].append(row)
+        state["epoch"] += 1
+        state["seconds"] += tr["seconds"]
+        state["images"] += tr["images"]
+        improved = ev["mean_auc"] > state["best_auc"]
+        if improved:
+            state.update(best_auc=ev["mean_auc"], best_epoch=state["epoch"], bad_epochs=0)
+            best = cpu_copy(model)
+        else:
+            state["bad_epochs"] += 1
+        save_checkpoint(resume_file, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "scheduler": scheduler.state_dict() if scheduler else {},
+                                      "best_model": None if improved else best, "state": state,
+                                      "recipe": t.recipe(), "data": data})
+        print(f"epoch {state['epoch']}: train loss {tr['loss']:.4f}, val loss {ev['loss']:.4f}, "
+              f"val mean AUC {ev['mean_auc']:.4f}{' (best)' if improved else ''}, "
+              f"{tr['images'] / tr['seconds']:.0f} images/s")
+    return {"state": state, "best_model": best}
 
 
-def best_checkpoint(model: nn.Module, t: Train, train_set: PreparedImages, pretrained: str | None,
-                    data: dict[str, str], state: dict[str, Any]) -> dict[str, Any]:
+def optimizer_bytes(model: nn.Module) -> int:
+    """AdamW keeps two tensors per trained parameter (its state is empty until the first step)."""
+    return 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def best_checkpoint(best_model: dict[str, torch.Tensor], state: dict[str, Any], t: Train, image_size: int,
+                    pretrained: str | None, data: dict[str, str]) -> dict[str, Any]:
     """models/model.pt: the weights with everything predict needs to use them (classes, input size, normalisation)
     and what made them (recipe, pretrained weights, data)."""
-    return {"state_dict": model.state_dict(), "arch": t.arch, "output_stride": t.output_stride,
-            "classes": list(CLASSES), "image_size": train_set.image_size, "mean": list(IMAGENET_MEAN),
+    return {"state_dict": best_model, "arch": t.arch, "output_stride": t.output_stride,
+            "classes": list(CLASSES), "image_size": image_size, "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD), "pretrained": pretrained, "params": t.recipe(), "data": data,
             "epoch": state["best_epoch"], "val_mean_auc": state["best_auc"]}
+
+
+def write_log(history: list[dict[str, float]], folder: Path) -> None:
+    """The per-epoch log as dvclive writes it (plots/metrics/<name>.tsv, metrics.json), replayed from the resume
+    point into a new folder that replaces `folder` whole: a resumed run's log has each epoch once."""
+    from dvclive import Live  # imported here: it takes seconds to import
+
+    with replace_dir(folder) as tmp:
+        with Live(dir=str(tmp), save_dvc_exp=False, dvcyaml=None) as live:
+            for row in history:
+                for name, value in row.items():
+                    live.log_metric(name, value)
+                live.next_step()

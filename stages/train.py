@@ -1,9 +1,11 @@
 """Train stage: the seed's fine-tuning recipe with its bugs fixed, logged with dvclive, resumable.
 
 Fixed against the seed: `pos_weight` (not `weight`) in the loss, frozen layers' BatchNorm kept in
-eval mode, validation patients disjoint from training (split stage). The best epoch by validation
-mean ROC-AUC goes to models/model.pt, every epoch to models/last.pt; `train.resume: true` continues
-a killed run from there with the same result as an uninterrupted run.
+eval mode, validation patients disjoint from training (split stage). Every epoch updates the resume
+point models/resume/last.pt (outside DVC's outputs, so neither `dvc exp run` nor `dvc checkout` restores
+an older one over it); `train.resume: true` continues a killed run from there with the same result as an
+uninterrupted run. When training ends, the best epoch goes to models/model.pt, the per-epoch log to
+dvclive/ and the summary to metrics/train.json, all three from the resume point.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import argparse
 import torch
 
 from cxr14 import paths
-from cxr14.common import PipelineError, cpu_count, cpu_kernels, rounded, run_main, write_json
+from cxr14.common import PipelineError, cpu_count, cpu_kernels, remove_leftovers, rounded, run_main, write_json
 from cxr14.data import PreparedImages, read_labels
 from cxr14.engine import pick_device
-from cxr14.model import build_model, freeze, imagenet_weights
+from cxr14.model import build_model, freeze, imagenet_weights, save_checkpoint
 from cxr14.nih import CLASSES
 from cxr14.params import PARAMS_FILE, Train, load_section
-from cxr14.training import fingerprint, fit
+from cxr14.training import best_checkpoint, fingerprint, fit, write_log
+
+TRAIN_METRICS = paths.METRICS / "train.json"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,17 +42,18 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"{args.params} {exc}" if str(exc).startswith("train.") else str(exc)) from None
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     pretrained = None if t.weights == "none" else str(imagenet_weights(t.arch, t.weights))
+    for output in (paths.RESUME_POINT, paths.MODEL, paths.DVCLIVE, TRAIN_METRICS):
+        remove_leftovers(output)  # what a SIGKILLed run left, before anything else can fail
     train_set = PreparedImages(paths.PREPARED / "train.npy", read_labels(paths.SPLIT / "train.csv"))
     val_set = PreparedImages(paths.PREPARED / "val.npy", read_labels(paths.SPLIT / "val.csv"))
-    from dvclive import Live  # imported here: it takes seconds, and a bad setting above should not wait for it
-
-    def open_log(resumed: bool) -> Live:
-        return Live(dir=str(paths.DVCLIVE), resume=resumed, save_dvc_exp=False, dvcyaml=None)
-
     data = fingerprint([paths.PREPARED / "train.npy", paths.PREPARED / "val.npy", paths.SPLIT / "train.csv",
                         paths.SPLIT / "val.csv"])
-    state = fit(model, frozen, train_set, val_set, t, device, open_log, paths.MODELS, pretrained, data)
-    write_json(paths.METRICS / "train.json", {
+    final = fit(model, frozen, train_set, val_set, t, device, paths.RESUME_POINT, data)
+    state = final["state"]
+    # Derived from the resume point in this order; a kill between two of them is undone by any re-run.
+    save_checkpoint(paths.MODEL, best_checkpoint(final["best_model"], state, t, train_set.image_size, pretrained, data))
+    write_log(state["history"], paths.DVCLIVE)
+    write_json(TRAIN_METRICS, {
         "best_epoch": state["best_epoch"], "best_val_mean_auc": rounded(state["best_auc"]),
         "epochs_run": state["epoch"], "seconds": rounded(state["seconds"], 1),
         "images_per_second": rounded(state["images"] / max(state["seconds"], 1e-9), 1),

@@ -87,12 +87,22 @@ def test_one_epoch_writes_checkpoint_metrics_and_logs(workdir: Path) -> None:
     assert logged[0].split("\t") == ["step", "mean_auc"] and len(logged) == 2
     assert Path("dvclive/plots/metrics/train/loss.tsv").is_file()
     assert Path("dvclive/plots/metrics/lr/head.tsv").is_file()
+    point = torch.load("models/resume/last.pt", weights_only=True)  # the resume point, outside DVC's outputs
+    assert point["state"]["epoch"] == 1 and point["best_model"] is None  # the latest epoch is the best
+    assert all(torch.equal(v, point["model"][k]) for k, v in ckpt["state_dict"].items())
+    assert sorted(p.name for p in Path("models").iterdir()) == ["model.pt", "resume"]
+
+
+def outputs() -> dict[str, bytes]:
+    """Every file the train stage writes for DVC, by path: what a killed run must leave as it was."""
+    files = [Path("models/model.pt"), Path("metrics/train.json"), *sorted(Path("dvclive").rglob("*"))]
+    return {str(f): f.read_bytes() for f in files if f.is_file()}
 
 
 def test_resume_after_a_kill_gives_the_uninterrupted_result(workdir: Path, monkeypatch) -> None:
     write_train_params(workdir, epochs=2, scheduler="cosine")
     train.main([])
-    straight = torch.load("models/last.pt", weights_only=True)
+    straight = outputs()
     shutil.rmtree("models"), shutil.rmtree("dvclive")
 
     real_epoch = training.train_one_epoch
@@ -107,14 +117,16 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(workdir: Path, monke
     monkeypatch.setattr(training, "train_one_epoch", killed_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train.main([])
-    assert torch.load("models/last.pt", weights_only=True)["state"]["epoch"] == 1
+    assert torch.load("models/resume/last.pt", weights_only=True)["state"]["epoch"] == 1
+    assert not Path("models/model.pt").exists() and not Path("dvclive").exists()  # written when training ends
     monkeypatch.setattr(training, "train_one_epoch", real_epoch)
     write_train_params(workdir, epochs=2, scheduler="cosine", resume=True)
     train.main([])
-    resumed = torch.load("models/last.pt", weights_only=True)
-    assert resumed["state"]["epoch"] == 2
-    for key, value in straight["model"].items():
-        assert torch.equal(value, resumed["model"][key]), key
+    resumed = outputs()
+    assert resumed.keys() == straight.keys()
+    for name, content in straight.items():
+        if name != "metrics/train.json":  # its seconds and images/s are timings
+            assert resumed[name] == content, name  # model.pt and the log: the same bytes
     steps = Path("dvclive/plots/metrics/val/mean_auc.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in steps] == ["step", "0", "1"]
 
@@ -123,7 +135,7 @@ def test_resume_with_other_params_is_refused(workdir: Path) -> None:
     write_train_params(workdir)
     train.main([])
     write_train_params(workdir, lr_head=5e-4, resume=True)
-    with pytest.raises(PipelineError, match="models/last.pt was made with other train params"):
+    with pytest.raises(PipelineError, match="models/resume/last.pt was made with other train params"):
         train.main([])
 
 
@@ -180,48 +192,83 @@ def test_resume_on_other_data_is_refused(workdir: Path) -> None:
     array[0, 0, 0] ^= 1
     np.save("data/prepared/train.npy", array)
     write_train_params(workdir, resume=True)
-    with pytest.raises(PipelineError, match=r"models/last.pt was trained on other data \(data/prepared/train.npy "
-                                            r"differs, 1 file\(s\) in all\); set train.resume: false"):
+    with pytest.raises(PipelineError, match=r"models/resume/last.pt was trained on other data \("
+                                            r"data/prepared/train.npy differs, 1 file\(s\) in all\); "
+                                            r"set train.resume: false"):
         train.main([])
 
 
-def test_a_kill_before_any_checkpoint_write_resumes_to_the_uninterrupted_result(workdir: Path, monkeypatch) -> None:
-    """model.pt, last.pt and metrics/train.json agree with an uninterrupted run wherever the run is killed."""
-    write_train_params(workdir, epochs=2, scheduler="cosine")
-    writes = []
-    real_save = training.save_checkpoint
-
-    def counting(path, payload):
-        writes.append(Path(path).name)
-        real_save(path, payload)
-
-    monkeypatch.setattr(training, "save_checkpoint", counting)
+def test_a_kill_before_any_write_leaves_the_old_outputs_and_resumes_to_the_uninterrupted_result(
+        workdir: Path, monkeypatch) -> None:
+    """Killed before each write (the resume point every epoch, then model.pt, dvclive/, metrics/train.json):
+    the outputs of the previous run stay as they were until the final writes, and a resume gives the
+    uninterrupted run's bytes, best epoch and metrics whatever moment the run was killed at."""
+    write_train_params(workdir, epochs=3, scheduler="cosine", lr_head=3e-3, lr_backbone=3e-3, patience=5)
     train.main([])
-    straight = {name: torch.load(f"models/{name}", weights_only=True) for name in ("model.pt", "last.pt")}
-    straight_metrics = {k: v for k, v in json.loads(Path("metrics/train.json").read_text()).items()
+    straight = outputs()
+    straight_metrics = {k: v for k, v in json.loads(straight["metrics/train.json"]).items()
                         if k in ("best_epoch", "best_val_mean_auc", "epochs_run")}
-    assert writes[:2] == ["last.pt", "model.pt"] and len(writes) >= 3
+    writes: list[str] = []
+    real = {"resume point": training.save_checkpoint, "model.pt": train.save_checkpoint,
+            "dvclive": train.write_log, "train.json": train.write_json}
+
+    def recorder(name, function):
+        def record(*args, **kwargs):
+            writes.append(name)
+            return function(*args, **kwargs)
+        return record
+
+    def patch(wrap) -> None:
+        monkeypatch.setattr(training, "save_checkpoint", wrap("resume point", real["resume point"]))
+        monkeypatch.setattr(train, "save_checkpoint", wrap("model.pt", real["model.pt"]))
+        monkeypatch.setattr(train, "write_log", wrap("dvclive", real["dvclive"]))
+        monkeypatch.setattr(train, "write_json", wrap("train.json", real["train.json"]))
+
+    shutil.rmtree("models/resume")
+    patch(recorder)
+    train.main([])
+    assert writes == ["resume point"] * 3 + ["model.pt", "dvclive", "train.json"]
+    assert outputs() == {**straight, "metrics/train.json": outputs()["metrics/train.json"]}
+    patch(lambda name, function: function)
+    write_train_params(workdir, epochs=1)
+    train.main([])  # the previous run's outputs: other weights and a shorter log
+    previous = outputs()
     for kill_at in range(len(writes)):
-        shutil.rmtree("models"), shutil.rmtree("dvclive"), Path("metrics/train.json").unlink()
+        shutil.rmtree("models/resume")
         calls = {"n": 0}
 
-        def killed(path, payload, kill_at=kill_at, calls=calls):
-            if calls["n"] == kill_at:
-                raise KeyboardInterrupt  # as a kill just before this write (writes are atomic: during = before)
-            calls["n"] += 1
-            real_save(path, payload)
+        def killing(name, function, kill_at=kill_at, calls=calls):
+            def kill(*args, **kwargs):
+                if calls["n"] == kill_at:
+                    raise KeyboardInterrupt  # as a kill just before this write (writes are atomic: during = before)
+                calls["n"] += 1
+                return function(*args, **kwargs)
+            return kill
 
-        monkeypatch.setattr(training, "save_checkpoint", killed)
-        write_train_params(workdir, epochs=2, scheduler="cosine")
+        patch(killing)
+        write_train_params(workdir, epochs=3, scheduler="cosine", lr_head=3e-3, lr_backbone=3e-3, patience=5)
         with pytest.raises(KeyboardInterrupt):
             train.main([])
-        monkeypatch.setattr(training, "save_checkpoint", real_save)
-        write_train_params(workdir, epochs=2, scheduler="cosine", resume=True)
+        left = outputs()
+        finished = writes[:kill_at]
+        for name, content in previous.items():
+            written = (name == "models/model.pt" and "model.pt" in finished) or \
+                      (name.startswith("dvclive") and "dvclive" in finished)
+            if not written:
+                assert left[name] == content, (kill_at, name)  # the previous run's, untouched
+        patch(lambda name, function: function)
+        write_train_params(workdir, epochs=3, scheduler="cosine", lr_head=3e-3, lr_backbone=3e-3, patience=5,
+                           resume=True)
         train.main([])
-        for name, reference in straight.items():
-            resumed = torch.load(f"models/{name}", weights_only=True)
-            weights = "state_dict" if name == "model.pt" else "model"
-            assert all(torch.equal(v, resumed[weights][k]) for k, v in reference[weights].items()), (kill_at, name)
-        assert torch.load("models/model.pt", weights_only=True)["epoch"] == straight["model.pt"]["epoch"], kill_at
-        metrics = json.loads(Path("metrics/train.json").read_text())
+        resumed = outputs()
+        assert resumed.keys() == straight.keys(), kill_at
+        for name, content in straight.items():
+            if name != "metrics/train.json":
+                assert resumed[name] == content, (kill_at, name)
+        metrics = json.loads(resumed["metrics/train.json"])
         assert {k: metrics[k] for k in straight_metrics} == straight_metrics, kill_at
+        write_train_params(workdir, epochs=1)
+        train.main([])  # the previous outputs again (train.json's timings differ)
+        assert {k: v for k, v in outputs().items() if k != "metrics/train.json"} == \
+            {k: v for k, v in previous.items() if k != "metrics/train.json"}
+        previous = outputs()
