@@ -20,7 +20,8 @@ BOX_LABELS = {"Infiltrate": "Infiltration"}  # NIH's spelling in BBox_List_2017.
 
 
 def read_box_list(path: Path | str) -> pd.DataFrame:
-    """NIH's box list as Image Index, Finding (a CLASSES name), x, y, w, h in original-image pixels.
+    """NIH's box list as Image Index, Finding (a CLASSES name), x, y, w, h in original-image pixels, and the
+    file line of each box.
 
     The file's header has the quirk `Bbox [x,y,w,h],,,` (nine names for six fields), so it is read
     with the csv module, row by row, to name the line of any bad value.
@@ -51,5 +52,5 @@ def read_box_list(path: Path | str) -> pd.DataFrame:
             raise PipelineError(f"{path} line {lineno}: box {row[2:6]} is not four numbers x,y,w,h") from None
         if not all(np.isfinite((x, y, w, h))) or w <= 0 or h <= 0:
             raise PipelineError(f"{path} line {lineno}: box {row[2:6]}; expected finite x,y and positive w,h")
-        out.append((row[0].strip(), finding, x, y, w, h))
-    return pd.DataFrame(out, columns=["Image Index", "Finding", "x", "y", "w", "h"])
+        out.append((row[0].strip(), finding, x, y, w, h, lineno))
+    return pd.DataFrame(out, columns=["Image Index", "Finding", "x", "y", "w", "h", "line"])

@@ -124,12 +124,14 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp_path
-        os.replace(tmp_path, path)
+        with signals_deferred():
+            os.replace(tmp_path, path)
     except OSError as exc:
         _out_of_space(exc, path)
         raise
     finally:
-        tmp_path.unlink(missing_ok=True)
+        with signals_deferred():
+            tmp_path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -148,20 +150,38 @@ def replace_dir(path: Path | str) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; outputs get the usual permissions
     try:
         yield tmp
-        if path.is_dir() and not path.is_symlink() and exchange(tmp, path):
-            return  # tmp now holds the old folder, removed below
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-        if path.is_dir() and not path.is_symlink():
-            os.replace(path, old)  # a directory may replace an empty one
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        os.replace(tmp, path)
-        shutil.rmtree(old)
+        with signals_deferred():
+            if not (path.is_dir() and not path.is_symlink() and exchange(tmp, path)):  # else tmp holds the old one
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+                if path.is_dir() and not path.is_symlink():
+                    os.replace(path, old)  # a directory may replace an empty one
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+                os.replace(tmp, path)
+                shutil.rmtree(old)
     except OSError as exc:
         _out_of_space(exc, path)
         raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with signals_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT while an output is renamed into place or a temporary removed: a `kill` or Ctrl-C
+    then takes effect just after, not half way through, and leaves no temporary behind (SIGKILL still can)."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def exchange(a: Path, b: Path) -> bool:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cxr14.common import progress
+from cxr14.common import PipelineError, progress
 from cxr14.data import PreparedImages, to_model_input
 from cxr14.gradcam import GradCAM, overlay
 from cxr14.localisation import score_box, summarise
@@ -54,8 +54,12 @@ def heatmaps(cam: GradCAM, data: PreparedImages, pairs: list[tuple[int, int]], m
     return out
 
 
-def scaled_boxes(boxes: pd.DataFrame, table: pd.DataFrame, size: int) -> pd.DataFrame:
-    """Boxes of test images, moved from original-image pixels to the model's size x size pixels."""
+def scaled_boxes(boxes: pd.DataFrame, table: pd.DataFrame, size: int, source: Path | str = "box list"
+                 ) -> pd.DataFrame:
+    """Boxes of test images, moved from original-image pixels to the model's size x size pixels.
+
+    A box reaching outside its image is an error naming `source` and its line: scored, it would count as a
+    miss of the heatmap and silently lower the pointing game."""
     rows = {name: i for i, name in enumerate(table["Image Index"])}
     boxes = boxes[boxes["Image Index"].isin(rows)].copy()
     boxes["row"] = boxes["Image Index"].map(rows)
@@ -63,6 +67,16 @@ def scaled_boxes(boxes: pd.DataFrame, table: pd.DataFrame, size: int) -> pd.Data
     for name in boxes["Image Index"].unique():
         with Image.open(table["path"].iloc[rows[name]]) as image:  # reads the header only
             dims[name] = image.size
+    width, height = boxes["Image Index"].map(lambda n: dims[n][0]), boxes["Image Index"].map(lambda n: dims[n][1])
+    slack = 1.0  # pixels: rounding in the list; NIH's own 984 boxes all lie within their 1024 px images
+    outside = (boxes.x < -slack) | (boxes.y < -slack) | (boxes.x + boxes.w > width + slack) | \
+        (boxes.y + boxes.h > height + slack)
+    if outside.any():
+        b = boxes[outside].iloc[0]
+        where = f"{source} line {b.line}" if "line" in b else str(source)
+        raise PipelineError(f"{where}: box x={b.x:g} y={b.y:g} w={b.w:g} h={b.h:g} reaches outside {b['Image Index']} "
+                            f"({dims[b['Image Index']][0]}x{dims[b['Image Index']][1]} px; {int(outside.sum())} such "
+                            "box(es)); expected boxes in the original image's pixels")
     sx = boxes["Image Index"].map(lambda n: size / dims[n][0])
     sy = boxes["Image Index"].map(lambda n: size / dims[n][1])
     boxes["x"], boxes["w"], boxes["y"], boxes["h"] = boxes.x * sx, boxes.w * sx, boxes.y * sy, boxes.h * sy

@@ -118,6 +118,7 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
     # replaces it, and model.pt (best weights) at the end: stop now rather than after an epoch's work.
     weights = state_bytes(model.state_dict())
     ensure_space(resume_file, 3 * weights + optimizer_bytes(model))
+    keep_out_of_git(resume_file.parent)
     batches, eval_batches = Batches(device, t.augment, reuse=True), Batches(device, reuse=True)
     while state["epoch"] < t.epochs and state["bad_epochs"] < t.patience:
         epoch = state["epoch"]
@@ -153,6 +154,14 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
               f"val mean AUC {ev['mean_auc']:.4f}{' (best)' if improved else ''}, "
               f"{tr['images'] / tr['seconds']:.0f} images/s")
     return {"state": state, "best_model": best}
+
+
+def keep_out_of_git(folder: Path) -> None:
+    """The resume point is scratch, hundreds of MB: a `.gitignore` of `*` keeps it out of any commit, and so out of
+    what `dvc exp run` records, whatever the project's own .gitignore says."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / ".gitignore").is_file():
+        (folder / ".gitignore").write_text("# written by the train stage: the resume point is not versioned\n*\n")
 
 
 def optimizer_bytes(model: nn.Module) -> int:

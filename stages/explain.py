@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
 
     box_file = Path(data.root) / BBOX_LIST
     if box_file.is_file():
-        boxes = scaled_boxes(read_box_list(box_file), table, ckpt["image_size"])
+        boxes = scaled_boxes(read_box_list(box_file), table, ckpt["image_size"], box_file)
     else:
         warn(f"{box_file} not found: no localisation scores")
         boxes = pd.DataFrame(columns=["Image Index", "Finding", "x", "y", "w", "h", "row"])

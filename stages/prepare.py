@@ -7,12 +7,11 @@ prepare.image_size; all three appear together or not at all.
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
 
 from cxr14 import paths
 from cxr14.arrays import write_array
-from cxr14.common import atomic_path, cpu_count, run_main
+from cxr14.common import cpu_count, ensure_space, replace_dir, run_main
 from cxr14.params import PARAMS_FILE, Prepare, load_section
 from cxr14.splits import read_split_table
 
@@ -27,11 +26,14 @@ def main(argv: list[str] | None = None) -> None:
     workers = p.workers or cpu_count()
     tables = {name: args.split_dir / f"{name}.csv" for name in paths.SPLITS}
     image_paths = {name: read_split_table(table, ["path"])["path"].tolist() for name, table in tables.items()}
-    # All three arrays appear together or not at all: a bad image in test leaves no new train.npy.
-    with contextlib.ExitStack() as stack:
+    # The old arrays stay until the new ones are complete: room for both, checked before hours of decoding.
+    ensure_space(args.out, sum(len(v) * p.image_size ** 2 + 128 for v in image_paths.values()))
+    # All three arrays replace the old folder in one rename or not at all: a bad image in test leaves no new
+    # train.npy, and a kill at any moment leaves no temporary file inside the output DVC tracks.
+    with replace_dir(args.out) as tmp:
         for name in paths.SPLITS:
-            tmp = stack.enter_context(atomic_path(args.out / f"{name}.npy"))
-            write_array(image_paths[name], p.image_size, workers, tmp, tables[name], desc=f"prepare {name}")
+            write_array(image_paths[name], p.image_size, workers, tmp / f"{name}.npy", tables[name],
+                        desc=f"prepare {name}")
     for name in paths.SPLITS:
         print(f"prepare: {name}: {len(image_paths[name])} images -> {args.out / name}.npy "
               f"({p.image_size}x{p.image_size} uint8)")

@@ -1,17 +1,16 @@
 """Split stage: NIH's official test list, and a patient-disjoint, label-stratified train/val split.
 
-Writes data/split/{train,val,test}.csv (Image Index, Patient ID, path, one 0/1 column per class)
+Replaces the folder data/split with {train,val,test}.csv (Image Index, Patient ID, path, one 0/1 column per class)
 and metrics/split.json (images, patients and positives per class in each split).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
 
 from cxr14 import paths
-from cxr14.common import atomic_path, run_main, write_json
+from cxr14.common import replace_dir, run_main, write_json
 from cxr14.params import PARAMS_FILE, Data, Split, load_section
 from cxr14.splits import build_splits
 
@@ -24,9 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     data, split = load_section(args.params, Data), load_section(args.params, Split)
     splits, metrics = build_splits(data.root, split.val_fraction, split.seed, data.missing)
-    with contextlib.ExitStack() as stack:  # all tables are replaced together, or none
+    with replace_dir(args.out) as tmp:  # the three tables are replaced together, in one rename, or not at all
         for name, frame in splits.items():
-            frame.to_csv(stack.enter_context(atomic_path(args.out / f"{name}.csv")), index=False)  # renamed at exit
+            frame.to_csv(tmp / f"{name}.csv", index=False)
     write_json(args.metrics, metrics)
     sizes = ", ".join(f"{n} {metrics[n]['images']} images / {metrics[n]['patients']} patients" for n in paths.SPLITS)
     skipped = f"; skipped {metrics['missing_images']} missing" if metrics["missing_images"] else ""

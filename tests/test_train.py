@@ -91,6 +91,7 @@ def test_one_epoch_writes_checkpoint_metrics_and_logs(workdir: Path) -> None:
     assert point["state"]["epoch"] == 1 and point["best_model"] is None  # the latest epoch is the best
     assert all(torch.equal(v, point["model"][k]) for k, v in ckpt["state_dict"].items())
     assert sorted(p.name for p in Path("models").iterdir()) == ["model.pt", "resume"]
+    assert sorted(p.name for p in Path("models/resume").iterdir()) == [".gitignore", "last.pt"]
 
 
 def outputs() -> dict[str, bytes]:
