@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr14.common import PipelineError, exit_with, process_context, progress
+from cxr14.common import PipelineError, exit_with, process_context, progress, raise_pending, signals_deferred
 from cxr14.images import load_gray
 
 CHUNK = 4  # images per task sent to a worker
@@ -54,12 +54,14 @@ def decoded_rows(paths: Sequence[str], size: int, workers: int) -> Iterator[tupl
         yield from map(_decode, jobs)
         return
     chunks = iter([jobs[i : i + CHUNK] for i in range(0, len(jobs), CHUNK)])
-    with ProcessPoolExecutor(workers, mp_context=process_context(["cxr14.images"]),
-                             initializer=exit_with, initargs=(os.getpid(),)) as pool:
+    # A kill (SIGTERM, Ctrl-C) is acted on between chunks, never inside the executor's locks (signals_deferred).
+    with signals_deferred(), ProcessPoolExecutor(workers, mp_context=process_context(["cxr14.images"]),
+                                                 initializer=exit_with, initargs=(os.getpid(),)) as pool:
         ahead = IN_FLIGHT * workers // CHUNK  # chunks submitted but not yet written
         pending = deque((c, pool.submit(_decode_chunk, c)) for c in itertools.islice(chunks, ahead))
         try:
             while pending:
+                raise_pending()
                 chunk, future = pending.popleft()
                 try:
                     done = future.result()

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from cxr14 import lifeline
+
 
 class PipelineError(Exception):
     """An error in the user's data or settings; printed as one line, never as a traceback."""
@@ -66,6 +68,9 @@ def exit_with(pid: int) -> None:
     killed prepare or demo all of them stayed (hundreds of MB) waiting on a queue no one fills; a parent-death
     signal would not help, their parent is the fork server. A daemon thread polls the stage's pid instead.
     """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the stage handles it
     def watch() -> None:
         while True:
             time.sleep(0.5)
@@ -127,6 +132,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         with signals_deferred():
             os.replace(tmp_path, path)
     except OSError as exc:
+        tmp_path.unlink(missing_ok=True)  # before measuring what is free
         _out_of_space(exc, path)
         raise
     finally:
@@ -160,6 +166,7 @@ def replace_dir(path: Path | str) -> Iterator[Path]:
                 os.replace(tmp, path)
                 shutil.rmtree(old)
     except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # before measuring what is free
         _out_of_space(exc, path)
         raise
     finally:
@@ -167,21 +174,50 @@ def replace_dir(path: Path | str) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+_deferring = 0  # depth of nested signals_deferred() blocks (the main thread's; Python runs handlers there)
+_pending: BaseException | None = None
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGTERM and SIGINT while an output is renamed into place or a temporary removed: a `kill` or Ctrl-C
-    then takes effect just after, not half way through, and leaves no temporary behind (SIGKILL still can)."""
-    import signal
-
+    """Hold SIGTERM and Ctrl-C (with `run_main`'s handlers) while an output is renamed into place, a temporary
+    removed, or a worker pool is in use: the signal takes effect when the block ends (or at `raise_pending`),
+    not half way through a rename, and not inside the pool's locks, where an exception left the pool's shutdown
+    waiting forever. SIGKILL cannot be held; the next run removes what it leaves (`remove_leftovers`)."""
+    global _deferring
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGTERM, signal.SIGINT}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    _deferring += 1
     try:
         yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    except BaseException:
+        _deferring -= 1
+        raise  # already unwinding: the stage ends anyway
+    else:
+        _deferring -= 1
+        if _deferring == 0:
+            raise_pending()
+
+
+def raise_pending() -> None:
+    """Where a long deferred block can stop safely (between two chunks of work): act on a held signal now."""
+    global _pending
+    if _pending is not None:
+        exc, _pending = _pending, None
+        raise exc
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """Raise at once, unless held; either way remember it, so that one raised where Python swallows exceptions
+    (a `__del__`, a callback) is raised again at the next safe point (`progress` steps, the stage's end)."""
+    global _pending
+    import signal
+
+    exc: BaseException = KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+    _pending = _pending or exc
+    if not _deferring:
+        raise exc
 
 
 def exchange(a: Path, b: Path) -> bool:
@@ -223,7 +259,18 @@ def progress(iterable: Any = None, **kwargs: Any) -> Any:
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("mininterval", 0.5)
     kwargs.setdefault("disable", None if sys.stderr.isatty() else bool(os.environ.get("CI")))
-    return tqdm(iterable, **kwargs)
+
+    class Bar(tqdm):  # each step is a safe point for a held or lost SIGTERM / Ctrl-C (raise_pending)
+        def __iter__(self) -> Iterator[Any]:
+            for item in super().__iter__():
+                raise_pending()
+                yield item
+
+        def update(self, n: float | None = 1) -> bool | None:
+            raise_pending()
+            return super().update(n)
+
+    return Bar(iterable, **kwargs)
 
 
 def cpu_count() -> int:
@@ -252,20 +299,17 @@ def cpu_kernels(kind: str) -> None:
 def process_context(preload: list[str]) -> multiprocessing.context.BaseContext:
     """Workers from a fork server where there is one, else spawned. Forking this process, which may hold
     threads (progress bars, torch's pool, a test runner), can copy another thread's held lock into a worker,
-    which then never finishes; the server forks from a clean process that imported `preload` once."""
+    which then never finishes; the server forks from a clean process that imported `preload` once, and
+    `cxr14.lifeline` before it."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(preload)
+    context.set_forkserver_preload([lifeline.__name__, *preload])  # first: the server and its workers die with us
     return context
 
 
 class Terminated(BaseException):
     """SIGTERM (`kill`, a scheduler's cancel) as an exception, so every `finally` removes its temporaries."""
-
-
-def _terminated(signum: int, frame: Any) -> None:
-    raise Terminated
 
 
 def run_main(main: Callable[..., Any], argv: list[str] | None = None) -> None:
@@ -276,10 +320,14 @@ def run_main(main: Callable[..., Any], argv: list[str] | None = None) -> None:
     """
     import signal
 
-    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
-        else None
+    global _pending
+    _pending = None
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         main(argv)
+        raise_pending()  # a signal swallowed on the way: the outputs are whole, the exit status says it came
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -295,5 +343,5 @@ def run_main(main: Callable[..., Any], argv: list[str] | None = None) -> None:
         print("terminated", file=sys.stderr)
         raise SystemExit(143) from None
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

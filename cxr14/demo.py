@@ -23,7 +23,16 @@ import numpy as np
 from PIL import Image
 
 from cxr14.boxes import BBOX_LIST, BOX_LABELS
-from cxr14.common import PipelineError, cpu_count, exit_with, process_context, progress, replace_dir
+from cxr14.common import (
+    PipelineError,
+    cpu_count,
+    exit_with,
+    process_context,
+    progress,
+    raise_pending,
+    replace_dir,
+    signals_deferred,
+)
 from cxr14.nih import CLASSES, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST, parse_findings
 from cxr14.params import Demo
 from cxr14.phantom import render
@@ -185,10 +194,21 @@ def render_all(folder: Path, t: dict[str, np.ndarray], size: int, seed: int, wor
         keep_freed_memory()
         return list(progress(map(draw, jobs), total=len(jobs), desc="demo images", unit="img"))
     context = process_context(["cxr14.phantom"])
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=worker_setup,
-                             initargs=(os.getpid(),)) as pool:
+    # A kill (SIGTERM, Ctrl-C) is acted on between two results, never inside the pool's locks, and drops the
+    # chunks not yet started.
+    with signals_deferred(), ProcessPoolExecutor(workers, mp_context=context, initializer=worker_setup,
+                                                 initargs=(os.getpid(),)) as pool:
         chunk = max(1, min(32, len(jobs) // (8 * workers)))
-        return list(progress(pool.map(draw, jobs, chunksize=chunk), total=len(jobs), desc="demo images", unit="img"))
+        out = []
+        try:
+            for result in progress(pool.map(draw, jobs, chunksize=chunk), total=len(jobs), desc="demo images",
+                                   unit="img"):
+                raise_pending()
+                out.append(result)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        return out
 
 
 def generate(cfg: Demo, out: Path | str, workers: int | None = None) -> dict[str, Any]:

@@ -8,6 +8,14 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +23,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, project_params
+from conftest import REPO, TinyNIH, project_params, write_params
 from PIL import Image
 
 from cxr14 import predict
@@ -231,3 +239,400 @@ def test_bad_params_files_are_one_line_before_any_work(tmp_path: Path, stage: st
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
     assert sorted(tmp_path.iterdir()) == before
+
+
+# ---- explain on a tiny project: boxes outside their image, checkpoints of another model ----
+
+def stage_result(main, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
+    """Run a stage entry point in-process as its `__main__` does (through run_main): exit code, stderr lines."""
+    capsys.readouterr()
+    code = 0
+    try:
+        run_main(main, argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err.splitlines()
+
+
+def snapshot(root: Path, *names: str) -> dict[str, bytes]:
+    """Bytes of every file at or under `root`/name: what a failed run must leave exactly as it was."""
+    out = {}
+    for name in names:
+        path = root / name
+        for f in [path] if path.is_file() else sorted(path.rglob("*")):
+            if f.is_file():
+                out[str(f.relative_to(root))] = f.read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def explain_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny demo project through split, prepare, train (1 epoch), evaluate, calibrate and explain, built once."""
+    from cxr14.demo import generate
+    from cxr14.params import Demo, build
+    from stages import calibrate, evaluate, explain, prepare, split, train
+
+    root = tmp_path_factory.mktemp("explain_project")
+    project_params(root / "params.yaml", {
+        "data": {"root": "data/demo", "missing": "error"},
+        "demo": {"patients": 24, "images": 60, "image_size": 64, "label_noise": 0.0, "class_floor": 0.03,
+                 "test_fraction": 0.25, "seed": 0},
+        "split": {"val_fraction": 0.25, "seed": 0},
+        "prepare": {"image_size": 32, "workers": 1},
+        "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "workers": 0},
+        "evaluate": {"bootstrap": 20},
+    })
+    generate(build(Demo, yaml.safe_load((root / "params.yaml").read_text())["demo"], "test"), root / "data/demo",
+             workers=1)
+    cwd = os.getcwd()
+    os.chdir(root)  # the stages read and write paths relative to the project, as under DVC
+    try:
+        for stage in (split, prepare, train, evaluate, calibrate, explain):
+            stage.main([])
+    finally:
+        os.chdir(cwd)
+    shutil.rmtree(root / "models/resume")  # 130 MB no test here needs
+    return root
+
+
+@pytest.fixture
+def explained(explain_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the explained project, as the working directory (CI=1: stderr holds messages only)."""
+    work = tmp_path / "project"
+    shutil.copytree(explain_project, work)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("CI", "1")
+    return work
+
+
+def a_test_image(work: Path) -> tuple[str, int, int]:
+    """The first test image of the project: its name, width and height in pixels."""
+    table = pd.read_csv(work / "data/split/test.csv")
+    with Image.open(work / table["path"][0]) as image:
+        return table["Image Index"][0], *image.size
+
+
+@pytest.mark.parametrize(("box", "shown"), [
+    ("{name},Mass,1e300,10,5,5", "x=1e+300 y=10 w=5 h=5"),
+    ("{name},Mass,{w_5},10,10,5", "x={w_5} y=10 w=10 h=5"),
+    ("{name},Nodule,10,-4,5,5", "x=10 y=-4 w=5 h=5"),
+], ids=["far-away", "past-the-right-edge", "above-the-top-edge"])
+def test_explain_names_the_box_list_line_of_a_box_outside_its_image(explained: Path, capsys, box: str,
+                                                                     shown: str) -> None:
+    """Scored, such a box counts as a miss and silently lowers the pointing game: one line naming the box list's
+    line instead, and the previous overlays and metrics stay as they were."""
+    name, width, height = a_test_image(explained)
+    box_list = Path("data/demo/BBox_List_2017.csv")
+    lines = box_list.read_text().splitlines()
+    fields = {"name": name, "w_5": width - 5}
+    box_list.write_text("\n".join([*lines, box.format(**fields)]) + "\n")
+    before = snapshot(explained, "plots/gradcam", "metrics/explain.json")
+    assert any(k.startswith("plots/gradcam/") for k in before) and "metrics/explain.json" in before
+    tree = sorted(Path(".").rglob("*"))
+    from stages import explain
+
+    code, err = stage_result(explain.main, [], capsys)
+    assert code == 1
+    assert err == [f"error: {box_list} line {len(lines) + 1}: box {shown.format(**fields)} reaches outside {name} "
+                   f"({width}x{height} px; 1 such box(es)); expected boxes in the original image's pixels"]
+    assert snapshot(explained, "plots/gradcam", "metrics/explain.json") == before
+    assert sorted(Path(".").rglob("*")) == tree  # no temporary left anywhere
+
+
+def test_explain_scores_boxes_that_touch_the_image_edges(explained: Path, capsys) -> None:
+    """The check must not refuse good lists: boxes filling the whole image, or past its edge by less than a pixel
+    (rounding in an exported list), are scored."""
+    name, width, height = a_test_image(explained)
+    box_list = Path("data/demo/BBox_List_2017.csv")
+    tests = set(pd.read_csv("data/split/test.csv")["Image Index"])
+    scored = sum(line.split(",")[0] in tests for line in box_list.read_text().splitlines()[1:])
+    box_list.write_text(box_list.read_text() + f"{name},Mass,0,0,{width},{height}\n"
+                        f"{name},Nodule,-0.5,{height - 5},5.5,5.4\n")
+    from stages import explain
+
+    code, err = stage_result(explain.main, [], capsys)
+    assert code == 0 and err == []
+    assert json.loads(Path("metrics/explain.json").read_text())["overall"]["boxes"] == scored + 2
+
+
+def foreign_checkpoint(kind: str) -> dict:
+    """A checkpoint that is not this project's model: the weights of another architecture under resnet18's name,
+    13 class names over 14 logits (a class dropped from the metadata), or a whole 13-class model."""
+    meta = {"arch": "resnet18", "classes": list(CLASSES), "image_size": 32, "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225]}
+    if kind == "resnet34 weights":
+        return {**meta, "state_dict": build_model("resnet34", "none").state_dict()}
+    if kind == "13 names, 14 logits":
+        return {**meta, "state_dict": build_model("resnet18", "none").state_dict(), "classes": list(CLASSES[:13])}
+    return {**meta, "state_dict": build_model("resnet18", "none", 13).state_dict(), "classes": list(CLASSES[:13])}
+
+
+@pytest.mark.parametrize("kind", ["resnet34 weights", "13 names, 14 logits"])
+def test_predict_refuses_a_checkpoint_of_another_model_naming_it(files: Path, capsys, kind: str) -> None:
+    """A checkpoint whose weights do not fit its own description is a one-line refusal naming the file, not a
+    traceback from inside torch."""
+    save_checkpoint(files / "model.pt", foreign_checkpoint(kind))
+    code, err = run_predict(files, capsys)
+    assert code == 1 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {files / 'model.pt'}: checkpoint does not describe a model this project builds (")
+    assert ("Unexpected key(s)" if kind == "resnet34 weights" else "size mismatch for fc.weight") in err
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("resnet34 weights", "checkpoint does not describe a model this project builds (Error(s) in loading state_dict "
+                         "for ResNet: Unexpected key(s) in state_dict: "),
+    ("13 names, 14 logits", f"classes {list(CLASSES[:13])} differ from this project's {list(CLASSES)}"),
+    ("13-class model", f"classes {list(CLASSES[:13])} differ from this project's {list(CLASSES)}"),
+], ids=["resnet34 weights", "13 names, 14 logits", "13-class model"])
+def test_explain_refuses_a_checkpoint_of_another_model_and_keeps_its_outputs(files: Path, tmp_path: Path, capsys,
+                                                                            monkeypatch, kind: str, message: str
+                                                                            ) -> None:
+    """explain's maps and metrics are per class of this project: a checkpoint of another architecture or class
+    list is one line naming models/model.pt, and the previous overlays and metrics stay."""
+    from stages import explain
+
+    work = tmp_path / "project"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    save_checkpoint("models/model.pt", foreign_checkpoint(kind))
+    Path("plots/gradcam/Mass").mkdir(parents=True)
+    Path("plots/gradcam/Mass/00000001_000.png").write_bytes(b"an earlier overlay")
+    Path("metrics").mkdir()
+    Path("metrics/explain.json").write_text('{"earlier": true}\n')
+    tree = snapshot(work, "models", "plots", "metrics")
+    code, err = stage_result(explain.main, ["--params", str(files / "params.yaml")], capsys)
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"error: models/model.pt: {message}")
+    assert snapshot(work, "models", "plots", "metrics") == tree and sorted(work.iterdir()) == [
+        work / "metrics", work / "models", work / "plots"]
+
+
+# ---- a full disk, for real: a small tmpfs in a user + mount namespace ----
+
+@pytest.fixture(scope="module")
+def small_disks(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Skip unless this machine lets an unprivileged user namespace mount a tmpfs (`unshare -Urm`)."""
+    probe = tmp_path_factory.mktemp("tmpfs_probe")
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux's unshare to mount a small tmpfs as a full disk")
+    mount = f"mount -t tmpfs -o size=16k none {shlex.quote(str(probe))}"
+    result = subprocess.run(["unshare", "-Urm", "sh", "-c", mount], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"user namespaces with a tmpfs are not available here (unshare -Urm: {result.stderr.strip()})")
+
+
+def checkout_env() -> dict[str, str]:
+    """The environment of run_module (CI=1: stderr holds messages only), with this checkout's code first on the
+    path: these commands run outside the repo root, where `stages` would come from whatever the venv installed."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CI")} | {"PYTHONPATH": str(REPO),
+                                                                                     "CI": "1"}
+
+
+def on_small_disk(mount: Path, size_kb: int, command: list[str | Path], cwd: Path, *, before: Path | None = None,
+                  after: Path) -> subprocess.CompletedProcess[str]:
+    """Run `command` (`checkout_env`) with `mount` a fresh tmpfs of `size_kb` KB holding a copy
+    of `before`; what the tmpfs holds afterwards is copied to `after` (the tmpfs goes with the namespace)."""
+    mnt, q = shlex.quote(str(mount)), shlex.join(map(str, command))
+    fill = f"cp -a {shlex.quote(str(before))}/. {mnt}/ || exit 98; " if before else ""
+    script = (f"mount -t tmpfs -o size={size_kb}k none {mnt} || exit 99; {fill}{q}; rc=$?; "
+              f"cp -a {mnt}/. {shlex.quote(str(after))}/ || exit 97; exit $rc")
+    after.mkdir(parents=True, exist_ok=True)
+    env = checkout_env()
+    return subprocess.run(["unshare", "-Urm", "sh", "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture
+def tiny_split(tmp_path: Path) -> dict[str, Path]:
+    """The 17-image TinyNIH dataset split into tables (the prepare stage's inputs), with its params file."""
+    from stages import split
+
+    nih = TinyNIH(tmp_path / "nih")
+    params = write_params(tmp_path / "params.yaml", nih.root, image_size=64, workers=1)
+    split.main(["--params", str(params), "--out", str(tmp_path / "split"), "--metrics", str(tmp_path / "split.json")])
+    return {"params": params, "split": tmp_path / "split", "nih": nih.root}
+
+
+def previous_prepared(folder: Path) -> dict[str, bytes]:
+    """A complete, small earlier output of prepare in `folder`: what a failed run must leave byte for byte."""
+    folder.mkdir(parents=True)
+    content = {f"prepared/{n}.npy": f"an earlier {n}.npy".encode() for n in ("train", "val", "test")}
+    for name, data in content.items():
+        (folder.parent / name).write_bytes(data)
+    return content
+
+
+def test_prepare_on_a_disk_without_room_stops_before_decoding(small_disks, tiny_split, tmp_path: Path) -> None:
+    """Decoding all of NIH takes hours: with too little space for the arrays (old and new side by side) the stage
+    stops first, saying how much it needs and how much is free, and the previous arrays stay."""
+    before, after, disk = tmp_path / "before", tmp_path / "after", tmp_path / "disk"
+    old = previous_prepared(before / "prepared")
+    disk.mkdir()
+    result = on_small_disk(disk, 32, [sys.executable, "-m", "stages.prepare", "--params", tiny_split["params"],
+                                      "--split-dir", tiny_split["split"], "--out", disk / "prepared"],
+                           REPO, before=before, after=after)
+    assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr
+    needed = sum(len(pd.read_csv(tiny_split["split"] / f"{n}.csv")) * 64 * 64 + 128 for n in ("train", "val", "test"))
+    assert re.fullmatch(rf"error: {re.escape(str(disk / 'prepared'))}: needs about {needed / 1000:.1f} KB of disk "
+                        r"space, [\d.]+ (bytes|KB) is free there; free some space and re-run\n", result.stderr)
+    assert snapshot(after, "prepared") == old and sorted(p.name for p in after.iterdir()) == ["prepared"]
+
+
+def test_prepare_when_the_disk_fills_up_while_writing_names_the_output_and_keeps_the_old(
+        small_disks, tiny_split, tmp_path: Path) -> None:
+    """The free-space check can be wrong (another writer, a quota): a disk that fills up half way through still
+    ends in one line naming the output folder, the previous arrays whole, and no temporary left behind."""
+    before, after, disk = tmp_path / "before", tmp_path / "after", tmp_path / "disk"
+    old = previous_prepared(before / "prepared")
+    disk.mkdir()
+    script = ("import sys\nimport stages.prepare as stage\nfrom cxr14.common import run_main\n"
+              "stage.ensure_space = lambda path, needed: None  # the check passes, the writes fail\n"
+              "run_main(stage.main, sys.argv[1:])\n")
+    result = on_small_disk(disk, 48, [sys.executable, "-c", script, "--params", tiny_split["params"],
+                                      "--split-dir", tiny_split["split"], "--out", disk / "prepared"],
+                           REPO, before=before, after=after)
+    assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr
+    assert re.fullmatch(rf"error: {re.escape(str(disk / 'prepared'))}: the disk filled up while writing it "
+                        r"\([\d.]+ (bytes|KB) free now; the previous version is untouched\); free some space and "
+                        r"re-run\n", result.stderr)
+    assert snapshot(after, "prepared") == old and sorted(p.name for p in after.iterdir()) == ["prepared"]
+
+
+def test_train_on_a_disk_without_room_for_the_resume_point_stops_before_the_first_epoch(
+        small_disks, explain_project: Path, tmp_path: Path) -> None:
+    """An epoch can take hours, and its end writes the resume point (latest and best weights, AdamW's moments):
+    without room for it the stage stops first, naming models/resume/last.pt and the space it needs, and the
+    previous model.pt, train.json and log stay as they were."""
+    work, before, after = tmp_path / "project", tmp_path / "before", tmp_path / "after"
+    for folder in ("data/split", "data/prepared"):
+        shutil.copytree(explain_project / folder, work / folder)
+    shutil.copy(explain_project / "params.yaml", work / "params.yaml")
+    (work / "models").mkdir()
+    (work / "metrics").mkdir()
+    (work / "metrics/train.json").write_text('{"earlier": true}\n')
+    (work / "dvclive").mkdir()
+    (work / "dvclive/metrics.json").write_text('{"step": 0}\n')
+    before.mkdir()
+    (before / "model.pt").write_bytes(b"an earlier model.pt")
+    outside = snapshot(work, "metrics", "dvclive", "data")
+    result = on_small_disk(work / "models", 1024, [sys.executable, "-m", "stages.train"], work, before=before,
+                           after=after)
+    assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr
+    match = re.fullmatch(r"error: models/resume/last.pt: needs about ([\d.]+) MB of disk space, [\d.]+ (KB|MB) is free "
+                         r"there; free some space and re-run\n", result.stderr)
+    assert match, result.stderr
+    weights = sum(t.numel() * t.element_size() for t in build_model("resnet18", "none").state_dict().values())
+    assert float(match.group(1)) * 1e6 >= 3 * weights  # latest + best weights, the old point beside the new
+    assert snapshot(after, ".") == {"model.pt": b"an earlier model.pt"}  # no resume/ folder, no temporary
+    assert snapshot(work, "metrics", "dvclive", "data") == outside and sorted(p.name for p in work.iterdir()) == [
+        "data", "dvclive", "metrics", "models", "params.yaml"]
+
+
+# ---- unreadable inputs: run as a user that file permissions apply to ----
+
+NOBODY = 65534
+PROBE = ("import os, sys\nimport stages.prepare, stages.split\nopen(sys.argv[2]).read()  # reads what is readable\n"
+         "try:\n    os.listdir(sys.argv[1])\nexcept PermissionError:\n    sys.exit(0)  # and not what is not\n"
+         "sys.exit(3)\n")
+
+
+def as_nobody() -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+@pytest.fixture
+def unprivileged() -> Iterator[dict]:
+    """A scratch folder, and how to run a command there so that mode 000 denies reading: as is when not root;
+    as root, as uid 65534 (the folder chowned to it) if that user can run the venv's Python, else in a user
+    namespace without a uid mapping, where root keeps its uid but not its override of file permissions."""
+    work = Path(tempfile.mkdtemp(prefix="cxr14-unreadable-"))  # not under pytest's 0700 folder: uid 65534 must enter
+    locked, readable = work / "locked", work / "readable"
+    locked.mkdir(mode=0)
+    readable.write_text("readable")
+    env = checkout_env() | {"HOME": str(work)}
+    runner: dict | None = None
+    if os.geteuid() != 0:
+        runner = {"prefix": [], "preexec_fn": None}
+    else:
+        tried = []
+        for candidate in ({"prefix": [], "preexec_fn": as_nobody}, {"prefix": ["unshare", "-U"], "preexec_fn": None}):
+            owner = NOBODY if candidate["preexec_fn"] else 0
+            for path in (work, locked, readable):
+                os.chown(path, owner, owner)
+            try:
+                probe = subprocess.run([*candidate["prefix"], sys.executable, "-c", PROBE, str(locked), str(readable)],
+                                       cwd=work, env=env, preexec_fn=candidate["preexec_fn"], capture_output=True,
+                                       text=True)
+                tried.append(f"exit {probe.returncode}: {probe.stderr.strip()[-200:]}")
+            except OSError as exc:
+                tried.append(str(exc))
+                continue
+            if probe.returncode == 0:
+                runner = candidate
+                break
+    if runner is None:
+        shutil.rmtree(work)
+        pytest.skip("running as root, and neither uid 65534 (which cannot run this venv's Python) nor root in a user "
+                    f"namespace without a uid mapping is denied by mode 000: {'; '.join(tried)}")
+
+    def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        if runner["preexec_fn"] is not None:  # uid 65534 writes its outputs into the folder it owns
+            for path in [work, *work.rglob("*")]:
+                os.lchown(path, NOBODY, NOBODY)
+        return subprocess.run([*runner["prefix"], sys.executable, *map(str, args)], cwd=work, env=env,
+                              preexec_fn=runner["preexec_fn"], capture_output=True, text=True, timeout=300)
+
+    yield {"work": work, "run": run}
+    for path in [work, *work.rglob("*")]:
+        if path.is_dir() and not path.is_symlink():
+            path.chmod(0o755)
+    shutil.rmtree(work)
+
+
+def test_split_names_an_images_folder_it_may_not_read(unprivileged: dict) -> None:
+    """A dataset copied with the wrong owner or mode must say which folder it cannot read, not look like a
+    dataset without images (or a traceback)."""
+    work = unprivileged["work"]
+    nih = TinyNIH(work / "nih")
+    params = write_params(work / "params.yaml", nih.root)
+    (nih.root / "images").chmod(0)
+    result = unprivileged["run"]("-m", "stages.split", "--params", params, "--out", work / "split",
+                                 "--metrics", work / "metrics/split.json")
+    assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [f"error: {nih.root / 'images'}: Permission denied"]
+    assert not (work / "split").exists() and not (work / "metrics").exists()
+    assert sorted(p.name for p in work.iterdir()) == ["locked", "nih", "params.yaml", "readable"]
+
+
+@pytest.mark.parametrize("unreadable", ["images folder", "split table"])
+def test_prepare_names_an_input_it_may_not_read_and_keeps_the_old_arrays(unprivileged: dict, unreadable: str
+                                                                         ) -> None:
+    """Images or split tables the stage may not read are named in one line (the table's line for an image), and
+    the previous arrays stay."""
+    from stages import split
+
+    work = unprivileged["work"]
+    nih = TinyNIH(work / "nih")
+    params = write_params(work / "params.yaml", nih.root, image_size=32, workers=1)
+    split.main(["--params", str(params), "--out", str(work / "split"), "--metrics", str(work / "split.json")])
+    old = previous_prepared(work / "prepared")
+    table = work / "split/train.csv"
+    if unreadable == "images folder":
+        (nih.root / "images").chmod(0)
+        first = pd.read_csv(table)["path"][0]
+        expected = f"error: {first} ({table} line 2): cannot decode image ([Errno 13] Permission denied: '{first}'); "
+        expected += "expected a readable PNG or JPEG"
+    else:
+        table.chmod(0)
+        expected = f"error: {table}: cannot read the split table ([Errno 13] Permission denied: '{table}'); "
+        expected += "run the split stage (dvc repro split)"
+    result = unprivileged["run"]("-m", "stages.prepare", "--params", params, "--split-dir", work / "split",
+                                 "--out", work / "prepared")
+    assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [expected]
+    assert snapshot(work, "prepared") == old
+    assert sorted(p.name for p in work.iterdir()) == ["locked", "nih", "params.yaml", "prepared", "readable", "split",
+                                                          "split.json"]

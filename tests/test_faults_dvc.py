@@ -1,0 +1,242 @@
+"""Faults of a whole project under DVC (issue 11's catalogue, continued from test_faults.py): a killed
+`dvc exp run` resumed with the documented command, stage processes killed at random moments, two
+`dvc repro` at once, and a resume on other data refused through DVC.
+
+All run in one scratch git + DVC project built once on a tiny demo; each test starts from its committed
+baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from conftest import REPO
+
+TINY = {
+    "demo": {"patients": 40, "images": 120, "image_size": 64, "test_fraction": 0.25},
+    "split": {"val_fraction": 0.25},
+    "prepare": {"image_size": 48, "workers": 2},
+    "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "workers": 1},
+    "evaluate": {"bootstrap": 20},
+}
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "DVC_NO_ANALYTICS": "1", "CI": "1"}
+
+
+def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
+    assert not check or result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], cwd, check)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pipeline's code, dvc.yaml and TINY params, reproduced and committed: a clone after `dvc repro`."""
+    work = tmp_path_factory.mktemp("dvcproject")
+    for name in ("cxr14", "stages", "dvc.yaml", "params.yaml", ".gitignore"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, work / name)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], work)
+    dvc("init", "-q", cwd=work)
+    dvc("config", "core.analytics", "false", cwd=work)
+    run(["git", "add", "-A"], work)
+    run([*GIT, "commit", "-qm", "code"], work)
+    dvc("repro", cwd=work)
+    run(["git", "add", "-A"], work)
+    run([*GIT, "commit", "-qm", "baseline"], work)
+    return work
+
+
+@pytest.fixture
+def project(baseline: Path) -> Path:
+    """The baseline project as committed, with the workspace's outputs checked out and no resume point."""
+    reset(baseline)
+    dvc("checkout", "--force", cwd=baseline)
+    shutil.rmtree(baseline / "models/resume", ignore_errors=True)
+    assert "up to date" in dvc("status", cwd=baseline).stdout
+    return baseline
+
+
+def reset(project: Path) -> None:
+    """`git reset --hard` from a new index: after a failed `dvc exp run`, the index DVC leaves can hold the stat
+    of a workspace file together with HEAD's content, and git then keeps the file as it is."""
+    (project / ".git/index").unlink(missing_ok=True)
+    run(["git", "reset", "-q", "--hard"], project)
+
+
+def cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # ended meanwhile
+        return ""
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+
+
+def train_outputs(project: Path) -> dict[str, str]:
+    """model.pt, every dvclive file, and train.json without its timings: what an uninterrupted run makes."""
+    out = {"models/model.pt": md5(project / "models/model.pt")}
+    out.update({str(p.relative_to(project)): md5(p) for p in sorted((project / "dvclive").rglob("*")) if p.is_file()})
+    metrics = json.loads((project / "metrics/train.json").read_text())
+    out["metrics/train.json"] = json.dumps({k: metrics[k] for k in ("best_epoch", "best_val_mean_auc", "epochs_run")})
+    return out
+
+
+def leftovers(project: Path) -> list[str]:
+    """Temporaries of our atomic writes (`.<name>.*.tmp` / `.old`), anywhere outside .git and .dvc."""
+    return sorted(str(p.relative_to(project)) for p in project.rglob(".*")
+                  if p.name.endswith((".tmp", ".old")) and not {".git", ".dvc"} & set(p.relative_to(project).parts))
+
+
+def test_dvc_exp_run_resume_after_a_killed_experiment_gives_the_uninterrupted_result(project: Path) -> None:
+    """The README's recipe: kill the train step of `dvc exp run -S train.epochs=6 ...`, then
+    `dvc exp run -S train.resume=true`; DVC checks out the baseline's outputs first, so the resume point must
+    live outside them, and the result must be the uninterrupted experiment's, byte for byte."""
+    experiment = ["exp", "run", "-S", "train.epochs=6", "-S", "train.patience=10"]
+    dvc(*experiment, cwd=project)
+    straight = train_outputs(project)
+    assert json.loads(straight["metrics/train.json"])["epochs_run"] == 6
+
+    reset(project)
+    dvc("checkout", "--force", cwd=project)
+    shutil.rmtree(project / "models/resume")  # no help from the uninterrupted run
+    point = project / "models/resume/last.pt"
+    with open(project / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", *experiment], cwd=project, env=env(), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not point.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: DVC and the stage, as a lost machine would
+        proc.wait()
+    killed_at = torch.load(point, weights_only=True)["state"]["epoch"]
+    assert 1 <= killed_at < 6, f"the experiment was not killed during training:\n{(project / 'killed.log').read_text()}"
+    (project / "killed.log").unlink()
+
+    result = dvc("exp", "run", "-S", "train.resume=true", cwd=project)
+    assert f"resuming from models/resume/last.pt after epoch {killed_at} of 6" in result.stdout
+    assert train_outputs(project) == straight
+    assert not leftovers(project)
+
+
+def test_resume_on_another_split_is_refused_through_dvc(project: Path) -> None:
+    """The probe's first scenario: `dvc exp run -S split.seed=43 -S train.resume=true` on a seed-42 resume point
+    handed back the seed-42 model; now train stops with one line and DVC reports the stage failed."""
+    dvc("exp", "run", "-S", "train.epochs=2", cwd=project)
+    model = md5(project / "models/model.pt")
+    result = dvc("exp", "run", "-S", "train.epochs=2", "-S", "split.seed=43", "-S", "train.resume=true",
+                 cwd=project, check=False)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert ours == ["error: models/resume/last.pt was trained on other data (data/prepared/train.npy differs, "
+                    "4 file(s) in all); set train.resume: false"], result.stderr
+    assert "Traceback" not in result.stderr
+    assert md5(project / "models/model.pt") == model  # the previous model stays; no other one takes its place
+
+
+def test_two_dvc_repro_at_once_the_second_stops_and_the_first_finishes(project: Path) -> None:
+    """DVC's locks: the second run stops with DVC's error naming the busy output and the process holding it,
+    runs nothing, and the first finishes with the outputs it would have made alone."""
+    first = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force", "train"], cwd=project, env=env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while first.poll() is None and time.monotonic() < deadline:  # wait until the train stage itself runs
+        if any("stages.train" in cmdline(c) for c in psutil.Process(first.pid).children(recursive=True)):
+            break
+        time.sleep(0.05)
+    assert first.poll() is None, "the first repro ended before the second could start"
+    second = dvc("repro", cwd=project, check=False)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert second.returncode != 0
+    errors = [line for line in second.stderr.splitlines() if line.startswith("ERROR")]  # DVC's own words
+    assert len(errors) == 1 and ("is busy, it is being blocked by" in errors[0] or "Unable to acquire lock"
+                                 in errors[0]), second.stderr
+    assert "Traceback" not in second.stderr
+    assert "up to date" in dvc("status", cwd=project).stdout  # the first run's outputs equal the baseline's
+
+
+def test_ten_random_kills_of_train_and_prepare_leave_no_process_no_temporary_and_the_same_dvc_status(
+        project: Path) -> None:
+    """SIGKILL, SIGTERM or Ctrl-C at a random moment of a prepare or train run: workers end with the stage,
+    outputs DVC tracks are the old ones or the new whole ones (so `dvc status` does not change), SIGTERM and
+    Ctrl-C leave no temporary at all, and what a SIGKILL leaves is hidden beside the outputs and removed by the
+    stage's next run."""
+    durations = {}
+    for stage in ("prepare", "train"):
+        start = time.monotonic()
+        run([sys.executable, "-m", f"stages.{stage}"], project)
+        durations[stage] = time.monotonic() - start
+    dvc("commit", "--force", "train", cwd=project)  # train.json's timings are new; nothing else is
+    before = dvc("status", cwd=project).stdout
+    assert "up to date" in before
+    timings = (project / "metrics/train.json").read_bytes()
+
+    def status() -> str:
+        """dvc status, once a train.json that differs only in its timings (a run killed after its last write)
+        is put back: seconds and images/s are the one thing a re-run may change."""
+        untimed = {"seconds", "images_per_second"}
+        now, then = (json.loads(b) for b in ((project / "metrics/train.json").read_bytes(), timings))
+        if {k: v for k, v in now.items() if k not in untimed} == {k: v for k, v in then.items() if k not in untimed}:
+            (project / "metrics/train.json").write_bytes(timings)
+        return dvc("status", cwd=project).stdout
+    rng = random.Random(11)
+    plan = [("prepare", "train")[i % 2] for i in range(10)]
+    signals = [signal.SIGKILL] * 6 + [signal.SIGTERM] * 2 + [signal.SIGINT] * 2
+    rng.shuffle(signals)
+    for stage, sig in zip(plan, signals, strict=True):
+        delay = rng.uniform(0.5, durations[stage])
+        earlier = set(leftovers(project))  # a SIGKILLed run's, until the same stage runs again
+        proc = subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        ours: dict[int, psutil.Process] = {}
+        end = time.monotonic() + delay
+        while time.monotonic() < end and proc.poll() is None:
+            try:
+                ours.update({c.pid: c for c in psutil.Process(proc.pid).children(recursive=True)})
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        _, alive = psutil.wait_procs(list(ours.values()), timeout=15)  # DataLoader workers poll every 5 s
+        what = f"{stage} {signal.Signals(sig).name} after {delay:.1f} s"
+        assert not alive, f"{what}: processes left {alive}"
+        if sig != signal.SIGKILL:
+            assert not set(leftovers(project)) - earlier, f"{what}: {leftovers(project)}"
+            assert "Traceback" not in err, f"{what}: {err}"
+        assert status() == before, what
+    for stage in ("prepare", "train"):
+        run([sys.executable, "-m", f"stages.{stage}"], project)
+    assert not leftovers(project)
+    assert status() == before
