@@ -29,6 +29,8 @@ def read_split_table(table: Path | str, columns: Sequence[str] | None = None) ->
     """A split stage table (or some of its columns), or a one-line error saying to run the split stage."""
     try:
         return pd.read_csv(table, usecols=list(columns) if columns else None)
+    except PermissionError:  # the table is there: re-running split would not help
+        raise PipelineError(f"{table}: permission denied; the split table must be readable by this user") from None
     except (OSError, ValueError, pd.errors.EmptyDataError) as exc:  # ParserError is a ValueError
         raise PipelineError(f"{table}: cannot read the split table ({' '.join(str(exc).split())}); "
                             "run the split stage (dvc repro split)") from None

@@ -109,7 +109,8 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
         if scheduler is not None:
             scheduler.load_state_dict(point["scheduler"])
         state = point["state"]
-        best = point["best_model"] if point["best_model"] is not None else cpu_copy(model)
+        best = ({k: v.to("cpu") for k, v in point["best_model"].items()} if point["best_model"] is not None
+                else cpu_copy(model))  # on the CPU, as an uninterrupted run keeps it: model.pt's bytes are equal
         print(f"train: resuming from {resume_file} after epoch {state['epoch']} of {t.epochs}")
     elif t.resume:
         warn(f"train.resume: no resume point {resume_file} (a run writes it after its first epoch, in the folder "

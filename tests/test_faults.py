@@ -1,7 +1,10 @@
 """Bad artifacts and inputs: one line naming the file, the class or value, exit 1, no traceback, nothing lost.
 
-The start of issue 11's catalogue: what predict and explain read besides images (thresholds, calibrators,
-prepared arrays, checkpoints) and where their outputs go.
+Issue 11's catalogue, with the params-file cases of the design pass (tests/test_params.py has the schema's
+own): thresholds, calibrators, prepared arrays, checkpoints, box lists, params files, unreadable inputs,
+a real full disk (a tmpfs in a user namespace), a killed prepare. The faults that need a whole git + DVC
+project (a killed `dvc exp run` resumed, ten random kills, two `dvc repro` at once, a resume on another
+split) are in tests/test_faults_dvc.py; a kill before each write of the train stage is in tests/test_train.py.
 """
 
 from __future__ import annotations
@@ -627,8 +630,7 @@ def test_prepare_names_an_input_it_may_not_read_and_keeps_the_old_arrays(unprivi
         expected += "expected a readable PNG or JPEG"
     else:
         table.chmod(0)
-        expected = f"error: {table}: cannot read the split table ([Errno 13] Permission denied: '{table}'); "
-        expected += "run the split stage (dvc repro split)"
+        expected = f"error: {table}: permission denied; the split table must be readable by this user"
     result = unprivileged["run"]("-m", "stages.prepare", "--params", params, "--split-dir", work / "split",
                                  "--out", work / "prepared")
     assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr
