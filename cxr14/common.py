@@ -23,8 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from cxr14 import lifeline
-
 
 class PipelineError(Exception):
     """An error in the user's data or settings; printed as one line, never as a traceback."""
@@ -300,11 +298,11 @@ def process_context(preload: list[str]) -> multiprocessing.context.BaseContext:
     """Workers from a fork server where there is one, else spawned. Forking this process, which may hold
     threads (progress bars, torch's pool, a test runner), can copy another thread's held lock into a worker,
     which then never finishes; the server forks from a clean process that imported `preload` once, and
-    `cxr14.lifeline` before it."""
+    `cxr14.lifeline_armed` before it (the server and its workers die with the stage, SIGKILL included)."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([lifeline.__name__, *preload])  # first: the server and its workers die with us
+    context.set_forkserver_preload(["cxr14.lifeline_armed", *preload])  # first: server and workers die with us
     return context
 
 
@@ -343,5 +341,6 @@ def run_main(main: Callable[..., Any], argv: list[str] | None = None) -> None:
         print("terminated", file=sys.stderr)
         raise SystemExit(143) from None
     finally:
+        _pending = None  # acted on, or moot: the stage is over
         for sig, handler in previous.items():
             signal.signal(sig, handler)

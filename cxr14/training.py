@@ -115,10 +115,12 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
     elif t.resume:
         warn(f"train.resume: no resume point {resume_file} (a run writes it after its first epoch, in the folder "
              "it runs in); training from the first epoch")
-    # A new resume point (latest and best weights, AdamW's two moments) is written beside the old one before it
-    # replaces it, and model.pt (best weights) at the end: stop now rather than after an epoch's work.
+    # A resume point holds up to two sets of weights (latest, best) and AdamW's two moments; each new one is
+    # written beside the old before replacing it, and model.pt (one set) beside its old one at the end: stop
+    # now rather than epochs later.
     weights = state_bytes(model.state_dict())
-    ensure_space(resume_file, 3 * weights + optimizer_bytes(model))
+    point = 2 * weights + optimizer_bytes(model)
+    ensure_space(resume_file, 2 * point - (resume_file.stat().st_size if resume_file.is_file() else 0) + weights)
     keep_out_of_git(resume_file.parent)
     batches, eval_batches = Batches(device, t.augment, reuse=True), Batches(device, reuse=True)
     while state["epoch"] < t.epochs and state["bad_epochs"] < t.patience:

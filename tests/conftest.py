@@ -168,6 +168,37 @@ def project_params(path: Path, overrides: dict[str, dict] | None = None) -> Path
     return path
 
 
+def copy_pipeline(work: Path, overrides: dict[str, dict], names: Sequence[str] = ("cxr14", "stages", "dvc.yaml")
+                  ) -> Path:
+    """The pipeline's code and dvc.yaml copied into `work`, with the repo's params.yaml and `overrides`: a
+    project for `dvc repro` that runs this checkout's code (`python -m stages.<name>` imports from `work`)."""
+    import shutil
+
+    for name in names:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, work / name)
+    return project_params(work / "params.yaml", overrides)
+
+
+TINY_DEMO = {"data": {"root": "data/demo", "missing": "error"},
+             "demo": {"patients": 24, "images": 60, "image_size": 64, "label_noise": 0.0, "class_floor": 0.03,
+                      "test_fraction": 0.25, "seed": 0},
+             "split": {"val_fraction": 0.25, "seed": 0}}
+
+
+def tiny_demo(root: Path, overrides: dict[str, dict]) -> Path:
+    """`root`/params.yaml (TINY_DEMO and `overrides`) and its 60-image demo in `root`/data/demo, built in-process."""
+    from cxr14.demo import generate
+    from cxr14.params import Demo, build
+
+    params = project_params(root / "params.yaml", {**TINY_DEMO, **overrides})
+    generate(build(Demo, yaml.safe_load(params.read_text())["demo"], "test"), root / "data/demo", workers=1)
+    return params
+
+
 def merge(base: dict, update: dict) -> dict:
     """`base` with `update`'s keys replaced, nested mappings merged key by key."""
     out = dict(base)

@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, TinyNIH, project_params, write_params
+from conftest import REPO, TinyNIH, project_params, tiny_demo, write_params
 from PIL import Image
 
 from cxr14 import predict
@@ -273,22 +273,12 @@ def snapshot(root: Path, *names: str) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def explain_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny demo project through split, prepare, train (1 epoch), evaluate, calibrate and explain, built once."""
-    from cxr14.demo import generate
-    from cxr14.params import Demo, build
     from stages import calibrate, evaluate, explain, prepare, split, train
 
     root = tmp_path_factory.mktemp("explain_project")
-    project_params(root / "params.yaml", {
-        "data": {"root": "data/demo", "missing": "error"},
-        "demo": {"patients": 24, "images": 60, "image_size": 64, "label_noise": 0.0, "class_floor": 0.03,
-                 "test_fraction": 0.25, "seed": 0},
-        "split": {"val_fraction": 0.25, "seed": 0},
-        "prepare": {"image_size": 32, "workers": 1},
-        "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "workers": 0},
-        "evaluate": {"bootstrap": 20},
-    })
-    generate(build(Demo, yaml.safe_load((root / "params.yaml").read_text())["demo"], "test"), root / "data/demo",
-             workers=1)
+    tiny_demo(root, {"prepare": {"image_size": 32, "workers": 1},
+                     "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "workers": 0},
+                     "evaluate": {"bootstrap": 20}})
     cwd = os.getcwd()
     os.chdir(root)  # the stages read and write paths relative to the project, as under DVC
     try:
@@ -638,3 +628,33 @@ def test_prepare_names_an_input_it_may_not_read_and_keeps_the_old_arrays(unprivi
     assert snapshot(work, "prepared") == old
     assert sorted(p.name for p in work.iterdir()) == ["locked", "nih", "params.yaml", "prepared", "readable", "split",
                                                           "split.json"]
+
+
+def test_a_signal_handled_by_run_main_is_not_raised_again_later(capsys, tmp_path: Path) -> None:
+    """A Ctrl-C that ended one stage run in-process must not resurface in the next write (tests, notebooks)."""
+    import signal
+    import time
+
+    from cxr14.common import write_json
+
+    def interrupted(argv):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler raises before this ends
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(interrupted, [])
+    assert exit_info.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+    write_json(tmp_path / "after.json", {"a": 1})  # a progress step or a rename: a safe point for a held signal
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # run_main gave the handler back
+
+
+def test_a_stage_process_does_not_die_with_the_thread_that_started_it() -> None:
+    """The parent-death signal is for the fork server and its workers only: set in a stage, a stage started by
+    a thread of another program would be SIGKILLed when that thread ends."""
+    import subprocess
+    import sys
+
+    code = ("import ctypes, cxr14.common, cxr14.arrays, cxr14.demo, stages.prepare; v = ctypes.c_int(); "
+            "ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "0"

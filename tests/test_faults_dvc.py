@@ -22,8 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import yaml
-from conftest import REPO
+from conftest import copy_pipeline
 
 TINY = {
     "demo": {"patients": 40, "images": 120, "image_size": 64, "test_fraction": 0.25},
@@ -54,16 +53,7 @@ def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
 def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The pipeline's code, dvc.yaml and TINY params, reproduced and committed: a clone after `dvc repro`."""
     work = tmp_path_factory.mktemp("dvcproject")
-    for name in ("cxr14", "stages", "dvc.yaml", "params.yaml", ".gitignore"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, work / name)
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_pipeline(work, TINY, names=("cxr14", "stages", "dvc.yaml", ".gitignore"))
     run(["git", "init", "-q"], work)
     dvc("init", "-q", cwd=work)
     dvc("config", "core.analytics", "false", cwd=work)

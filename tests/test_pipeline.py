@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import copy_pipeline
 
 from cxr14.nih import CLASSES
 
@@ -39,16 +39,7 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the pipeline (code, dvc.yaml, params with TINY overrides) in a new git + DVC repo."""
     work = tmp_path_factory.mktemp("project")
-    for name in ("cxr14", "stages", "dvc.yaml", "params.yaml"):
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, work / name)
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_pipeline(work, TINY)
     run(["git", "init", "-q"], work)
     run([sys.executable, "-m", "dvc", "init", "-q"], work)
     run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], work)

@@ -13,13 +13,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import project_params
+from conftest import tiny_demo
 
 from cxr14 import training
 from cxr14.common import PipelineError
-from cxr14.demo import generate
 from cxr14.nih import CLASSES
-from cxr14.params import Demo, build
 from stages import prepare, split, train
 
 TRAIN = {
@@ -36,15 +34,7 @@ TRAIN = {
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """data/split and data/prepared for a 60-image demo at 48 px, built once."""
     root = tmp_path_factory.mktemp("tiny")
-    project_params(root / "params.yaml", {
-        "data": {"root": "data/demo", "missing": "error"},
-        "demo": {"patients": 24, "images": 60, "image_size": 64, "label_noise": 0.0, "class_floor": 0.03,
-                 "test_fraction": 0.25, "seed": 0},
-        "split": {"val_fraction": 0.25, "seed": 0},
-        "prepare": {"image_size": 48, "workers": 1},
-    })
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    generate(build(Demo, params["demo"], "test"), root / "data/demo", workers=1)
+    tiny_demo(root, {"prepare": {"image_size": 48, "workers": 1}})
     cwd = os.getcwd()
     os.chdir(root)  # split tables hold paths relative to the project, as in the real pipeline
     try:
