@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import glob
 import json
 import multiprocessing
@@ -63,12 +64,15 @@ def exit_with(pid: int) -> None:
     included.
 
     Pool workers come from a fork server, and each holds the pipe that keeps the fork server alive, so after a
-    killed prepare or demo all of them stayed (hundreds of MB) waiting on a queue no one fills; a parent-death
-    signal would not help, their parent is the fork server. A daemon thread polls the stage's pid instead.
+    killed prepare or demo all of them stayed (hundreds of MB) waiting on a queue no one fills. On Linux the
+    parent-death signals of `cxr14.lifeline` end them sooner; this daemon thread, polling the stage's pid, is
+    what ends them where there are none (spawned workers, other systems). Workers ignore Ctrl-C, which the
+    terminal sends to the whole process group: the stage handles it and shuts them down.
     """
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the stage handles it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def watch() -> None:
         while True:
             time.sleep(0.5)
@@ -83,11 +87,13 @@ def exit_with(pid: int) -> None:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+    if n < 1000:
+        return f"{n:.0f} bytes"
+    for unit in ("KB", "MB"):
         n /= 1000
-    return f"{n:.1f} GB"  # pragma: no cover
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1000:.1f} GB"
 
 
 def free_bytes(path: Path | str) -> int:
@@ -113,6 +119,14 @@ def _out_of_space(exc: OSError, target: Path) -> None:
                             "free now; the previous version is untouched); free some space and re-run") from None
 
 
+def usual_permissions(path: Path, mode: int) -> Path:
+    """`mode` less the umask: mkstemp and mkdtemp make 0600 and 0700, and outputs get what any new file would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -121,10 +135,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
+    tmp_path = usual_permissions(Path(tmp), 0o666)
     try:
         yield tmp_path
         with signals_deferred():
@@ -148,10 +159,7 @@ def replace_dir(path: Path | str) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; outputs get the usual permissions
+    tmp = usual_permissions(Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)), 0o777)
     try:
         yield tmp
         with signals_deferred():
@@ -252,13 +260,18 @@ def write_csv(path: Path | str, frame: Any, **options: Any) -> None:
 
 def progress(iterable: Any = None, **kwargs: Any) -> Any:
     """A tqdm bar on stderr that stays quiet when stderr is not a terminal and CI is set."""
-    from tqdm.auto import tqdm
-
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("mininterval", 0.5)
     kwargs.setdefault("disable", None if sys.stderr.isatty() else bool(os.environ.get("CI")))
+    return _bar_class()(iterable, **kwargs)
 
-    class Bar(tqdm):  # each step is a safe point for a held or lost SIGTERM / Ctrl-C (raise_pending)
+
+@functools.cache
+def _bar_class() -> type:
+    """tqdm, with each step a safe point for a held or swallowed SIGTERM / Ctrl-C (`raise_pending`)."""
+    from tqdm.auto import tqdm
+
+    class Bar(tqdm):
         def __iter__(self) -> Iterator[Any]:
             for item in super().__iter__():
                 raise_pending()
@@ -268,7 +281,7 @@ def progress(iterable: Any = None, **kwargs: Any) -> Any:
             raise_pending()
             return super().update(n)
 
-    return Bar(iterable, **kwargs)
+    return Bar
 
 
 def cpu_count() -> int:

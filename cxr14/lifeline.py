@@ -18,7 +18,6 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
-_forker = [0]  # pid of the process about to fork (the fork server), recorded before each fork
 
 
 def die_with_parent(parent: int) -> None:
@@ -35,6 +34,6 @@ def arm() -> None:
     """In the fork server: it dies with the stage, and each process it forks dies with it."""
     if not sys.platform.startswith("linux"):
         return
-    die_with_parent(os.getppid())  # the stage started the server a moment ago: a dead stage is caught at fork
-    os.register_at_fork(before=lambda: _forker.__setitem__(0, os.getpid()),
-                        after_in_child=lambda: die_with_parent(_forker[0]))
+    die_with_parent(os.getppid())  # the stage started the server a moment ago
+    server = os.getpid()  # every worker's parent: a worker whose server died before its prctl ends at once
+    os.register_at_fork(after_in_child=lambda: die_with_parent(server))

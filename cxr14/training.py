@@ -67,18 +67,9 @@ def check_val_labels(val: PreparedImages) -> None:
                             "split.val_fraction")
 
 
-def state_bytes(*states: dict[str, Any]) -> int:
-    """Bytes of the tensors in (nested) state dicts: what a checkpoint of them takes on disk, within a few KB."""
-    def size(value: Any) -> int:
-        if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(size(v) for v in value.values())
-        if isinstance(value, (list, tuple)):
-            return sum(size(v) for v in value)
-        return 0
-
-    return sum(size(s) for s in states)
+def tensor_bytes(tensors: Any) -> int:
+    """Bytes of these tensors: what a checkpoint of them takes on disk, within a few KB."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -118,8 +109,8 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
     # A resume point holds up to two sets of weights (latest, best) and AdamW's two moments; each new one is
     # written beside the old before replacing it, and model.pt (one set) beside its old one at the end: stop
     # now rather than epochs later.
-    weights = state_bytes(model.state_dict())
-    point = 2 * weights + optimizer_bytes(model)
+    weights = tensor_bytes(model.state_dict().values())
+    point = 2 * weights + 2 * tensor_bytes(p for p in model.parameters() if p.requires_grad)  # AdamW: 2 moments
     ensure_space(resume_file, 2 * point - (resume_file.stat().st_size if resume_file.is_file() else 0) + weights)
     keep_out_of_git(resume_file.parent)
     batches, eval_batches = Batches(device, t.augment, reuse=True), Batches(device, reuse=True)
@@ -165,11 +156,6 @@ def keep_out_of_git(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / ".gitignore").is_file():
         (folder / ".gitignore").write_text("# written by the train stage: the resume point is not versioned\n*\n")
-
-
-def optimizer_bytes(model: nn.Module) -> int:
-    """AdamW keeps two tensors per trained parameter (its state is empty until the first step)."""
-    return 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
 def best_checkpoint(best_model: dict[str, torch.Tensor], state: dict[str, Any], t: Train, image_size: int,
