@@ -285,11 +285,17 @@ def _bar_class() -> type:
 
 
 def cpu_count() -> int:
-    """Cores this process may use (respects affinity masks and container limits)."""
+    """Cores this process may use: its affinity mask (container limits), or fewer when OMP_NUM_THREADS says so.
+
+    Every stage sizes its thread pool and its default worker count with this, so experiments run side by side
+    (`OMP_NUM_THREADS=1 dvc queue start -j 2`) share the cores instead of each taking all of them.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    limit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return max(1, min(cores, int(limit))) if limit.isdigit() and int(limit) > 0 else cores
 
 
 def cpu_kernels(kind: str) -> None:
@@ -323,11 +329,12 @@ class Terminated(BaseException):
     """SIGTERM (`kill`, a scheduler's cancel) as an exception, so every `finally` removes its temporaries."""
 
 
-def run_main(main: Callable[..., Any], argv: list[str] | None = None) -> None:
+def run_main(main: Callable[..., Any], argv: list[str] | None = None, quiet_signals: bool = False) -> None:
     """Run a stage entry point; a PipelineError becomes one line on stderr and exit code 1.
 
     SIGTERM and Ctrl-C unwind like an error (temporaries removed, previous outputs untouched) and exit
-    143 and 130; SIGKILL cannot, and the next run of the stage removes what it left (`remove_leftovers`).
+    143 and 130, saying so unless `quiet_signals` (a training process whose launcher says it once); SIGKILL
+    cannot, and the next run of the stage removes what it left (`remove_leftovers`).
     """
     import signal
 
@@ -348,10 +355,12 @@ def run_main(main: Callable[..., Any], argv: list[str] | None = None) -> None:
         print(f"error: {where}{exc.strerror or exc}{hint}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if not quiet_signals:
+            print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except Terminated:
-        print("terminated", file=sys.stderr)
+        if not quiet_signals:
+            print("terminated", file=sys.stderr)
         raise SystemExit(143) from None
     finally:
         _pending = None  # acted on, or moot: the stage is over

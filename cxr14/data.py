@@ -73,24 +73,36 @@ class PreparedImages(Dataset):
 
 class SortedBatchSampler(BatchSampler):
     """Batches whose rows are in file order: a shuffled batch is the same set of images, read sequentially
-    from the memory map (and each image meets the same augmentation draw on every machine)."""
+    from the memory map (and each image meets the same augmentation draw on every machine).
+
+    With `part` = (index, parts), each batch is cut in `parts` equal contiguous slices and slice `index` is
+    yielded: one process of several (DDP) reads its share of the batch one process would read.
+    """
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool, part: tuple[int, int] = (0, 1)) -> None:  # noqa: ANN001
+        super().__init__(sampler, batch_size, drop_last)
+        self.part = part
 
     def __iter__(self):  # noqa: ANN204 - BatchSampler's own signature
+        index, parts = self.part
         for batch in super().__iter__():
-            yield sorted(batch)
+            share = len(batch) // parts
+            yield sorted(batch)[index * share:(index + 1) * share] if parts > 1 else sorted(batch)
 
 
 def make_loader(
-    dataset: PreparedImages, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 0, drop_last: bool = False
+    dataset: PreparedImages, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 0, drop_last: bool = False,
+    part: tuple[int, int] = (0, 1), rows: Sequence[int] | None = None,
 ) -> DataLoader:
-    """A DataLoader yielding whole batches; seeded so the shuffle order is reproducible."""
+    """A DataLoader yielding whole batches; seeded so the shuffle order is reproducible. `part`: this process's
+    share of each batch (`SortedBatchSampler`); `rows`: only these rows, in order (not with `shuffle`)."""
     if shuffle:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     else:
-        sampler = SequentialSampler(dataset)
+        sampler = SequentialSampler(dataset) if rows is None else rows
     return DataLoader(
         dataset,
-        sampler=SortedBatchSampler(sampler, batch_size, drop_last),
+        sampler=SortedBatchSampler(sampler, batch_size, drop_last, part),
         batch_size=None,
         num_workers=workers,
         persistent_workers=workers > 0,
@@ -123,16 +135,20 @@ def augment(
     hflip: float = 0.0,
     rotate: float = 0.0,
     crop_scale: tuple[float, float] = (1.0, 1.0),
+    part: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """Random flip, rotation (degrees) and resized crop (area fraction range) of a float (B,1,H,W) batch.
 
     One affine resampling for the whole batch (grid_sample), so augmentation costs one pass on any
     device instead of a PIL round trip per sample. The same size comes out; borders fill with 0.
+    With `part` = (index, parts), `images` is slice `index` of a batch `parts` times its size: the draws are
+    made for the whole batch and the slice's kept, so each image is augmented as in one process.
     """
     n = images.shape[0]
     if hflip <= 0 and rotate <= 0 and crop_scale[0] >= 1.0:
         return images
-    u = torch.rand(n, 5, generator=generator).to(images.device)
+    index, parts = part
+    u = torch.rand(n * parts, 5, generator=generator)[index * n:(index + 1) * n].to(images.device)
     flip = torch.where(u[:, 0] < hflip, -1.0, 1.0)
     angle = torch.deg2rad((u[:, 1] * 2 - 1) * rotate)
     side = torch.sqrt(crop_scale[0] + u[:, 2] * (crop_scale[1] - crop_scale[0]))  # crop side / image side

@@ -6,6 +6,7 @@ seed's loss bug is fixed here once, in `loss_function`: class balance goes throu
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -37,14 +38,21 @@ def loss_function(labels: np.ndarray, cap: float | None) -> torch.nn.BCEWithLogi
 
 
 def pick_device(name: str, key: str = "train.device") -> torch.device:
-    """`auto` prefers CUDA, then Apple's MPS, then the CPU; `key` names the setting in messages."""
+    """`auto` prefers CUDA, then Apple's MPS, then the CPU; `cuda:N` is one GPU; `key` names the setting in messages."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name.startswith("cuda:") and name[5:].isdigit():  # one GPU of several: a queued experiment each
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(name[5:]) >= count:
+            raise PipelineError(f"{key}: {name}, but {count} CUDA device(s) are visible here (CUDA_VISIBLE_DEVICES "
+                                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use cuda:0 to cuda:{count - 1}"
+                                if count else f"{key}: {name}, but no CUDA device is available here; use auto or cpu")
+        return torch.device(name)
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name not in available:
-        raise PipelineError(f"{key}: {name!r}; expected auto, cpu, cuda or mps")
+        raise PipelineError(f"{key}: {name!r}; expected auto, cpu, cuda, cuda:N or mps")
     if not available[name]:
         raise PipelineError(f"{key}: {name}, but no {name.upper()} device is available here; use auto or cpu")
     return torch.device(name)
@@ -58,14 +66,16 @@ class Batches:
     before asking for the next, as the training and evaluation loops are. By default every call is a new tensor.
     """
 
-    def __init__(self, device: torch.device, aug: Augment | None = None, reuse: bool = False) -> None:
-        self.device, self.aug, self.reuse, self.buffer = device, aug, reuse, None
+    def __init__(self, device: torch.device, aug: Augment | None = None, reuse: bool = False,
+                 part: tuple[int, int] = (0, 1)) -> None:
+        self.device, self.aug, self.reuse, self.buffer, self.part = device, aug, reuse, None, part
         self.channels_last = device.type == "cuda"
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True).float()
+        # the default float type: float32, unless a caller chose float64 (the DDP equivalence test does)
+        x = images.to(self.device, non_blocking=True).to(torch.get_default_dtype())
         if self.aug is not None and generator is not None:
-            x = augment(x, generator, self.aug.hflip, self.aug.rotate, self.aug.crop_scale)
+            x = augment(x, generator, self.aug.hflip, self.aug.rotate, self.aug.crop_scale, self.part)
         out = self.buffer if self.reuse and self.device.type == "cpu" else None
         x = to_model_input(x, IMAGENET_MEAN, IMAGENET_STD, out=out)
         if self.reuse:
@@ -73,12 +83,13 @@ class Batches:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def train_one_epoch(model, loader, criterion, optimizer, batches, frozen, generator, desc) -> dict:
-    """One pass over the training split; returns mean loss, images and seconds."""
+def train_one_epoch(model, loader, criterion, optimizer, batches, frozen, generator, desc, disable=None) -> dict:
+    """One pass over the training split; returns mean loss, images and seconds (this process's share of them)."""
     set_train_mode(model, frozen)
     total, seen, start = 0.0, 0, time.perf_counter()
     use_bf16 = batches.device.type == "cuda"
-    for images, labels in progress(loader, desc=desc, unit="batch", leave=False):
+    for images, labels in progress(loader, desc=desc, unit="batch", leave=False, **({"disable": True} if disable
+                                                                                     else {})):
         x, y = batches(images, generator), labels.to(batches.device)
         with torch.autocast(batches.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(x)
@@ -100,8 +111,8 @@ def forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, loader, criterion, batches) -> dict:
-    """Loss, probabilities and ROC-AUCs on a split (no augmentation, eval mode)."""
+def infer(model, loader, criterion, batches) -> tuple[np.ndarray, np.ndarray, float]:
+    """Probabilities, labels and the summed loss over a loader's batches (eval mode, no augmentation)."""
     model.eval()
     probs, labels, total = [], [], 0.0
     for images, y in loader:
@@ -109,12 +120,23 @@ def evaluate(model, loader, criterion, batches) -> dict:
         total += criterion(logits, y.to(batches.device)).item() * len(y)
         probs.append(torch.sigmoid(logits).cpu().numpy())
         labels.append(y.numpy())
-    probs_np, labels_np = np.concatenate(probs), np.concatenate(labels)
-    if not np.isfinite(probs_np).all():
+    if not probs:  # an empty share of a split (one process of several)
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), 0.0
+    return np.concatenate(probs), np.concatenate(labels), total
+
+
+def scores(probs: np.ndarray, labels: np.ndarray, total_loss: float) -> dict:
+    """Mean loss and ROC-AUCs of a whole split's probabilities."""
+    if not np.isfinite(probs).all():
         raise PipelineError("the model's outputs are not finite (NaN or inf): training diverged; "
                             "lower train.lr_head / train.lr_backbone")
-    auc, per_class = mean_auc(labels_np, probs_np)
-    return {"loss": total / len(labels_np), "mean_auc": auc, "per_class_auc": per_class, "probs": probs_np}
+    auc, per_class = mean_auc(labels, probs)
+    return {"loss": total_loss / len(labels), "mean_auc": auc, "per_class_auc": per_class, "probs": probs}
+
+
+def evaluate(model, loader, criterion, batches) -> dict:
+    """Loss, probabilities and ROC-AUCs on a split (no augmentation, eval mode)."""
+    return scores(*infer(model, loader, criterion, batches))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int) -> Any:

@@ -18,8 +18,8 @@ from cxr14 import paths
 from cxr14.common import atomic_path, rounded, warn
 from cxr14.data import PreparedImages, make_loader
 from cxr14.engine import Batches, evaluate
+from cxr14.metrics import PatientBootstrap, auc_with_interval, has_both, mean_defined, pr_on_grid, roc_on_grid
 from cxr14.metrics import auc as auc_of
-from cxr14.metrics import auc_with_interval, has_both, mean_defined, patient_bootstrap_weights, pr_on_grid, roc_on_grid
 from cxr14.nih import CLASSES, parse_findings
 from cxr14.predictions import PROB_PREFIX
 from cxr14.splits import read_split_table
@@ -50,7 +50,7 @@ def clean_labels(root: Path, names: pd.Series) -> np.ndarray | None:
 
 def score_test(pred: pd.DataFrame, clean: np.ndarray | None, resamples: int, seed: int) -> dict:
     """metrics/evaluate.json: macro and per-class AUC with intervals, AP, prevalence, oracle."""
-    weights = patient_bootstrap_weights(pred["Patient ID"].to_numpy(), resamples, seed)
+    weights = PatientBootstrap(pred["Patient ID"].to_numpy(), resamples, seed)  # the draws, not (B, N) weights
     per_class, aucs = {}, []
     for k, name in enumerate(CLASSES):
         y, p = pred[name].to_numpy(), pred[PROB_PREFIX + name].to_numpy()

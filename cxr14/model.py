@@ -137,10 +137,22 @@ def freeze(model: nn.Module, prefixes: list[str]) -> list[str]:
     return [n for n in names if any(_matches(n, p) for p in prefixes)]
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside DistributedDataParallel and torch.compile wrappers: its names and state_dict keys are
+    the checkpoint's (no `module.` or `_orig_mod.` prefix)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
 def set_train_mode(model: nn.Module, frozen: list[str]) -> None:
     """Training mode for what learns; eval mode (fixed BatchNorm statistics) for frozen modules."""
     model.train()
-    modules = dict(model.named_modules())
+    modules = dict(unwrap(model).named_modules())
     for name in frozen:
         modules[name].eval()
 

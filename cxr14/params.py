@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -110,11 +111,25 @@ class Train(Section):
     pos_weight_cap: float | None = field(low=1.0, doc="null (no cap) or a number >= 1")
     patience: int = field(low=1)
     augment: Augment = field()
-    device: Literal["auto", "cpu", "cuda", "mps"] = field()
+    device: str = field(doc="auto, cpu, cuda, cuda:N (one GPU of several) or mps")
+    nproc: int = field(low=1, high=1024, doc="processes on this machine (DDP): 1, or one per GPU")
+    compile: bool = field()
     cpu_kernels: Literal["avx2", "native"] = field()
     workers: int = field(low=0)
     seed: int = field(low=0, high=2**32 - 1)
     resume: bool = field()
+
+    def check(self, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", self.device):
+            fail("device", "auto, cpu, cuda, cuda:N (a GPU index) or mps")
+        if self.batch_size % self.nproc:
+            fail("batch_size", f"a multiple of train.nproc ({self.nproc}): the batch is global, each process "
+                 "takes an equal share")
+        if self.nproc > 1 and self.device.startswith("cuda:"):
+            fail("device", f"cuda or cpu with train.nproc {self.nproc} (each process takes its own GPU; "
+                 "CUDA_VISIBLE_DEVICES chooses which)")
+        if self.nproc > 1 and self.device == "mps":
+            fail("device", f"cuda or cpu with train.nproc {self.nproc}: MPS runs one process")
 
     # What shapes the model: a resumed run must have been started with the same values.
     RECIPE: ClassVar[tuple[str, ...]] = (

@@ -15,12 +15,14 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from cxr14.common import PipelineError, ensure_space, replace_dir, warn
 from cxr14.data import IMAGENET_MEAN, IMAGENET_STD, PreparedImages, make_loader
-from cxr14.engine import Batches, evaluate, loss_function, make_scheduler, train_one_epoch
+from cxr14.distributed import World, all_sum, blocks, gather_rows, peers_watched
+from cxr14.engine import Batches, evaluate, infer, loss_function, make_scheduler, scores, train_one_epoch
 from cxr14.metrics import has_both
 from cxr14.model import param_groups, read_checkpoint, save_checkpoint
 from cxr14.nih import CLASSES
@@ -76,21 +78,64 @@ def cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def check_world(train_set: PreparedImages, t: Train, size: int) -> None:
+    """Several processes split every batch equally (`train.batch_size` is global): each batch must be whole."""
+    if size > 1 and len(train_set) < t.batch_size:
+        raise PipelineError(f"{train_set.path}: {len(train_set)} training images, fewer than train.batch_size "
+                            f"({t.batch_size}), which {size} processes share; lower train.batch_size or use "
+                            "train.nproc: 1")
+
+
+def validate(model: nn.Module, val_set: PreparedImages, criterion: nn.Module, batches: Batches, t: Train,
+             world: World) -> dict[str, Any]:
+    """Val loss and AUCs, once per epoch: one process scores the whole split; several score a contiguous block
+    each and gather the probabilities, so every rank computes the same AUC and takes the same decisions."""
+    if world.size == 1:
+        return evaluate(model, make_loader(val_set, t.batch_size, shuffle=False, workers=t.workers), criterion,
+                        batches)
+    rows = blocks(len(val_set), world.size)[world.rank]
+    loader = make_loader(val_set, t.batch_size, shuffle=False, workers=t.workers, rows=rows)
+    probs, _, loss = infer(model, loader, criterion, batches)
+    if len(probs) == 0:
+        probs = np.zeros((0, val_set.labels.shape[1]), np.float32)
+    probs = gather_rows(torch.from_numpy(probs), len(val_set), world).numpy()
+    return scores(probs, val_set.labels, all_sum([loss], world)[0])
+
+
+def wrap(model: nn.Module, t: Train, device: torch.device, world: World) -> nn.Module:
+    """What the training steps run: the model itself, in DDP with several processes, compiled with train.compile.
+
+    Trainable BatchNorm is synchronised across GPUs (SyncBatchNorm); PyTorch has it for CUDA only, so on the
+    CPU each process normalises over its own share of the batch. Frozen BatchNorm is in eval mode either way.
+    """
+    runner = model
+    if world.size > 1:
+        if device.type == "cuda":
+            runner = nn.SyncBatchNorm.convert_sync_batchnorm(runner)
+        runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda"
+                                                     else None)
+    if t.compile:
+        runner = torch.compile(runner)
+    return runner
+
+
 def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set: PreparedImages, t: Train,
-        device: torch.device, resume_file: Path, data: dict[str, str] | None = None) -> dict[str, Any]:
+        device: torch.device, resume_file: Path, data: dict[str, str] | None = None,
+        world: World | None = None) -> dict[str, Any]:
     """Train per `t`, writing the resume point `resume_file` after every epoch; return the final one.
 
+    With several processes (`world`), each runs this with the same arguments; rank 0 alone writes.
     The resume point holds `model`, `optimizer`, `scheduler` (latest epoch), `best_model` (the best epoch's
     weights, or None when that is the latest), `state` (epochs run, best epoch and AUC, patience count,
     seconds, images, and `history`: each epoch's logged metrics), `recipe` and `data` (file -> MD5,
     `fingerprint`). With `t.resume`, training continues from an existing one after checking both.
     """
-    data = data or {}
+    data, world = data or {}, world or World()
     check_val_labels(val_set)
+    check_world(train_set, t, world.size)
     criterion = loss_function(train_set.labels, t.pos_weight_cap).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, t.arch, t.lr_head, t.lr_backbone), weight_decay=t.weight_decay)
     scheduler = make_scheduler(optimizer, t.scheduler, t.epochs)
-    val_loader = make_loader(val_set, t.batch_size, shuffle=False, workers=t.workers)
     state, best = fresh_state(), None
     if t.resume and resume_file.is_file():
         point = read_checkpoint(resume_file, device)
@@ -102,8 +147,9 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
         state = point["state"]
         best = ({k: v.to("cpu") for k, v in point["best_model"].items()} if point["best_model"] is not None
                 else cpu_copy(model))  # on the CPU, as an uninterrupted run keeps it: model.pt's bytes are equal
-        print(f"train: resuming from {resume_file} after epoch {state['epoch']} of {t.epochs}")
-    elif t.resume:
+        if world.main:
+            print(f"train: resuming from {resume_file} after epoch {state['epoch']} of {t.epochs}")
+    elif t.resume and world.main:
         warn(f"train.resume: no resume point {resume_file} (a run writes it after its first epoch, in the folder "
              "it runs in); training from the first epoch")
     # A resume point holds up to two sets of weights (latest, best) and AdamW's two moments; each new one is
@@ -111,17 +157,24 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
     # now rather than epochs later.
     weights = tensor_bytes(model.state_dict().values())
     point = 2 * weights + 2 * tensor_bytes(p for p in model.parameters() if p.requires_grad)  # AdamW: 2 moments
-    ensure_space(resume_file, 2 * point - (resume_file.stat().st_size if resume_file.is_file() else 0) + weights)
-    keep_out_of_git(resume_file.parent)
-    batches, eval_batches = Batches(device, t.augment, reuse=True), Batches(device, reuse=True)
+    if world.main:
+        ensure_space(resume_file, 2 * point - (resume_file.stat().st_size if resume_file.is_file() else 0) + weights)
+        keep_out_of_git(resume_file.parent)
+    part = (world.rank, world.size)
+    batches, eval_batches = Batches(device, t.augment, reuse=True, part=part), Batches(device, reuse=True)
+    runner = wrap(model, t, device, world)
     while state["epoch"] < t.epochs and state["bad_epochs"] < t.patience:
         epoch = state["epoch"]
         loader = make_loader(train_set, t.batch_size, shuffle=True, seed=t.seed * 1000 + epoch,
-                             workers=t.workers, drop_last=len(train_set) > t.batch_size)
+                             workers=t.workers, drop_last=len(train_set) > t.batch_size, part=part)
         generator = torch.Generator().manual_seed(t.seed * 1000 + epoch)
-        tr = train_one_epoch(model, loader, criterion, optimizer, batches, frozen, generator,
-                             desc=f"epoch {epoch + 1}/{t.epochs}")
-        ev = evaluate(model, val_loader, criterion, eval_batches)
+        with peers_watched():  # DDP's gradient all-reduce: a rank that died is one line on the others
+            tr = train_one_epoch(runner, loader, criterion, optimizer, batches, frozen, generator,
+                                 desc=f"epoch {epoch + 1}/{t.epochs}", disable=not world.main)
+        if world.size > 1:  # the whole batch's loss and images, as one process counts them
+            loss_sum, images = all_sum([tr["loss"] * tr["images"], tr["images"]], world)
+            tr.update(loss=loss_sum / max(images, 1), images=int(images))
+        ev = validate(model, val_set, criterion, eval_batches, t, world)
         row = {f"lr/{group['name']}": group["lr"] for group in optimizer.param_groups}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(ev["mean_auc"])
@@ -140,6 +193,8 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
             best = cpu_copy(model)
         else:
             state["bad_epochs"] += 1
+        if not world.main:
+            continue
         save_checkpoint(resume_file, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                       "scheduler": scheduler.state_dict() if scheduler else {},
                                       "best_model": None if improved else best, "state": state,

@@ -11,7 +11,8 @@ import threading
 
 
 def _quit_before_work(signum: int, frame: object) -> None:
-    print("interrupted" if signum == signal.SIGINT else "terminated", file=sys.stderr)
+    if not os.environ.get("CXR14_LAUNCHER"):  # one of several training processes: its launcher says it
+        print("interrupted" if signum == signal.SIGINT else "terminated", file=sys.stderr)
     os._exit(128 + signum)
 
 

@@ -11,17 +11,27 @@ dvclive/ and the summary to metrics/train.json, all three from the resume point.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
 from cxr14 import paths
-from cxr14.common import PipelineError, cpu_count, cpu_kernels, remove_leftovers, rounded, run_main, write_json
+from cxr14.common import (
+    PipelineError,
+    cpu_count,
+    cpu_kernels,
+    remove_leftovers,
+    rounded,
+    run_main,
+    write_json,
+)
 from cxr14.data import PreparedImages, read_labels
+from cxr14.distributed import QUIET_EXIT, PeerLost, launch, start, stop, world_from_env
 from cxr14.engine import pick_device
 from cxr14.model import build_model, freeze, imagenet_weights, save_checkpoint
 from cxr14.nih import CLASSES
 from cxr14.params import PARAMS_FILE, Train, load_section
-from cxr14.training import best_checkpoint, fingerprint, fit, write_log
+from cxr14.training import best_checkpoint, check_world, fingerprint, fit, write_log
 
 TRAIN_METRICS = paths.METRICS / "train.json"
 
@@ -31,9 +41,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (section train)")
     args = parser.parse_args(argv)
     t = load_section(args.params, Train)
+    world = world_from_env()
     cpu_kernels(t.cpu_kernels)
     try:  # settings and weights before any data: offline, a missing download fails within seconds
         device = pick_device(t.device)
+        if world.size == 1 and t.nproc > 1:  # this process launches the others, and trains nothing itself
+            check_gpus(device, t.nproc)
+            if t.weights != "none":
+                imagenet_weights(t.arch, t.weights)  # offline, a missing download fails once, here
+            check_world(PreparedImages(paths.PREPARED / "train.npy"), t, t.nproc)
+            return launch(t.nproc, "stages.train", [] if argv is None else list(argv), device.type == "cuda")
+        if world.size > 1:
+            device = start(world, device)
         torch.set_num_threads(cpu_count())
         torch.manual_seed(t.seed)
         model = build_model(t.arch, t.weights, len(CLASSES), t.output_stride)
@@ -42,13 +61,16 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"{args.params} {exc}" if str(exc).startswith("train.") else str(exc)) from None
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     pretrained = None if t.weights == "none" else str(imagenet_weights(t.arch, t.weights))
-    for output in (paths.RESUME_POINT, paths.MODEL, paths.DVCLIVE, TRAIN_METRICS):
-        remove_leftovers(output)  # what a SIGKILLed run left, before anything else can fail
+    if world.main:
+        for output in (paths.RESUME_POINT, paths.MODEL, paths.DVCLIVE, TRAIN_METRICS):
+            remove_leftovers(output)  # what a SIGKILLed run left, before anything else can fail
     train_set = PreparedImages(paths.PREPARED / "train.npy", read_labels(paths.SPLIT / "train.csv"))
     val_set = PreparedImages(paths.PREPARED / "val.npy", read_labels(paths.SPLIT / "val.csv"))
     data = fingerprint([paths.PREPARED / "train.npy", paths.PREPARED / "val.npy", paths.SPLIT / "train.csv",
                         paths.SPLIT / "val.csv"])
-    final = fit(model, frozen, train_set, val_set, t, device, paths.RESUME_POINT, data)
+    final = fit(model, frozen, train_set, val_set, t, device, paths.RESUME_POINT, data, world)
+    if not world.main:
+        return
     state = final["state"]
     # Derived from the resume point in this order; a kill between two of them is undone by any re-run.
     save_checkpoint(paths.MODEL, best_checkpoint(final["best_model"], state, t, train_set.image_size, pretrained, data))
@@ -60,5 +82,26 @@ def main(argv: list[str] | None = None) -> None:
     })
 
 
+def check_gpus(device: torch.device, nproc: int) -> None:
+    """One process per GPU: more processes than visible GPUs would share one, or fail in NCCL far from here."""
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and nproc > count:
+        raise PipelineError(f"train.nproc: {nproc}, but {count} CUDA device(s) are visible here "
+                            f"(CUDA_VISIBLE_DEVICES {os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); expected at "
+                            f"most {count}")
+
+
+def worker(argv: list[str] | None = None) -> None:
+    """One of several processes (or the only one): a rank stopped by another's failure exits quietly when
+    started by `launch`, which reports the cause once."""
+    try:
+        main(argv)
+        stop()
+    except PeerLost:
+        if world_from_env().launched:
+            raise SystemExit(QUIET_EXIT) from None
+        raise
+
+
 if __name__ == "__main__":
-    run_main(main)
+    run_main(worker, quiet_signals=world_from_env().launched)  # launched ranks: the launcher says it once

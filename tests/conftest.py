@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
@@ -241,3 +242,58 @@ def nih_sample_split(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     out, metrics = work / "split", work / "metrics" / "split.json"
     result = run_module("split", "--params", params, "--out", out, "--metrics", metrics)
     return {"work": work, "params": params, "out": out, "metrics": metrics, "result": result}
+
+
+# The train stage's tiny project (tests/test_train.py, tests/test_distributed.py).
+TRAIN = {
+    "arch": "resnet18", "output_stride": 32, "weights": "none", "freeze": [], "epochs": 1, "batch_size": 16,
+    "lr_head": 1e-3,
+    "lr_backbone": 1e-3, "weight_decay": 1e-4, "scheduler": "cosine", "pos_weight_cap": 20, "patience": 3,
+    "augment": {"hflip": 0.5, "rotate": 5, "crop_scale": [0.85, 1.0]}, "device": "cpu", "nproc": 1, "compile": False,
+    "cpu_kernels": "avx2",
+    "workers": 0, "seed": 0,
+    "resume": False,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data/split and data/prepared for a 60-image demo at 48 px, built once."""
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_demo(root, {"prepare": {"image_size": 48, "workers": 1}})
+    cwd = os.getcwd()
+    from stages import split
+
+    os.chdir(root)  # split tables hold paths relative to the project, as in the real pipeline
+    try:
+        split.main(["--params", "params.yaml", "--metrics", "split.json"])
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def workdir(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh project folder holding the tiny data; the stage runs with it as the working directory."""
+    (tmp_path / "data").mkdir()
+    shutil.copytree(tiny_data / "data/split", tmp_path / "data/split")
+    # split tables point at data/demo relative to the project: link the images in.
+    (tmp_path / "data/demo").symlink_to(tiny_data / "data/demo")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((tiny_data / "params.yaml").read_text())
+    from stages import prepare
+
+    prepare.main(["--params", "params.yaml"])
+    return tmp_path
+
+
+def write_train_params(folder: Path, **overrides) -> None:
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["train"] = {**TRAIN, **overrides}
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def outputs() -> dict[str, bytes]:
+    """Every file the train stage writes for DVC, by path: what a killed run must leave as it was."""
+    files = [Path("models/model.pt"), Path("metrics/train.json"), *sorted(Path("dvclive").rglob("*"))]
+    return {str(f): f.read_bytes() for f in files if f.is_file()}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 from pathlib import Path
@@ -12,55 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
-from conftest import tiny_demo
+from conftest import outputs, write_train_params
 
 from cxr14 import training
 from cxr14.common import PipelineError
 from cxr14.nih import CLASSES
-from stages import prepare, split, train
-
-TRAIN = {
-    "arch": "resnet18", "output_stride": 32, "weights": "none", "freeze": [], "epochs": 1, "batch_size": 16,
-    "lr_head": 1e-3,
-    "lr_backbone": 1e-3, "weight_decay": 1e-4, "scheduler": "cosine", "pos_weight_cap": 20, "patience": 3,
-    "augment": {"hflip": 0.5, "rotate": 5, "crop_scale": [0.85, 1.0]}, "device": "cpu", "cpu_kernels": "avx2",
-    "workers": 0, "seed": 0,
-    "resume": False,
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """data/split and data/prepared for a 60-image demo at 48 px, built once."""
-    root = tmp_path_factory.mktemp("tiny")
-    tiny_demo(root, {"prepare": {"image_size": 48, "workers": 1}})
-    cwd = os.getcwd()
-    os.chdir(root)  # split tables hold paths relative to the project, as in the real pipeline
-    try:
-        split.main(["--params", "params.yaml", "--metrics", "split.json"])
-    finally:
-        os.chdir(cwd)
-    return root
-
-
-@pytest.fixture
-def workdir(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh project folder holding the tiny data; the stage runs with it as the working directory."""
-    (tmp_path / "data").mkdir()
-    shutil.copytree(tiny_data / "data/split", tmp_path / "data/split")
-    # split tables point at data/demo relative to the project: link the images in.
-    (tmp_path / "data/demo").symlink_to(tiny_data / "data/demo")
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text((tiny_data / "params.yaml").read_text())
-    prepare.main(["--params", "params.yaml"])
-    return tmp_path
-
-
-def write_train_params(folder: Path, **overrides) -> None:
-    params = yaml.safe_load((folder / "params.yaml").read_text())
-    params["train"] = {**TRAIN, **overrides}
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+from stages import train
 
 
 def test_one_epoch_writes_checkpoint_metrics_and_logs(workdir: Path) -> None:
@@ -82,12 +38,6 @@ def test_one_epoch_writes_checkpoint_metrics_and_logs(workdir: Path) -> None:
     assert all(torch.equal(v, point["model"][k]) for k, v in ckpt["state_dict"].items())
     assert sorted(p.name for p in Path("models").iterdir()) == ["model.pt", "resume"]
     assert sorted(p.name for p in Path("models/resume").iterdir()) == [".gitignore", "last.pt"]
-
-
-def outputs() -> dict[str, bytes]:
-    """Every file the train stage writes for DVC, by path: what a killed run must leave as it was."""
-    files = [Path("models/model.pt"), Path("metrics/train.json"), *sorted(Path("dvclive").rglob("*"))]
-    return {str(f): f.read_bytes() for f in files if f.is_file()}
 
 
 def test_resume_after_a_kill_gives_the_uninterrupted_result(workdir: Path, monkeypatch) -> None:

@@ -1,0 +1,241 @@
+"""train.nproc: several training processes (DDP over torchrun's engine, gloo on the CPU) on a tiny demo.
+
+Two processes must train what one trains (same global batch, same sample order, same augmentation draws),
+write once (rank 0), resume after a kill, and fail in one line without leaving a process behind.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from conftest import REPO, outputs, write_train_params
+
+from cxr14 import distributed, training
+from cxr14.common import PipelineError
+from cxr14.data import PreparedImages, SortedBatchSampler, augment, read_labels
+from cxr14.model import build_model, freeze
+from cxr14.nih import CLASSES
+from cxr14.params import Train, load_section
+from stages import train
+
+# Every BatchNorm of resnet18 frozen (eval mode): with these, per-process batch statistics cannot differ from
+# one process's, so the weights must agree to float rounding.
+ALL_BATCHNORM = ["bn1", *[f"layer{i}.{j}.bn{k}" for i in range(1, 5) for j in range(2) for k in (1, 2)],
+                 *[f"layer{i}.0.downsample.1" for i in range(2, 5)]]
+
+
+def run_train(folder: Path, env: dict[str, str] | None = None, popen: bool = False) -> Any:
+    """`python -m stages.train` in `folder` as DVC runs it (progress bars off)."""
+    full = {**{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MASTER_PORT")}, "CI": "1",
+            "PYTHONPATH": str(REPO), **(env or {})}
+    args = [sys.executable, "-m", "stages.train"]
+    if popen:
+        return subprocess.Popen(args, cwd=folder, env=full, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+    return subprocess.run(args, cwd=folder, env=full, capture_output=True, text=True, timeout=300)
+
+
+def fit_here(folder: Path, world: distributed.World, out: Path) -> None:
+    """`training.fit` on `folder`'s tiny data in float64 (rounding then cannot blur a wrong sample or augmentation),
+    BatchNorm frozen; the final weights go to `out` (rank 0)."""
+    os.chdir(folder)
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    t = load_section("params.yaml", Train)
+    device = torch.device("cpu")
+    if world.size > 1:
+        distributed.start(world, device)
+    torch.manual_seed(t.seed)
+    model = build_model(t.arch, t.weights, len(CLASSES), t.output_stride)
+    frozen = freeze(model, t.freeze)
+    train_set = PreparedImages("data/prepared/train.npy", read_labels("data/split/train.csv"))
+    val_set = PreparedImages("data/prepared/val.npy", read_labels("data/split/val.csv"))
+    final = training.fit(model, frozen, train_set, val_set, t, device, out.with_suffix(f".{world.rank}.pt"), {},
+                         world)
+    if world.main:
+        torch.save({"weights": model.state_dict(), "history": final["state"]["history"]}, out)
+    distributed.stop()
+
+
+def ddp_rank(rank: int, folder: Path, out: Path) -> None:
+    fit_here(folder, distributed.World(rank, rank, 2), out)
+
+
+def test_two_processes_with_frozen_batchnorm_train_what_one_process_trains(workdir: Path, monkeypatch) -> None:
+    write_train_params(workdir, epochs=2, batch_size=8, freeze=ALL_BATCHNORM)  # 3 steps an epoch
+    single = multiprocessing.get_context("spawn").Process(target=fit_here, args=(workdir, distributed.World(),
+                                                                                  workdir / "one.pt"))
+    single.start(), single.join(300)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    torch.multiprocessing.spawn(ddp_rank, args=(workdir, workdir / "two.pt"), nprocs=2, join=True)
+    one, two = (torch.load(workdir / f, weights_only=True) for f in ("one.pt", "two.pt"))
+    assert one["weights"].keys() == two["weights"].keys()
+    trained = [k for k, v in one["weights"].items() if v.is_floating_point()
+               and not any(k.startswith(p + ".") for p in ALL_BATCHNORM)]
+    assert len(trained) > 20
+    initial = build_model("resnet18", "none", len(CLASSES), 32).state_dict()
+    assert max((one["weights"][k] - initial[k].double()).abs().max().item() for k in trained) > 1e-3  # it learned
+    worst = max((one["weights"][k] - two["weights"][k]).abs().max().item() for k in trained)
+    assert worst <= 1e-5, worst
+    for a, b in zip(one["history"], two["history"], strict=True):  # logged as the whole batch's figures
+        assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-6)
+        assert b["val/mean_auc"] == pytest.approx(a["val/mean_auc"], abs=1e-9)
+        assert b["val/loss"] == pytest.approx(a["val/loss"], abs=1e-6)
+
+
+def test_each_process_reads_its_share_of_the_same_batches() -> None:
+    rows = list(range(40))
+    whole = list(SortedBatchSampler(torch.utils.data.RandomSampler(rows, generator=torch.Generator().manual_seed(3)),
+                                    8, True))
+    shares = [list(SortedBatchSampler(torch.utils.data.RandomSampler(rows,
+                                                                     generator=torch.Generator().manual_seed(3)),
+                                      8, True, part=(r, 2))) for r in range(2)]
+    for b, batch in enumerate(whole):
+        assert shares[0][b] + shares[1][b] == batch  # contiguous halves, in file order
+
+
+def test_each_process_augments_its_share_as_one_process_would() -> None:
+    images = torch.rand(8, 1, 16, 16)
+    whole = augment(images, torch.Generator().manual_seed(1), 0.5, 10, (0.8, 1.0))
+    halves = [augment(images[r * 4:(r + 1) * 4], torch.Generator().manual_seed(1), 0.5, 10, (0.8, 1.0), part=(r, 2))
+              for r in range(2)]
+    assert torch.equal(torch.cat(halves), whole)
+
+
+def test_validation_blocks_cover_every_row_once() -> None:
+    for total in (1, 2, 7, 160):
+        for size in (1, 2, 3, 8):
+            rows = [i for block in distributed.blocks(total, size) for i in block]
+            assert rows == list(range(total))
+
+
+def test_a_run_killed_after_an_epoch_resumes_with_two_processes_to_the_uninterrupted_result(workdir: Path) -> None:
+    write_train_params(workdir, epochs=4, batch_size=8, nproc=2)
+    result = run_train(workdir)
+    assert result.returncode == 0, result.stderr
+    straight = outputs()
+    for folder in ("models", "dvclive"):
+        subprocess.run(["rm", "-rf", folder], check=True)
+
+    proc = run_train(workdir, popen=True)
+    point = workdir / "models/resume/last.pt"
+    deadline = time.monotonic() + 240
+    while not point.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    assert len(ranks) >= 2
+    os.kill(proc.pid, signal.SIGKILL)  # the launcher: its ranks must die with it
+    proc.communicate(timeout=30)
+    gone, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive, alive
+    epoch = torch.load(point, weights_only=True)["state"]["epoch"]
+    assert 1 <= epoch < 4 and not Path("models/model.pt").exists()
+
+    write_train_params(workdir, epochs=4, batch_size=8, nproc=2, resume=True)
+    result = run_train(workdir)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from models/resume/last.pt after epoch {epoch} of 4" in result.stdout
+    resumed = outputs()
+    assert resumed.keys() == straight.keys()
+    for name, content in straight.items():
+        if name != "metrics/train.json":  # its seconds and images/s are timings
+            assert resumed[name] == content, name
+
+
+def test_a_rank_that_dies_stops_the_others_with_one_line(workdir: Path) -> None:
+    write_train_params(workdir, epochs=50, batch_size=8, nproc=2, patience=50)
+    proc = run_train(workdir, popen=True)
+    deadline = time.monotonic() + 120
+    ranks: list[psutil.Process] = []
+    while len(ranks) < 2 and time.monotonic() < deadline:
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "stages.train" in " ".join(p.cmdline())]
+        time.sleep(0.1)
+    rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
+    while not (workdir / "models/resume/last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # into training
+    started = time.monotonic()
+    rank1.kill()
+    out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 30
+    assert proc.returncode == 1
+    lines = err.strip().splitlines()
+    assert lines == ["error: train: rank 1 of 2 was killed by SIGKILL (out of memory?); the other ranks were "
+                     "stopped"], err
+    assert not [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_sigterm_stops_every_rank_and_exits_143(workdir: Path) -> None:
+    write_train_params(workdir, epochs=50, batch_size=8, nproc=2, patience=50)
+    proc = run_train(workdir, popen=True)
+    deadline = time.monotonic() + 120
+    while not (workdir / "models/resume/last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == ["terminated"], err
+    gone, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive
+    assert not Path("models/model.pt").exists()
+    leftovers = [p for p in Path("models").rglob(".*") if p.name != ".gitignore"]
+    assert not leftovers  # temporaries removed on the way out
+
+
+def test_a_busy_rendezvous_port_is_one_line(workdir: Path) -> None:
+    write_train_params(workdir, epochs=1, batch_size=8, nproc=2)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = run_train(workdir, env={"MASTER_PORT": str(port)})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: MASTER_PORT: port {port} is in use on this machine; choose another, or unset MASTER_PORT for a "
+        "free one"]
+    assert not Path("models/resume/last.pt").exists()
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(PipelineError, match=r"^train.nproc: 4, but 2 CUDA device\(s\) are visible here "
+                                            r"\(CUDA_VISIBLE_DEVICES 0,1\); expected at most 2$"):
+        train.check_gpus(torch.device("cuda"), 4)
+    train.check_gpus(torch.device("cuda"), 2)
+    train.check_gpus(torch.device("cpu"), 4)  # gloo processes on the CPU: any number
+
+
+def test_a_batch_that_does_not_divide_is_refused_before_any_process_starts(workdir: Path) -> None:
+    write_train_params(workdir, batch_size=9, nproc=2)
+    result = run_train(workdir)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: params.yaml train.batch_size: 9; expected a multiple of train.nproc (2): "
+                                     "the batch is global, each process takes an equal share")
+    assert "processes" not in result.stdout
+
+
+def test_fewer_training_images_than_a_batch_is_refused_with_several_processes(workdir: Path) -> None:
+    n = len(np.load("data/prepared/train.npy", mmap_mode="r"))
+    write_train_params(workdir, batch_size=2 * n, nproc=2)
+    result = run_train(workdir)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(f"error: data/prepared/train.npy: {n} training images, fewer than "
+                                            f"train.batch_size ({2 * n})")
