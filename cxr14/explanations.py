@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
 from cxr14.common import PipelineError, progress
@@ -36,8 +37,9 @@ def choose_examples(labels: np.ndarray, cal: np.ndarray, thresholds: dict, per_c
 
 
 def heatmaps(cam: GradCAM, data: PreparedImages, pairs: list[tuple[int, int]], mean: tuple[float, ...],
-             std: tuple[float, ...], batch: int) -> dict[tuple[int, int], np.ndarray]:
-    """Grad-CAM for each (row, class) pair, batched per class: {(row, class): (H, W) array}."""
+             std: tuple[float, ...], batch: int, device: torch.device | str = "cpu"
+             ) -> dict[tuple[int, int], np.ndarray]:
+    """Grad-CAM for each (row, class) pair, batched per class, on the model's `device`: {(row, class): (H, W)}."""
     out = {}
     by_class: dict[int, list[int]] = {}
     for row, k in pairs:
@@ -47,7 +49,7 @@ def heatmaps(cam: GradCAM, data: PreparedImages, pairs: list[tuple[int, int]], m
         rows = sorted(set(rows))
         for i in range(0, len(rows), batch):
             part = rows[i:i + batch]
-            _, maps = cam(to_model_input(data[np.array(part)][0], mean, std), [k])
+            _, maps = cam(to_model_input(data[np.array(part)][0].to(device), mean, std), [k])
             out.update({(row, k): maps[j, 0].cpu().numpy() for j, row in enumerate(part)})
             bar.update(len(part))
     bar.close()

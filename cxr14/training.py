@@ -80,6 +80,9 @@ def cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def check_world(train_set: PreparedImages, t: Train, size: int) -> None:
     """Several processes split every batch equally (`train.batch_size` is global): each batch must be whole."""
+    if t.batch_size % size:  # train.nproc is checked with the params; torchrun's WORLD_SIZE here
+        raise PipelineError(f"train.batch_size: {t.batch_size}; expected a multiple of the {size} processes "
+                            "torchrun started: the batch is global, each process takes an equal share")
     if size > 1 and len(train_set) < t.batch_size:
         raise PipelineError(f"{train_set.path}: {len(train_set)} training images, fewer than train.batch_size "
                             f"({t.batch_size}), which {size} processes share; lower train.batch_size or use "

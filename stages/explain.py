@@ -21,6 +21,7 @@ from cxr14.boxes import BBOX_LIST, read_box_list
 from cxr14.calibration import apply_calibrator, check_pairing, load_calibrator, load_thresholds
 from cxr14.common import PipelineError, cpu_count, cpu_kernels, replace_dir, run_main, warn, write_json
 from cxr14.data import PreparedImages
+from cxr14.engine import pick_device
 from cxr14.explanations import KINDS, choose_examples, draw, heatmaps, localisation, scaled_boxes
 from cxr14.gradcam import GradCAM
 from cxr14.model import gradcam_layer, load_checkpoint
@@ -34,10 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (sections explain, data, train)")
     args = parser.parse_args(argv)
-    e, data = load_section(args.params, Explain), load_section(args.params, Data)
+    e, data, t = load_section(args.params, Explain), load_section(args.params, Data), load_section(args.params, Train)
     torch.set_num_threads(cpu_count())
-    cpu_kernels(load_section(args.params, Train).cpu_kernels)
-    model, ckpt = load_checkpoint(paths.MODEL, classes=CLASSES)
+    cpu_kernels(t.cpu_kernels)
+    device = pick_device(t.device, f"{args.params} train.device")  # the experiment's GPU, as evaluate's
+    model, ckpt = load_checkpoint(paths.MODEL, device, classes=CLASSES)
     try:
         layer_name, layer = gradcam_layer(model, ckpt["arch"], e.layer)
     except PipelineError as exc:
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     pairs = [(row, k) for k, _, row, _ in examples]
     pairs += [(b.row, CLASSES.index(b.Finding)) for b in boxes.itertuples()]
     with GradCAM(model, layer) as cam:
-        maps = heatmaps(cam, test, pairs, tuple(ckpt["mean"]), tuple(ckpt["std"]), e.batch_size)
+        maps = heatmaps(cam, test, pairs, tuple(ckpt["mean"]), tuple(ckpt["std"]), e.batch_size, device)
         peaks = cam.peak_points((ckpt["image_size"],) * 2) if maps else None
     out = paths.PLOTS / "gradcam"
     with replace_dir(out) as tmp:

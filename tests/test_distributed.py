@@ -6,6 +6,7 @@ write once (rank 0), resume after a kill, and fail in one line without leaving a
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -25,7 +26,7 @@ from conftest import REPO, outputs, write_train_params
 from cxr14 import distributed, training
 from cxr14.common import PipelineError
 from cxr14.data import PreparedImages, SortedBatchSampler, augment, read_labels
-from cxr14.model import build_model, freeze
+from cxr14.model import build_model, freeze, set_train_mode, unwrap
 from cxr14.nih import CLASSES
 from cxr14.params import Train, load_section
 from stages import train
@@ -239,3 +240,22 @@ def test_fewer_training_images_than_a_batch_is_refused_with_several_processes(wo
     assert result.returncode == 1
     assert result.stderr.strip().startswith(f"error: data/prepared/train.npy: {n} training images, fewer than "
                                             f"train.batch_size ({2 * n})")
+
+
+def test_compile_wraps_the_model_but_modes_and_checkpoints_see_the_network() -> None:
+    t = dataclasses.replace(load_section(REPO / "params.yaml", Train), compile=True)
+    model = build_model("resnet18", "none", len(CLASSES), 32)
+    runner = training.wrap(model, t, torch.device("cpu"), distributed.World())
+    assert runner is not model and unwrap(runner) is model
+    set_train_mode(runner, ["layer1"])  # frozen names are the network's, not `_orig_mod.layer1`
+    assert model.training and not model.layer1.training and model.layer2.training
+    assert training.wrap(model, dataclasses.replace(t, compile=False), torch.device("cpu"),
+                         distributed.World()) is model
+
+
+def test_torchrun_world_size_must_divide_the_batch(workdir: Path) -> None:
+    t = dataclasses.replace(load_section("params.yaml", Train), batch_size=8)
+    data = PreparedImages("data/prepared/train.npy")
+    training.check_world(data, t, 4)
+    with pytest.raises(PipelineError, match=r"^train.batch_size: 8; expected a multiple of the 3 processes"):
+        training.check_world(data, t, 3)
