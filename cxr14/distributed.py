@@ -18,9 +18,11 @@ import dataclasses
 import datetime
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -83,9 +85,12 @@ def collective(fn: Callable[..., T], *args: Any) -> T:
 
 
 @contextlib.contextmanager
-def peers_watched() -> Iterator[None]:
+def peers_watched(world: World | None = None) -> Iterator[None]:
     """Around work that talks to the other ranks (a DDP step, a gather): their loss becomes `PeerLost`, one line;
-    any other error (a bug, out of memory) goes on as it was."""
+    any other error (a bug, out of memory) goes on as it was. One process (`world` of size 1): nothing to watch."""
+    if world is not None and world.size == 1:
+        yield
+        return
     try:
         yield
     except (RuntimeError, torch.distributed.DistError) as exc:
@@ -123,6 +128,29 @@ def start(world: World, device: torch.device) -> torch.device:
         raise PipelineError(f"train: rank {world.rank} could not join the other {world.size - 1} ({first[:200]})"
                             ) from None
     return device
+
+
+def same_buffers(model: torch.nn.Module, world: World) -> None:
+    """Rank 0's BatchNorm statistics on every rank before validation: DDP sends them at the next forward only,
+    and without SyncBatchNorm (the CPU) each rank's last step left its own, so each val block would be scored
+    by a slightly different model than the one rank 0 saves."""
+    if world.size > 1:
+        for buffer in model.buffers():
+            collective(torch.distributed.broadcast, buffer, 0)
+
+
+def agree(what: str, value: Any, world: World) -> None:
+    """Every rank must see what rank 0 sees (where a resume starts, the data's MD5s): ranks on other nodes read
+    their own files, and one that resumed elsewhere or read other data would train on other batches."""
+    if world.size == 1:
+        return
+    values: list[Any] = [None] * world.size
+    collective(torch.distributed.all_gather_object, values, value)
+    for rank, other in enumerate(values):
+        if other != values[0]:
+            raise PipelineError(f"train: rank {rank} and rank 0 disagree on the {what} ({str(other)[:80]} against "
+                                f"{str(values[0])[:80]}); every node needs the same data/prepared, data/split and "
+                                "models/resume/last.pt (a shared file system, or copies)")
 
 
 def stop() -> None:
@@ -187,9 +215,10 @@ def launch(nproc: int, module: str, args: Sequence[str], cuda: bool) -> None:
     port = os.environ.get("MASTER_PORT", "0")
     if port != "0":
         check_port(int(port) if port.isdigit() else -1)
+    logs = tempfile.mkdtemp(prefix="cxr14-torchelastic-")  # the agent's scratch, removed when the run ends
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint=f"localhost:{port}", max_restarts=0,
-                          monitor_interval=0.1, logs_specs=DefaultLogsSpecs(log_dir=None), start_method="spawn")
+                          monitor_interval=0.1, logs_specs=DefaultLogsSpecs(log_dir=logs), start_method="spawn")
     print(f"train: {nproc} processes ({'NCCL, one GPU each' if cuda else 'gloo on the CPU'}, "
           f"{os.environ['OMP_NUM_THREADS']} thread(s) each)", flush=True)
     try:
@@ -203,6 +232,7 @@ def launch(nproc: int, module: str, args: Sequence[str], cuda: bool) -> None:
         raise PipelineError(f"train: could not start {nproc} processes ({first[:200]})") from None
     finally:
         os.environ.pop(LAUNCHER, None)
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 def check_port(port: int) -> None:
@@ -219,8 +249,11 @@ def check_port(port: int) -> None:
 
 
 def report_failure(failures: dict[int, Any], nproc: int) -> None:
-    """The root cause among the failed ranks, once: a rank killed by a signal other than the agent's SIGTERM,
-    else a rank that printed its own error (exit with its status), else a lost peer."""
+    """The root cause among the failed ranks, once. The agent stops the surviving ranks before it reports, so
+    `failures` also holds them (SIGTERM, or SIGKILL after its grace period when a rank is stuck in a CUDA call,
+    as NCCL ranks are when a peer dies), and it does not say who failed first. In order: a rank that printed
+    its own error (it exits with its status: nothing to add); ranks killed by another signal (all named,
+    since a SIGKILL may be the agent's); else the ranks lost each other, or were stopped."""
     def signal_name(code: int) -> str:
         try:
             return signal.Signals(-code).name
@@ -228,14 +261,20 @@ def report_failure(failures: dict[int, Any], nproc: int) -> None:
             return f"signal {-code}"
 
     ranked = sorted(failures.items())
-    for rank, failure in ranked:
-        if failure.exitcode < 0 and -failure.exitcode not in (signal.SIGTERM, signal.SIGINT):
-            hint = " (out of memory?)" if failure.exitcode == -signal.SIGKILL else ""
-            raise PipelineError(f"train: rank {rank} of {nproc} was killed by {signal_name(failure.exitcode)}{hint}; "
-                                "the other ranks were stopped")
     for _, failure in ranked:
         if failure.exitcode > 0 and failure.exitcode not in (QUIET_EXIT, 130, 143):
             raise SystemExit(failure.exitcode)  # that rank printed its one-line error already
+    killed = [(rank, f) for rank, f in ranked if f.exitcode < 0 and -f.exitcode not in (signal.SIGTERM, signal.SIGINT)]
+    if killed:
+        names = sorted({signal_name(f.exitcode) for _, f in killed})
+        hint = " (out of memory?)" if names == ["SIGKILL"] else ""
+        ranks = ", ".join(str(rank) for rank, _ in killed)
+        raise PipelineError(f"train: rank{'s' if len(killed) > 1 else ''} {ranks} of {nproc} "
+                            f"{'were' if len(killed) > 1 else 'was'} killed by {' or '.join(names)}{hint}; "
+                            "the other ranks were stopped")
+    if all(f.exitcode == QUIET_EXIT for _, f in ranked):
+        raise PipelineError(f"train: the {nproc} processes lost each other (a collective failed or timed out after "
+                            f"{TIMEOUT.seconds // 60} minutes)")
     rank, failure = ranked[0]
     raise PipelineError(f"train: rank {rank} of {nproc} stopped (exit status {failure.exitcode}); the other ranks "
                         "were stopped")

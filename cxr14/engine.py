@@ -49,6 +49,7 @@ def pick_device(name: str, key: str = "train.device") -> torch.device:
             raise PipelineError(f"{key}: {name}, but {count} CUDA device(s) are visible here (CUDA_VISIBLE_DEVICES "
                                 f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use cuda:0 to cuda:{count - 1}"
                                 if count else f"{key}: {name}, but no CUDA device is available here; use auto or cpu")
+        torch.cuda.set_device(int(name[5:]))  # the current device too: pinned-memory threads open no context on 0
         return torch.device(name)
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name not in available:

@@ -21,7 +21,7 @@ from torch import nn
 
 from cxr14.common import PipelineError, ensure_space, replace_dir, warn
 from cxr14.data import IMAGENET_MEAN, IMAGENET_STD, PreparedImages, make_loader
-from cxr14.distributed import World, all_sum, blocks, gather_rows, peers_watched
+from cxr14.distributed import World, agree, all_sum, blocks, gather_rows, peers_watched, same_buffers
 from cxr14.engine import Batches, evaluate, infer, loss_function, make_scheduler, scores, train_one_epoch
 from cxr14.metrics import has_both
 from cxr14.model import param_groups, read_checkpoint, save_checkpoint
@@ -163,6 +163,8 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
     if world.main:
         ensure_space(resume_file, 2 * point - (resume_file.stat().st_size if resume_file.is_file() else 0) + weights)
         keep_out_of_git(resume_file.parent)
+    agree("data", data, world)
+    agree("resume point", (state["epoch"], state["best_auc"]), world)
     part = (world.rank, world.size)
     batches, eval_batches = Batches(device, t.augment, reuse=True, part=part), Batches(device, reuse=True)
     runner = wrap(model, t, device, world)
@@ -171,12 +173,13 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
         loader = make_loader(train_set, t.batch_size, shuffle=True, seed=t.seed * 1000 + epoch,
                              workers=t.workers, drop_last=len(train_set) > t.batch_size, part=part)
         generator = torch.Generator().manual_seed(t.seed * 1000 + epoch)
-        with peers_watched():  # DDP's gradient all-reduce: a rank that died is one line on the others
+        with peers_watched(world):  # DDP's gradient all-reduce: a rank that died is one line on the others
             tr = train_one_epoch(runner, loader, criterion, optimizer, batches, frozen, generator,
                                  desc=f"epoch {epoch + 1}/{t.epochs}", disable=not world.main)
         if world.size > 1:  # the whole batch's loss and images, as one process counts them
             loss_sum, images = all_sum([tr["loss"] * tr["images"], tr["images"]], world)
             tr.update(loss=loss_sum / max(images, 1), images=int(images))
+        same_buffers(model, world)
         ev = validate(model, val_set, criterion, eval_batches, t, world)
         row = {f"lr/{group['name']}": group["lr"] for group in optimizer.param_groups}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

@@ -18,6 +18,7 @@ import torch
 from cxr14 import paths
 from cxr14.common import (
     PipelineError,
+    Terminated,
     cpu_count,
     cpu_kernels,
     remove_leftovers,
@@ -26,7 +27,7 @@ from cxr14.common import (
     write_json,
 )
 from cxr14.data import PreparedImages, read_labels
-from cxr14.distributed import QUIET_EXIT, PeerLost, launch, start, stop, world_from_env
+from cxr14.distributed import LAUNCHER, QUIET_EXIT, PeerLost, launch, start, stop, world_from_env
 from cxr14.engine import pick_device
 from cxr14.model import build_model, freeze, imagenet_weights, save_checkpoint
 from cxr14.nih import CLASSES
@@ -45,12 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     cpu_kernels(t.cpu_kernels)
     try:  # settings and weights before any data: offline, a missing download fails within seconds
         device = pick_device(t.device)
-        if world.size == 1 and t.nproc > 1:  # this process launches the others, and trains nothing itself
+        if t.nproc > 1 and not under_torchrun():  # this process launches the others, and trains nothing itself
             check_gpus(device, t.nproc)
             if t.weights != "none":
                 imagenet_weights(t.arch, t.weights)  # offline, a missing download fails once, here
             check_world(PreparedImages(paths.PREPARED / "train.npy"), t, t.nproc)
-            return launch(t.nproc, "stages.train", [] if argv is None else list(argv), device.type == "cuda")
+            return launch(t.nproc, "stages.train", ["--params", str(args.params)], device.type == "cuda")
         if world.size > 1:
             device = start(world, device)
         torch.set_num_threads(cpu_count())
@@ -82,8 +83,16 @@ def main(argv: list[str] | None = None) -> None:
     })
 
 
+def under_torchrun() -> bool:
+    """Started by torchrun (a user's, or `launch`): its environment decides the processes, not train.nproc."""
+    return any(os.environ.get(k) for k in ("TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK"))
+
+
 def check_gpus(device: torch.device, nproc: int) -> None:
     """One process per GPU: more processes than visible GPUs would share one, or fail in NCCL far from here."""
+    if device.type not in ("cuda", "cpu"):
+        raise PipelineError(f"train.nproc: {nproc} on {device.type}; several processes run on CUDA GPUs or on the "
+                            "CPU (set train.device: cpu, or train.nproc: 1)")
     count = torch.cuda.device_count() if device.type == "cuda" else 0
     if device.type == "cuda" and nproc > count:
         raise PipelineError(f"train.nproc: {nproc}, but {count} CUDA device(s) are visible here "
@@ -93,15 +102,23 @@ def check_gpus(device: torch.device, nproc: int) -> None:
 
 def worker(argv: list[str] | None = None) -> None:
     """One of several processes (or the only one): a rank stopped by another's failure exits quietly when
-    started by `launch`, which reports the cause once."""
+    started by `launch`, which reports the cause once. The process group is left cleanly, except after a lost
+    peer or a signal, when leaving it could wait on the lost one."""
+    leave = True
     try:
         main(argv)
-        stop()
     except PeerLost:
-        if world_from_env().launched:
+        leave = False
+        if os.environ.get(LAUNCHER):
             raise SystemExit(QUIET_EXIT) from None
         raise
+    except (KeyboardInterrupt, Terminated):
+        leave = False
+        raise
+    finally:
+        if leave:
+            stop()
 
 
 if __name__ == "__main__":
-    run_main(worker, quiet_signals=world_from_env().launched)  # launched ranks: the launcher says it once
+    run_main(worker, quiet_signals=bool(os.environ.get(LAUNCHER)))  # launched ranks: the launcher says it once

@@ -7,6 +7,7 @@ write once (rank 0), resume after a kill, and fail in one line without leaving a
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +261,51 @@ def test_torchrun_world_size_must_divide_the_batch(workdir: Path) -> None:
     training.check_world(data, t, 4)
     with pytest.raises(PipelineError, match=r"^train.batch_size: 8; expected a multiple of the 3 processes"):
         training.check_world(data, t, 3)
+
+
+def test_launched_processes_read_the_params_file_the_launcher_was_given(workdir: Path) -> None:
+    write_train_params(workdir, epochs=1, batch_size=8, nproc=2)
+    Path("other.yaml").write_text(Path("params.yaml").read_text())
+    write_train_params(workdir, epochs=2, batch_size=8, nproc=2)  # params.yaml: what the workers must not read
+    result = subprocess.run([sys.executable, "-m", "stages.train", "--params", "other.yaml"], cwd=workdir,
+                            env={**os.environ, "CI": "1", "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(Path("metrics/train.json").read_text())["epochs_run"] == 1
+
+
+def failures(**codes: int) -> dict[int, Any]:
+    return {int(rank[1:]): types.SimpleNamespace(exitcode=code) for rank, code in codes.items()}
+
+
+def test_the_launcher_reports_the_cause_not_the_ranks_it_stopped() -> None:
+    with pytest.raises(SystemExit) as exit_:  # rank 1 printed its own error; rank 0 was SIGKILLed by the agent
+        distributed.report_failure(failures(r0=-9, r1=1), 2)
+    assert exit_.value.code == 1
+    with pytest.raises(PipelineError, match=r"^train: rank 1 of 2 was killed by SIGKILL \(out of memory\?\); "):
+        distributed.report_failure(failures(r0=-15, r1=-9), 2)
+    with pytest.raises(PipelineError, match=r"^train: ranks 0, 1 of 2 were killed by SIGKILL"):
+        distributed.report_failure(failures(r0=-9, r1=-9), 2)  # which came first is unknown: both named
+    with pytest.raises(PipelineError, match=r"^train: the 2 processes lost each other"):
+        distributed.report_failure(failures(r0=3, r1=3), 2)
+
+
+def disagreeing_rank(rank: int, out: Path) -> None:
+    distributed.start(distributed.World(rank, rank, 2), torch.device("cpu"))
+    try:
+        distributed.agree("data", {"data/prepared/train.npy": "md5-" + str(rank)}, distributed.World(rank, rank, 2))
+    except PipelineError as exc:
+        out.with_suffix(f".{rank}").write_text(str(exc))
+    distributed.stop()
+
+
+def test_ranks_that_read_other_data_stop_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    torch.multiprocessing.spawn(disagreeing_rank, args=(tmp_path / "err",), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert (tmp_path / f"err.{rank}").read_text().startswith(
+            "train: rank 1 and rank 0 disagree on the data ({'data/prepared/train.npy': 'md5-1'} against")
