@@ -7,7 +7,10 @@ the clean labels give the oracle AUC (the best any model can score against the n
 
 from __future__ import annotations
 
+import ctypes
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -25,6 +28,31 @@ from cxr14.predictions import PROB_PREFIX
 from cxr14.splits import read_split_table
 
 GRID = np.linspace(0, 1, 101)
+TRIM_EVERY = 4  # batches between two malloc_trim calls: resident memory stays flat at <1% of the time
+T = TypeVar("T")
+
+
+def malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl, Windows)."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):
+        return None
+
+
+def heap_trimmed(batches: Iterable[T], every: int = TRIM_EVERY) -> Iterator[T]:
+    """`batches`, handing the memory the previous batches freed back to the system every `every` of them.
+
+    On a CPU, glibc keeps the activations it has freed in its heaps (its mmap threshold grows to their size),
+    and the small arrays the loop keeps per batch (probabilities, labels) stop it from returning them: the
+    evaluate stage's resident memory grew with the number of batches, +700 MiB over NIH's val and test at
+    64 px and about 12 MiB a batch at 224 px. Trimming keeps it flat; the numbers are untouched.
+    """
+    trim = malloc_trim()
+    for i, batch in enumerate(batches):
+        if trim is not None and i % every == 0:
+            trim(0)
+        yield batch
 
 
 def predict_split(model: torch.nn.Module, ckpt: dict, split: str, device: torch.device,
@@ -33,8 +61,8 @@ def predict_split(model: torch.nn.Module, ckpt: dict, split: str, device: torch.
     table = read_split_table(paths.SPLIT / f"{split}.csv")  # read once: its labels and its ids
     data = PreparedImages(paths.PREPARED / f"{split}.npy", table[list(CLASSES)].to_numpy(dtype=np.float32))
     data.require_size(ckpt["image_size"])
-    result = evaluate(model, make_loader(data, batch_size, shuffle=False), torch.nn.BCEWithLogitsLoss(),
-                      Batches(device, reuse=True))
+    result = evaluate(model, heap_trimmed(make_loader(data, batch_size, shuffle=False)),
+                      torch.nn.BCEWithLogitsLoss(), Batches(device, reuse=True))
     probs = pd.DataFrame(result["probs"], columns=[PROB_PREFIX + c for c in CLASSES])
     return pd.concat([table[["Image Index", "Patient ID", *CLASSES]], probs], axis=1)
 
