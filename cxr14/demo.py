@@ -33,7 +33,7 @@ from cxr14.common import (
     replace_dir,
     signals_deferred,
 )
-from cxr14.nih import CLASSES, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST, parse_findings
+from cxr14.nih import CLASSES, EXPERT_FILES, FINDINGS, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST, parse_findings
 from cxr14.params import Demo
 from cxr14.phantom import render
 
@@ -44,6 +44,11 @@ DATA_ENTRY_HEADER = (  # NIH's original header, trailing comma (an empty 12th co
     "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
 )
 BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+EXPERT_COLUMNS = ("Fracture", "Pneumothorax", "Airspace opacity", "Nodule or mass")  # Google's order
+EXPERT_HEADER = DATA_ENTRY_HEADER + ",".join(EXPERT_COLUMNS) + ",Set Id"
+# Google's file covers 7.7% of NIH's test list and 2.8% of train_val; the demo's test split is 70 times
+# smaller, so it covers more of it, enough for a few dozen positives of each finding.
+EXPERT_FRACTION = {"test": 0.6, "val": 0.05}
 BOX_LABEL = {v: k for k, v in BOX_LABELS.items()}  # NIH's spelling in BBox_List_2017.csv
 def load_stats(path: Path = STATS_FILE) -> tuple[np.ndarray, np.ndarray, dict]:
     """Label sets as a 0/1 matrix in CLASSES order, their real counts, and the whole stats file."""
@@ -150,7 +155,11 @@ def sample_table(cfg: Demo, combos: np.ndarray, counts: np.ndarray, stats: dict)
     age0 = ((rng.choice(len(hist), n_pat + 1, p=hist) + rng.random(n_pat + 1)) * age["bin_years"]).astype(int)
     older = np.cumsum((rng.random(n_img) < 0.3) & (followup > 0))  # some follow-ups come a year later
     views = sorted(view)
-    return {"name": np.array([f"{p:08d}_{f:03d}.png" for p, f in zip(patient, followup, strict=True)]),
+    pick = np.random.default_rng([cfg.seed, 1]).random(n_img)  # its own stream: the draws above stay as they were
+    in_test = test[patient]
+    expert = np.where(in_test, np.where(pick < EXPERT_FRACTION["test"], "test", ""),
+                      np.where(pick < EXPERT_FRACTION["val"], "val", ""))
+    return {"expert": expert,"name": np.array([f"{p:08d}_{f:03d}.png" for p, f in zip(patient, followup, strict=True)]),
             "patient": patient, "followup": followup, "test": test[patient], "clean": clean, "noisy": noisy,
             "age": np.minimum(age0[patient] + older - older[first], 95), "sex": np.where(male[patient], "M", "F"),
             "view": rng.choice(views, n_img, p=np.array([view[v] for v in views]) / sum(view.values()))}
@@ -167,8 +176,24 @@ def write_tables(folder: Path, t: dict[str, np.ndarray], size: int) -> None:
         f"{n},{label_text(y)},{f},{p},{a},{s},{v},{size},{size},{spacing},{spacing}," for n, y, f, p, a, s, v in rows])
     write_lines(folder / "clean_labels.csv", ["Image Index,Finding Labels"] + [
         f"{n},{label_text(y)}" for n, y in zip(t["name"], t["clean"], strict=True)])
+    write_expert_labels(folder / EXPERT_FILES[0], t, size, spacing)
     write_lines(folder / TRAIN_VAL_LIST, list(t["name"][~t["test"]]))
     write_lines(folder / TEST_LIST, list(t["name"][t["test"]]))
+
+
+def write_expert_labels(path: Path, t: dict[str, np.ndarray], size: int, spacing: float) -> None:
+    """Google's expert-label file (cxr14.expert), its columns and YES/NO values, from the clean labels.
+
+    The phantom has no fractures: Fracture is NO throughout (evaluate does not score it in any case).
+    """
+    yes = {finding: t["clean"][:, [CLASSES.index(c) for c in classes]].any(axis=1)
+           for finding, classes in FINDINGS.items()}
+    lines = [EXPERT_HEADER]
+    for i in np.flatnonzero(t["expert"] != ""):
+        cells = ["YES" if yes[f][i] else "NO" for f in EXPERT_COLUMNS]
+        lines.append(f"{t['name'][i]},{label_text(t['noisy'][i])},{t['followup'][i]},{t['patient'][i]},{t['age'][i]},"
+                     f"{t['sex'][i]},{t['view'][i]},{size},{size},{spacing},{spacing},{','.join(cells)},{t['expert'][i]}")
+    write_lines(path, lines)
 
 
 def keep_freed_memory() -> None:

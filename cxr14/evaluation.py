@@ -23,7 +23,7 @@ from cxr14.data import PreparedImages, make_loader
 from cxr14.engine import Batches, evaluate
 from cxr14.metrics import PatientBootstrap, auc_with_interval, has_both, mean_defined, pr_on_grid, roc_on_grid
 from cxr14.metrics import auc as auc_of
-from cxr14.nih import CLASSES, parse_findings
+from cxr14.nih import CLASSES, META_COLUMNS, parse_findings
 from cxr14.predictions import PROB_PREFIX
 from cxr14.splits import read_split_table
 
@@ -64,7 +64,8 @@ def predict_split(model: torch.nn.Module, ckpt: dict, split: str, device: torch.
     result = evaluate(model, heap_trimmed(make_loader(data, batch_size, shuffle=False)),
                       torch.nn.BCEWithLogitsLoss(), Batches(device, reuse=True))
     probs = pd.DataFrame(result["probs"], columns=[PROB_PREFIX + c for c in CLASSES])
-    return pd.concat([table[["Image Index", "Patient ID", *CLASSES]], probs], axis=1)
+    meta = [c for c in META_COLUMNS if c in table.columns]  # for subgroup metrics, here and in calibrate
+    return pd.concat([table[["Image Index", "Patient ID", *meta, *CLASSES]], probs], axis=1)
 
 
 def clean_labels(root: Path, names: pd.Series) -> np.ndarray | None:

@@ -9,6 +9,7 @@ the patients' draw counts (PatientBootstrap), so memory stays flat however large
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -94,25 +95,51 @@ def patient_bootstrap_weights(patients: np.ndarray, resamples: int, seed: int) -
     return PatientBootstrap(patients, resamples, seed).weights()
 
 
-def auc_with_interval(
-    scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | PatientBootstrap, level: float = 0.95
-) -> tuple[float | None, float | None, float | None]:
-    """Point AUC and the bootstrap percentile interval; Nones when the class lacks positives or negatives.
+def bootstrap_aucs(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | PatientBootstrap) -> np.ndarray:
+    """(B,) AUC under each resample (nan where a resample drew no positive or no negative).
 
     `weights`: (B, N) image weights, or a PatientBootstrap, whose weights are made a block at a time.
+    One PatientBootstrap given to two models' scores pairs them: the same patients in each resample.
     """
-    point = auc(scores, labels)
-    if point is None:
-        return None, None, None
     if isinstance(weights, PatientBootstrap):
         order = np.argsort(scores, kind="stable")
         s, y = scores[order], labels[order]
-        boot = np.concatenate([sorted_auc(s, y, weights.weights(rows, order)) for rows in weights.blocks()])
-    else:
-        boot = np.concatenate([weighted_auc(scores, labels, chunk) for chunk in np.array_split(weights, 8)])
+        return np.concatenate([sorted_auc(s, y, weights.weights(rows, order)) for rows in weights.blocks()])
+    return np.concatenate([weighted_auc(scores, labels, chunk) for chunk in np.array_split(weights, 8)])
+
+
+def percentile_interval(boot: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The bootstrap percentile interval, ignoring resamples where the value was undefined."""
     tail = (1 - level) / 2 * 100
     low, high = np.nanpercentile(boot, [tail, 100 - tail])
-    return float(point), float(low), float(high)
+    return float(low), float(high)
+
+
+def auc_with_interval(
+    scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | PatientBootstrap, level: float = 0.95
+) -> tuple[float | None, float | None, float | None]:
+    """Point AUC and the bootstrap percentile interval; Nones when the class lacks positives or negatives."""
+    point = auc(scores, labels)
+    if point is None:
+        return None, None, None
+    return (float(point), *percentile_interval(bootstrap_aucs(scores, labels, weights), level))
+
+
+def macro_bootstrap(labels: np.ndarray, probs: np.ndarray, weights: PatientBootstrap
+                    ) -> tuple[float | None, np.ndarray | None]:
+    """Macro mean AUC over the classes defined on these images, and its (B,) value under each resample.
+
+    A resample that draws no positive of a class averages over the other classes (nanmean): on small
+    subgroups that happens; on NIH's test split it does not.
+    """
+    defined = [k for k in range(labels.shape[1]) if has_both(labels[:, k])]
+    if not defined:
+        return None, None
+    point = float(np.mean([auc(probs[:, k], labels[:, k]) for k in defined]))
+    boot = np.stack([bootstrap_aucs(probs[:, k], labels[:, k], weights) for k in defined])
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-nan column: that resample is ignored
+        return point, np.nanmean(boot, axis=0)
 
 
 def roc_on_grid(scores: np.ndarray, labels: np.ndarray, grid: np.ndarray) -> np.ndarray:

@@ -41,9 +41,19 @@ LABEL_TABLE_NAMES = (
     "Data_Entry_2017_v2020.csv.gz",
 )
 REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
+# Kept as they are when the table has them (subgroup metrics check their values, and count the bad ones).
+META_COLUMNS = ("Patient Age", "Patient Gender", "View Position")
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Google's expert labels (cxr14.expert), under the name torchxrayvision ships them; looked for in the data root.
+EXPERT_FILES = ("google2019_nih-chest-xray-labels.csv", "google2019_nih-chest-xray-labels.csv.gz")
+FINDINGS: dict[str, tuple[str, ...]] = {  # expert finding: the NIH classes it maps onto (why: cxr14.expert)
+    "Pneumothorax": ("Pneumothorax",),
+    "Nodule or mass": ("Nodule", "Mass"),
+    "Airspace opacity": ("Infiltration", "Consolidation", "Pneumonia", "Edema"),
+    "Fracture": (),
+}
 
 
 def find_label_table(root: Path | str) -> Path:
@@ -78,7 +88,7 @@ def parse_findings(text: str, where: str) -> np.ndarray:
 
 
 def read_label_table(path: Path | str) -> pd.DataFrame:
-    """Image Index, Patient ID and one 0/1 column per class, validated row by row."""
+    """Image Index, Patient ID, the META_COLUMNS it has (unchecked), one 0/1 column per class; checked row by row."""
     path = Path(path)
     try:
         table = pd.read_csv(path, dtype={"Image Index": str, "Finding Labels": str}, low_memory=False)
@@ -115,7 +125,8 @@ def read_label_table(path: Path | str) -> pd.DataFrame:
     first_row = {text: i for i, text in reversed(list(enumerate(table["Finding Labels"].fillna(""))))}
     parsed = {text: parse_findings(text, f"{path} line {first_row[text] + 2}") for text in unique}
     labels = np.stack([parsed[t] for t in table["Finding Labels"].fillna("")])
-    out = pd.DataFrame({"Image Index": names.to_numpy(), "Patient ID": patient.astype(np.int64).to_numpy()})
+    out = pd.DataFrame({"Image Index": names.to_numpy(), "Patient ID": patient.astype(np.int64).to_numpy(),
+                        **{c: table[c].to_numpy() for c in META_COLUMNS if c in table.columns}})
     return pd.concat([out, pd.DataFrame(labels, columns=list(CLASSES))], axis=1)
 
 

@@ -147,6 +147,7 @@ class Evaluate(Section):
     bootstrap: int = field(low=10)
     seed: int = field(low=0, high=2**32 - 1)
     batch_size: int = field(low=1)
+    subgroup_min_images: int = field(low=1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pandas as pd
@@ -17,13 +18,24 @@ from cxr14.common import PipelineError
 from cxr14.nih import CLASSES
 
 PROB_PREFIX = "prob_"
+EXPERT_PREFIX = "expert_"  # expert_<finding>: Google's adjudicated label (cxr14.expert), empty where there is none
 
 
 def read_predictions(path: Path, names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(labels, probabilities), both (N, 14) in CLASSES order, from the evaluate stage's CSV; checked, and
     with `names` (the split table's Image Index column) checked to be those images in that order."""
+    return read_prediction_table(path, names)[1:]
+
+
+def read_prediction_table(source: Path | IO[str], names: Sequence[str] | None = None, where: str | None = None
+                          ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """The whole file (with its subgroup and expert columns where evaluate wrote them), labels, probabilities.
+
+    `source` may be an open text stream (a file at a git revision, read through DVC), named as `where`.
+    """
+    path = where or source
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(source)
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found; run `dvc repro evaluate` first") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -38,10 +50,13 @@ def read_predictions(path: Path, names: Sequence[str] | None = None) -> tuple[np
         raise PipelineError(f"{path}: rows are not the split table's images in its order; run dvc repro evaluate")
     labels = numeric(path, frame, list(CLASSES), lambda v: np.isin(v, (0, 1)), "0 or 1")
     probs = numeric(path, frame, prob_columns, lambda v: (v >= 0) & (v <= 1), "a probability in [0, 1]")
-    return labels.astype(np.int64), probs
+    expert = [c for c in frame.columns if c.startswith(EXPERT_PREFIX)]
+    if expert:
+        numeric(path, frame, expert, lambda v: np.isin(v, (0, 1)) | np.isnan(v), "0, 1 or empty")
+    return frame, labels.astype(np.int64), probs
 
 
-def numeric(path: Path, frame: pd.DataFrame, columns: list[str], valid: Callable, expected: str) -> np.ndarray:
+def numeric(path: Path | str, frame: pd.DataFrame, columns: list[str], valid: Callable, expected: str) -> np.ndarray:
     """The columns as floats; the first bad cell is named by file row (the header is row 1) and column."""
     values = frame[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     ok = valid(values)  # NaN (empty or not a number) fails every check

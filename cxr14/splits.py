@@ -16,6 +16,7 @@ import pandas as pd
 from cxr14.common import PipelineError, warn
 from cxr14.nih import (
     CLASSES,
+    META_COLUMNS,
     TEST_LIST,
     TRAIN_VAL_LIST,
     find_label_table,
@@ -127,7 +128,7 @@ def build_splits(root: Path | str, val_fraction: float, seed: int, missing: str)
     if tv_table.empty or test_table.empty:
         raise PipelineError(f"{root}: no images found for {'train/val' if tv_table.empty else 'test'}")
     in_val = stratified_patient_split(tv_table.reset_index(drop=True), val_fraction, seed)
-    columns = ["Image Index", "Patient ID", "path", *CLASSES]
+    columns = ["Image Index", "Patient ID", *[c for c in META_COLUMNS if c in table.columns], "path", *CLASSES]
     splits = {  # the split tables' contract (paths.SPLIT)
         "train": tv_table[~in_val][columns].reset_index(drop=True),
         "val": tv_table[in_val][columns].reset_index(drop=True),

@@ -4,14 +4,17 @@ Works only on the evaluate stage's saved predictions (no model, no torch), so a 
 parameter re-runs in seconds. Calibrators and thresholds are fitted on val; test only measures them,
 which the seed never did (it tuned and reported thresholds on the same val set).
 Writes models/calibrator.json (for `predict`), models/thresholds.json (the seed's schema),
-metrics/calibrate.json (ECE and Brier before/after, precision/recall/F1 at the val thresholds)
-and reliability-diagram data under plots/calibrate/.
+metrics/calibrate.json (ECE and Brier before/after, precision/recall/F1 at the val thresholds; on test,
+per subgroup the underdiagnosis and false negative rates, and decisions against the expert labels where
+evaluate had them) and reliability-diagram and subgroup data under plots/calibrate/.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+import numpy as np
 
 from cxr14 import paths
 from cxr14.calibration import (
@@ -24,16 +27,18 @@ from cxr14.calibration import (
     thresholds_file,
 )
 from cxr14.common import rounded, run_main, write_csv, write_json
+from cxr14.expert import decisions_section
 from cxr14.nih import CLASSES
-from cxr14.params import PARAMS_FILE, Calibrate, load_section
-from cxr14.predictions import read_predictions
+from cxr14.params import PARAMS_FILE, Calibrate, Evaluate, load_section
+from cxr14.predictions import EXPERT_PREFIX, read_prediction_table, read_predictions
+from cxr14.subgroups import decisions_by_subgroup, plot_rows, summary
 
 SPLITS = ("val", "test")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (section calibrate)")
+    parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (sections calibrate, evaluate)")
     parser.add_argument("--predictions", type=Path, default=paths.PREDICTIONS,
                         help="folder with the evaluate stage's val.csv and test.csv")
     parser.add_argument("--out-models", type=Path, default=paths.MODELS,
@@ -41,8 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, default=paths.METRICS / "calibrate.json", help="metrics file")
     parser.add_argument("--plots", type=Path, default=paths.PLOTS / "calibrate", help="folder for reliability CSVs")
     args = parser.parse_args(argv)
-    c = load_section(args.params, Calibrate)
+    c, e = load_section(args.params, Calibrate), load_section(args.params, Evaluate)
     data = {s: read_predictions(args.predictions / f"{s}.csv") for s in SPLITS}
+    table = read_prediction_table(args.predictions / "test.csv")[0]  # its subgroup and expert columns
 
     labels, raw = data["val"]
     check_classes(c.method, labels, raw, data["test"][0])
@@ -54,7 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     write_json(args.out_models / "calibrator.json", spec)
     write_json(args.out_models / "thresholds.json", thresholds_file(thresholds, c.policy, c.method, data, cal))
     metrics = rounded({s: split_metrics(*data[s], cal[s], thresholds, c.ece_bins) for s in SPLITS})
+    called = np.stack([cal["test"][:, j] >= thresholds[n] if thresholds[n] is not None
+                       else np.zeros(len(table), dtype=bool) for j, n in enumerate(CLASSES)], axis=1)
+    metrics["subgroups"] = {"split": "test", **decisions_by_subgroup(table, data["test"][0], called,
+                                                                     e.subgroup_min_images)}
+    if any(col.startswith(EXPERT_PREFIX) for col in table.columns):
+        metrics["expert"] = {"split": "test", "findings": decisions_section(table, called)}
     write_json(args.metrics, metrics)
+    write_csv(args.plots / "subgroups.csv", plot_rows(metrics["subgroups"], "underdiagnosis_rate"))
     for s in SPLITS:
         frame = reliability_frame(data[s][0], data[s][1], cal[s], c.ece_bins)
         write_csv(args.plots / f"reliability_{s}.csv", frame, float_format="%.6f")
@@ -65,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     test = metrics["test"]["macro"]
     print(f"calibrate: {c.method} + {c.policy}: test macro ECE {test['ece_before']} -> {test['ece_after']}, "
           f"F1 {test['f1']}, precision {test['precision']}, recall {test['recall']}")
+    print(f"calibrate: underdiagnosis rate, worst-to-best gap: {summary(metrics['subgroups'], 'underdiagnosis_gap')}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Evaluate stage: one inference pass over val and test; honest test metrics with uncertainty.
 
-Writes data/predictions/{val,test}.csv (labels and prob_<Class> per image, so calibrate re-runs in
-seconds without the model), metrics/evaluate.json (test AUC with patient-bootstrap intervals, AP,
-prevalence, the demo's oracle) and plots/evaluate/ (ROC and PR curves, score distributions).
+Writes data/predictions/{val,test}.csv (labels, prob_<Class>, sex, age and view per image, and on test the
+expert labels where adjudicated, so calibrate re-runs in seconds without the model), metrics/evaluate.json
+(test AUC with patient-bootstrap intervals, AP, prevalence, the demo's oracle; against Google's expert labels
+when the data root has them; per subgroup) and plots/evaluate/ (ROC and PR curves, score distributions,
+AUC per subgroup).
 """
 
 from __future__ import annotations
@@ -10,15 +12,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from cxr14 import paths
 from cxr14.common import cpu_count, cpu_kernels, run_main, write_csv, write_json
 from cxr14.engine import pick_device
 from cxr14.evaluation import clean_labels, curves, predict_split, score_plot, score_test
+from cxr14.expert import EXPERT_FILES, expert_columns, expert_section, find_expert_file, read_expert_labels
 from cxr14.model import load_checkpoint
 from cxr14.nih import CLASSES
 from cxr14.params import PARAMS_FILE, Data, Evaluate, Train, load_section
+from cxr14.predictions import PROB_PREFIX
+from cxr14.subgroups import auc_by_subgroup, plot_rows, summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,9 +39,19 @@ def main(argv: list[str] | None = None) -> None:
     cpu_kernels(t.cpu_kernels)  # the same kernels as training: predictions reproduce to the bit too
     model, ckpt = load_checkpoint(args.model, device, CLASSES)
     preds = {split: predict_split(model, ckpt, split, device, e.batch_size) for split in ("val", "test")}
+    root = Path(data.root)
+    expert_file = find_expert_file(root)
+    if expert_file is not None:
+        test = preds["test"] = pd.concat([preds["test"], expert_columns(preds["test"]["Image Index"],
+                                                                        read_expert_labels(expert_file))], axis=1)
     test = preds["test"]
     # Everything is computed before anything is written: a failure in scoring leaves the old outputs as they were.
-    metrics = score_test(test, clean_labels(Path(data.root), test["Image Index"]), e.bootstrap, e.seed)
+    metrics = score_test(test, clean_labels(root, test["Image Index"]), e.bootstrap, e.seed)
+    metrics["expert"] = expert_section(test, str(expert_file), e.bootstrap, e.seed) if expert_file else {
+        "source": None, "note": f"no expert labels in {root}: expected {EXPERT_FILES[0]} (see README)"}
+    labels = test[list(CLASSES)].to_numpy()
+    probs = test[[PROB_PREFIX + c for c in CLASSES]].to_numpy()
+    metrics["subgroups"] = auc_by_subgroup(test, labels, probs, e.bootstrap, e.seed, e.subgroup_min_images)
     plots = paths.PLOTS / "evaluate"
     roc, pr = curves(test)
     for split, frame in preds.items():
@@ -43,9 +59,15 @@ def main(argv: list[str] | None = None) -> None:
     write_json(paths.METRICS / "evaluate.json", metrics)
     write_csv(plots / "roc.csv", roc)
     write_csv(plots / "pr.csv", pr)
+    write_csv(plots / "subgroups.csv", plot_rows(metrics["subgroups"], "mean_auc", "ci_low", "ci_high"))
     score_plot(test, plots / "scores.png")
     oracle = f" (oracle {metrics['oracle_mean_auc']})" if "oracle_mean_auc" in metrics else ""
     print(f"evaluate: test mean ROC-AUC {metrics['mean_auc']}{oracle} on {metrics['images']} images")
+    if expert_file is not None:
+        scored = {f: v["auc"] for f, v in metrics["expert"]["findings"].items() if "auc" in v}
+        print(f"evaluate: against expert labels on {metrics['expert']['images']} test images: "
+              + ", ".join(f"{f} AUC {v}" for f, v in scored.items()))
+    print(f"evaluate: mean ROC-AUC per subgroup, worst-to-best gap: {summary(metrics['subgroups'])}")
 
 
 if __name__ == "__main__":

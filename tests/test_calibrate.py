@@ -432,7 +432,9 @@ def test_command_line_runs_and_prints_the_test_summary(tmp_path: Path) -> None:
     test = json.loads((tmp_path / "metrics/calibrate.json").read_text())["test"]["macro"]
     assert result.stdout.splitlines() == [
         f"calibrate: isotonic + max_f1: test macro ECE {test['ece_before']} -> {test['ece_after']}, F1 {test['f1']}, "
-        f"precision {test['precision']}, recall {test['recall']}"]
+        f"precision {test['precision']}, recall {test['recall']}",
+        "calibrate: underdiagnosis rate, worst-to-best gap: sex n/a (no column), age n/a (no column), "
+        "view n/a (no column)"]
 
 
 def test_bad_param_is_one_line_and_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

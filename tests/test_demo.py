@@ -15,6 +15,7 @@ from PIL import Image
 
 from cxr14 import demo, phantom
 from cxr14.common import PipelineError
+from cxr14.expert import read_expert_labels
 from cxr14.nih import CLASSES, parse_findings, read_image_list, read_label_table, scan_images
 from cxr14.params import Demo, build
 from stages import demo as demo_stage
@@ -51,7 +52,7 @@ def test_same_params_give_identical_files_whatever_the_worker_count(small, tmp_p
     again = tmp_path / "again"
     demo.generate(config(), again, workers=1)
     first, second = digest(out), digest(again)
-    assert len(first) == 5 + SMALL["images"]
+    assert len(first) == 6 + SMALL["images"]
     assert first == second
     other = tmp_path / "other"
     demo.generate(config(seed=1), other, workers=1)
@@ -82,6 +83,25 @@ def test_layout_is_nih_and_the_project_readers_accept_it(small):
     for path in list(found.values())[:10]:
         with Image.open(path) as image:
             assert image.mode == "L" and image.size == (64, 64)
+
+
+def test_expert_labels_are_googles_format_from_the_clean_labels(small):
+    out, _ = small
+    google = pd.read_csv(Path(__file__).parents[1] / "../shared/nih/google2019_nih-chest-xray-labels.csv", nrows=1)
+    written = pd.read_csv(out / "google2019_nih-chest-xray-labels.csv", dtype=str)
+    assert list(written.columns) == list(google.columns)
+    experts = read_expert_labels(out / "google2019_nih-chest-xray-labels.csv")
+    clean = labels(out / "clean_labels.csv").loc[experts.index]
+    assert (experts["Pneumothorax"] == clean["Pneumothorax"]).all()
+    assert (experts["Nodule or mass"] == clean[["Nodule", "Mass"]].max(axis=1)).all()
+    airspace = clean[["Infiltration", "Consolidation", "Pneumonia", "Edema"]].max(axis=1)
+    assert (experts["Airspace opacity"] == airspace).all() and experts["Fracture"].sum() == 0
+    test = set(read_image_list(out / "test_list.txt"))
+    in_test = experts.index.isin(list(test))
+    assert (experts["Set Id"] == np.where(in_test, "test", "val")).all()
+    assert 0.4 < in_test.sum() / len(test) < 0.8  # a subset of each split, most of test
+    noisy = read_label_table(out / "Data_Entry_2017.csv").set_index("Image Index").loc[experts.index]
+    assert (written.set_index("Image Index")["Patient Age"].astype(int) == noisy["Patient Age"]).all()
 
 
 def test_lists_are_sorted_patient_disjoint_and_cover_every_image(small):

@@ -117,7 +117,8 @@ def test_no_sys_path_edits() -> None:
 
 SECTIONS_READ = {  # params sections each stage loads through cxr14.params.load_section
     "demo": {"demo"}, "split": {"data", "split"}, "prepare": {"prepare"}, "train": {"train"},
-    "evaluate": {"evaluate", "data", "train"}, "calibrate": {"calibrate"}, "explain": {"explain", "data", "train"},
+    "evaluate": {"evaluate", "data", "train"}, "calibrate": {"calibrate", "evaluate"},
+    "explain": {"explain", "data", "train"},
 }
 
 

@@ -28,6 +28,7 @@ from cxr14.images import load_gray, to_gray8
 from cxr14.nih import (
     CLASSES,
     LABEL_TABLE_NAMES,
+    META_COLUMNS,
     find_label_table,
     image_dirs,
     parse_findings,
@@ -138,7 +139,7 @@ def test_read_label_table_original_2017_header(tiny_nih, trailing_comma):
     path = tiny_nih.write_table(TINY_ROWS, trailing_comma=trailing_comma)
     assert path.read_text().splitlines()[0].endswith("OriginalImagePixelSpacing[x,y],")
     table = read_label_table(path)
-    assert list(table.columns) == ["Image Index", "Patient ID", *SEED_ORDER]
+    assert list(table.columns) == ["Image Index", "Patient ID", *META_COLUMNS, *SEED_ORDER]
     assert table["Image Index"].tolist() == [r[0] for r in TINY_ROWS]
     assert table["Patient ID"].tolist() == [r[2] for r in TINY_ROWS]
     assert table["Patient ID"].dtype == np.int64

@@ -28,7 +28,7 @@ from conftest import (
 )
 
 from cxr14.common import PipelineError, run_main
-from cxr14.nih import CLASSES
+from cxr14.nih import CLASSES, META_COLUMNS
 from cxr14.splits import build_splits, stratified_patient_split
 from stages import split
 
@@ -113,7 +113,7 @@ def test_real_split_sizes_and_membership(real_splits, real_reference, layout):
     assert set(splits["train"]["Image Index"]) | set(splits["val"]["Image Index"]) == set(real_reference["train_val"])
     assert metrics["missing_images"] == 0
     for name, frame in splits.items():
-        assert list(frame.columns) == ["Image Index", "Patient ID", "path", *CLASSES]
+        assert list(frame.columns) == ["Image Index", "Patient ID", *META_COLUMNS, "path", *CLASSES]
         assert metrics[name]["images"] == len(frame)
         assert metrics[name]["patients"] == frame["Patient ID"].nunique()
         assert metrics[name]["positives"] == {c: int(frame[c].sum()) for c in CLASSES}
@@ -450,7 +450,8 @@ def test_split_outputs_replace_old_ones_together(tiny_nih, tmp_path):
         (out / name).write_text("old\n")
     split.main(argv)
     for name in SPLIT_FILES:
-        assert (out / name).read_text().startswith("Image Index,Patient ID,path,Atelectasis,")
+        assert (out / name).read_text().startswith(
+            "Image Index,Patient ID,Patient Age,Patient Gender,View Position,path,Atelectasis,")
     assert not [p for p in files_under(tmp_path / "out") if p.endswith(".tmp")]
     assert oct((out / "train.csv").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
 
