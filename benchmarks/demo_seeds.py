@@ -45,7 +45,8 @@ def run_one(work: Path, triple: str, overrides: list[str], stages: list[str]) ->
     evaluate = json.loads((work / "metrics" / "evaluate.json").read_text())
     return {"seeds": triple, "val_mean_auc": train["best_val_mean_auc"], "best_epoch": train["best_epoch"],
             "test_mean_auc": evaluate["mean_auc"], "oracle_mean_auc": evaluate["oracle_mean_auc"],
-            "gap_to_oracle": evaluate["gap_to_oracle"], "seconds": round(seconds, 1)}
+            "gap_to_oracle": evaluate["gap_to_oracle"], "seconds": round(seconds, 1),
+            "per_class": {k: [v["auc"], v.get("oracle_auc")] for k, v in evaluate["per_class"].items()}}
 
 
 def main(argv: list[str] | None = None) -> None:

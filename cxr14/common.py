@@ -222,8 +222,19 @@ def _on_signal(signum: int, frame: Any) -> None:
 
     exc: BaseException = KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
     _pending = _pending or exc
-    if not _deferring:
+    if not _deferring and not in_finalizer(frame):
         raise exc
+
+
+def in_finalizer(frame: Any) -> bool:
+    """Whether `frame` runs inside a `__del__` (a DataLoader shutting its workers down, say): Python would print
+    the exception raised there as "Exception ignored" with a traceback, and swallow it; held, it is raised at
+    the next safe point instead, quietly."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def exchange(a: Path, b: Path) -> bool:

@@ -22,7 +22,7 @@ from cxr14.expert import (
     read_expert_labels,
 )
 from cxr14.metrics import auc
-from cxr14.nih import CLASSES, EXPERT_FILES, FINDINGS
+from cxr14.nih import CLASSES, EXPERT_FILES, FINDINGS, parse_findings
 from cxr14.predictions import EXPERT_PREFIX, PROB_PREFIX
 
 GOOGLE = NIH / "google2019_nih-chest-xray-labels.csv"
@@ -37,6 +37,18 @@ def test_reads_googles_real_file() -> None:
     test = set(Path(NIH / "test_list.txt").read_text().split())
     assert set(experts.index[experts["Set Id"] == "test"]) <= test  # the file's own claim, checked
     assert find_expert_file(NIH) == GOOGLE and find_expert_file(NIH / "images") is None
+
+
+def test_nih_labels_against_the_experts_on_the_real_test_images() -> None:
+    """The README's figures: how noisy NIH's report-mined labels are, on Google's 1,962 official-test images."""
+    raw = pd.read_csv(GOOGLE)
+    experts = read_expert_labels(GOOGLE)
+    test = (raw["Set Id"] == "test").to_numpy()
+    labels = pd.DataFrame(np.stack([parse_findings(t, "x") for t in raw["Finding Labels"]]), columns=list(CLASSES))
+    found = {f: agreement(experts[f].to_numpy()[test], nih_label(labels, f)[test]) for f in MAPPED}
+    figures = {f: (round(a["sensitivity"], 2), round(a["specificity"], 2), round(a["f1"], 2)) for f, a in found.items()}
+    assert figures == {"Pneumothorax": (0.50, 0.94, 0.49), "Nodule or mass": (0.45, 0.94, 0.50),
+                       "Airspace opacity": (0.45, 0.85, 0.58)}
 
 
 def write(tmp_path: Path, rows: list[str], header: str = "Image Index,Fracture,Pneumothorax,Airspace opacity,"

@@ -658,3 +658,28 @@ def test_a_stage_process_does_not_die_with_the_thread_that_started_it() -> None:
             "ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "0"
+
+
+def test_a_signal_inside_a_finalizer_is_held_and_raised_at_the_next_safe_point(monkeypatch) -> None:
+    """SIGTERM landing in a `__del__` (a DataLoader joining its workers) must not print "Exception ignored"
+    with a traceback: it is held and raised where the stage can act on it (seen under load in the kill test)."""
+    import signal
+
+    from cxr14 import common
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    monkeypatch.setattr(common, "_pending", None)
+
+    class Worker:
+        def __del__(self) -> None:
+            common._on_signal(signal.SIGTERM, sys._getframe())
+
+    worker = Worker()
+    del worker
+    assert unraisable == [] and isinstance(common._pending, common.Terminated)
+    with pytest.raises(common.Terminated):
+        common.raise_pending()
+    with pytest.raises(common.Terminated):  # outside a finalizer it raises at once, as before
+        common._on_signal(signal.SIGTERM, sys._getframe())
+    monkeypatch.setattr(common, "_pending", None)

@@ -64,6 +64,11 @@ def test_repro_builds_every_output(project: Path) -> None:
     assert set(lock["stages"]) == {"demo", "split", "prepare", "train", "evaluate", "calibrate", "explain"}
     evaluate = json.loads((project / "metrics/evaluate.json").read_text())
     assert evaluate["images"] == split["test"]["images"] and "oracle_mean_auc" in evaluate
+    experts = evaluate["expert"]["findings"]  # the demo's expert-label file, found in the data root
+    assert 0 < experts["Pneumothorax"]["images"] == evaluate["expert"]["images"] < evaluate["images"]
+    assert set(evaluate["subgroups"]) == {"min_images", "sex", "age", "view"}
+    calibrate = json.loads((project / "metrics/calibrate.json").read_text())
+    assert set(calibrate["expert"]["findings"]) == set(experts) and set(calibrate["subgroups"]) >= {"sex", "age"}
     thresholds = json.loads((project / "models/thresholds.json").read_text())
     assert set(thresholds) >= {"metadata", "thresholds", "metrics", "test_metrics"}
     assert thresholds["metadata"]["num_classes"] == 14
@@ -98,3 +103,15 @@ def test_param_change_reruns_only_downstream(project: Path) -> None:
     assert "Running stage 'split'" in out and "Running stage 'prepare'" in out and "Running stage 'train'" in out
     assert "Running stage 'calibrate'" in out and "Running stage 'explain'" in out
     assert "Running stage 'demo'" not in out
+
+
+def test_compare_two_experiments_that_differ_only_in_train_seed(project: Path) -> None:
+    for seed in (1, 2):
+        run([sys.executable, "-m", "dvc", "exp", "run", "-q", "-S", f"train.seed={seed}", "-n", f"seed-{seed}"],
+            project)
+    out = json.loads(run([sys.executable, "-m", "stages.compare", "seed-1", "seed-2", "--json", "--bootstrap", "200"],
+                         project).stdout)
+    test = pd.read_csv(project / "data/predictions/test.csv")
+    assert out["images"] == len(test) and out["a"] == "seed-1"
+    assert out["difference"] != 0  # two trainings, two models
+    assert out["ci_low"] < 0 < out["ci_high"]  # but nothing this test split can tell apart

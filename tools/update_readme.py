@@ -60,8 +60,52 @@ def explain_table(metrics_dir: Path) -> str:
     return "\n".join(rows)
 
 
+def expert_table(metrics_dir: Path) -> str:
+    """The model and NIH's labels against the expert labels, from evaluate.json and calibrate.json."""
+    e = json.loads((metrics_dir / "evaluate.json").read_text())["expert"]
+    c = json.loads((metrics_dir / "calibrate.json").read_text()).get("expert", {}).get("findings", {})
+    rows = ["| expert finding | NIH classes | test images (positives) | model AUC vs experts [95% CI] "
+            "| model AUC vs NIH labels | NIH labels vs experts: sensitivity / specificity / F1 "
+            "| model at thresholds vs experts: precision / recall / F1 |", "|" + " --- |" * 7]
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    for name, v in e.get("findings", {}).items():
+        if not v["nih_classes"]:
+            rows.append(f"| {name} | none | - | not scored: no NIH class | - | - | - |")
+            continue
+        n = v["nih_labels_vs_expert"]
+        d = c.get(name, {}).get("against_expert", {})
+        rows.append(f"| {name} | {', '.join(v['nih_classes'])} | {v['images']} ({v['expert_positives']}) "
+                    f"| {f(v['auc'])} [{f(v['auc_ci_low'])}, {f(v['auc_ci_high'])}] "
+                    f"| {f(v['auc_against_nih_labels'])} "
+                    f"| {f(n['sensitivity'])} / {f(n['specificity'])} / {f(n['f1'])} "
+                    f"| {f(d.get('precision'))} / {f(d.get('recall'))} / {f(d.get('f1'))} |")
+    return "\n".join(rows)
+
+
+def subgroup_table(metrics_dir: Path) -> str:
+    """Mean test AUC and underdiagnosis rate per subgroup, from evaluate.json and calibrate.json."""
+    e = json.loads((metrics_dir / "evaluate.json").read_text())["subgroups"]
+    c = json.loads((metrics_dir / "calibrate.json").read_text())["subgroups"]
+    rows = ["| subgroup | test images | mean ROC-AUC [95% CI] | underdiagnosis rate |", "| --- | --- | --- | --- |"]
+    for attribute in ("sex", "age", "view"):
+        for name, g in e[attribute]["groups"].items():
+            under = c[attribute]["groups"][name].get("underdiagnosis_rate")
+            auc = (f"{g['mean_auc']:.3f} [{g['ci_low']:.3f}, {g['ci_high']:.3f}]" if "mean_auc" in g
+                   else "too small")
+            rows.append(f"| {attribute}: {name} | {g['images']} | {auc} | "
+                        f"{'-' if under is None else f'{under:.3f}'} |")
+        gap, under_gap = e[attribute]["gap"], c[attribute]["underdiagnosis_gap"]["gap"]
+        rows.append(f"| **{attribute}: worst-to-best gap** | | {'-' if gap is None else f'{gap:.3f}'} | "
+                    f"{'-' if under_gap is None else f'{under_gap:.3f}'} |")
+    return "\n".join(rows)
+
+
 TABLES: dict[str, Callable[[Path], str]] = {"split": split_table, "train": train_table, "test": test_table,
-                                            "explain": explain_table}
+                                            "explain": explain_table, "expert": expert_table,
+                                            "subgroups": subgroup_table}
 
 
 def render(readme: str, metrics_dir: Path) -> str:
