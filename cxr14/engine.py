@@ -84,8 +84,11 @@ class Batches:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def train_one_epoch(model, loader, criterion, optimizer, batches, frozen, generator, desc, disable=None) -> dict:
-    """One pass over the training split; returns mean loss, images and seconds (this process's share of them)."""
+def train_one_epoch(model, loader, criterion, optimizer, batches, frozen, generator, desc, disable=None,
+                    after_step=None) -> dict:
+    """One pass over the training split; returns mean loss, images and seconds (this process's share of them).
+
+    `after_step()` runs after every optimizer step (the weights' moving average)."""
     set_train_mode(model, frozen)
     total, seen, start = 0.0, 0, time.perf_counter()
     use_bf16 = batches.device.type == "cuda"
@@ -98,6 +101,8 @@ def train_one_epoch(model, loader, criterion, optimizer, batches, frozen, genera
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         total += loss.item() * len(y)
         seen += len(y)
     seconds = time.perf_counter() - start

@@ -110,6 +110,7 @@ class Train(Section):
     scheduler: Literal["none", "cosine", "plateau"] = field()
     pos_weight_cap: float | None = field(low=1.0, doc="null (no cap) or a number >= 1")
     patience: int = field(low=1)
+    ema: float = field(low=0.0, high=1.0, open_high=True, doc="0 (off) or a decay in (0, 1), e.g. 0.99")
     augment: Augment = field()
     device: str = field(doc="auto, cpu, cuda, cuda:N (one GPU of several) or mps")
     nproc: int = field(low=1, high=1024, doc="processes on this machine (DDP): 1, or one per GPU")
@@ -134,7 +135,7 @@ class Train(Section):
     # What shapes the model: a resumed run must have been started with the same values.
     RECIPE: ClassVar[tuple[str, ...]] = (
         "arch", "output_stride", "weights", "freeze", "epochs", "batch_size", "lr_head", "lr_backbone",
-        "weight_decay", "scheduler", "pos_weight_cap", "patience", "augment", "seed", "cpu_kernels")
+        "weight_decay", "scheduler", "pos_weight_cap", "patience", "ema", "augment", "seed", "cpu_kernels")
 
     def recipe(self) -> dict[str, Any]:
         """The recipe as plain data (lists, dicts), as stored in checkpoints."""

@@ -140,16 +140,20 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
     optimizer = torch.optim.AdamW(param_groups(model, t.arch, t.lr_head, t.lr_backbone), weight_decay=t.weight_decay)
     scheduler = make_scheduler(optimizer, t.scheduler, t.epochs)
     state, best = fresh_state(), None
+    ema = moving_average(model, t.ema)
+    scored = ema.module if ema is not None else model  # what is validated and saved
     if t.resume and resume_file.is_file():
         point = read_checkpoint(resume_file, device)
         check_resume_point(resume_file, point, t, data)
         model.load_state_dict(point["model"])
+        if ema is not None:
+            ema.load_state_dict(point["ema"])
         optimizer.load_state_dict(point["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(point["scheduler"])
         state = point["state"]
         best = ({k: v.to("cpu") for k, v in point["best_model"].items()} if point["best_model"] is not None
-                else cpu_copy(model))  # on the CPU, as an uninterrupted run keeps it: model.pt's bytes are equal
+                else cpu_copy(scored))  # on the CPU, as an uninterrupted run keeps it: model.pt's bytes are equal
         if world.main:
             print(f"train: resuming from {resume_file} after epoch {state['epoch']} of {t.epochs}")
     elif t.resume and world.main:
@@ -159,7 +163,8 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
     # written beside the old before replacing it, and model.pt (one set) beside its old one at the end: stop
     # now rather than epochs later.
     weights = tensor_bytes(model.state_dict().values())
-    point = 2 * weights + 2 * tensor_bytes(p for p in model.parameters() if p.requires_grad)  # AdamW: 2 moments
+    trainable = tensor_bytes(p for p in model.parameters() if p.requires_grad)
+    point = (2 + (t.ema > 0)) * weights + 2 * trainable  # latest, best (and the average); AdamW's 2 moments
     if world.main:
         ensure_space(resume_file, 2 * point - (resume_file.stat().st_size if resume_file.is_file() else 0) + weights)
         keep_out_of_git(resume_file.parent)
@@ -175,12 +180,13 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
         generator = torch.Generator().manual_seed(t.seed * 1000 + epoch)
         with peers_watched(world):  # DDP's gradient all-reduce: a rank that died is one line on the others
             tr = train_one_epoch(runner, loader, criterion, optimizer, batches, frozen, generator,
-                                 desc=f"epoch {epoch + 1}/{t.epochs}", disable=not world.main)
+                                 desc=f"epoch {epoch + 1}/{t.epochs}", disable=not world.main,
+                                 after_step=None if ema is None else lambda: ema.update_parameters(model))
         if world.size > 1:  # the whole batch's loss and images, as one process counts them
             loss_sum, images = all_sum([tr["loss"] * tr["images"], tr["images"]], world)
             tr.update(loss=loss_sum / max(images, 1), images=int(images))
-        same_buffers(model, world)
-        ev = validate(model, val_set, criterion, eval_batches, t, world)
+        same_buffers(scored, world)
+        ev = validate(scored, val_set, criterion, eval_batches, t, world)
         row = {f"lr/{group['name']}": group["lr"] for group in optimizer.param_groups}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(ev["mean_auc"])
@@ -196,12 +202,13 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
         improved = ev["mean_auc"] > state["best_auc"]
         if improved:
             state.update(best_auc=ev["mean_auc"], best_epoch=state["epoch"], bad_epochs=0)
-            best = cpu_copy(model)
+            best = cpu_copy(scored)
         else:
             state["bad_epochs"] += 1
         if not world.main:
             continue
         save_checkpoint(resume_file, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "ema": ema.state_dict() if ema is not None else None,
                                       "scheduler": scheduler.state_dict() if scheduler else {},
                                       "best_model": None if improved else best, "state": state,
                                       "recipe": t.recipe(), "data": data})
@@ -209,6 +216,16 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
               f"val mean AUC {ev['mean_auc']:.4f}{' (best)' if improved else ''}, "
               f"{tr['images'] / tr['seconds']:.0f} images/s")
     return {"state": state, "best_model": best}
+
+
+def moving_average(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of the weights and BatchNorm statistics (None when `decay` is 0): on small,
+    noisy data it smooths out the last steps' noise, and it is what gets validated and saved."""
+    if decay == 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def keep_out_of_git(folder: Path) -> None:

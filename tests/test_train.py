@@ -40,8 +40,9 @@ def test_one_epoch_writes_checkpoint_metrics_and_logs(workdir: Path) -> None:
     assert sorted(p.name for p in Path("models/resume").iterdir()) == [".gitignore", "last.pt"]
 
 
-def test_resume_after_a_kill_gives_the_uninterrupted_result(workdir: Path, monkeypatch) -> None:
-    write_train_params(workdir, epochs=2, scheduler="cosine")
+@pytest.mark.parametrize("ema", [0.0, 0.9], ids=["plain", "moving-average"])
+def test_resume_after_a_kill_gives_the_uninterrupted_result(workdir: Path, monkeypatch, ema: float) -> None:
+    write_train_params(workdir, epochs=2, scheduler="cosine", ema=ema)
     train.main([])
     straight = outputs()
     shutil.rmtree("models"), shutil.rmtree("dvclive")
@@ -61,7 +62,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(workdir: Path, monke
     assert torch.load("models/resume/last.pt", weights_only=True)["state"]["epoch"] == 1
     assert not Path("models/model.pt").exists() and not Path("dvclive").exists()  # written when training ends
     monkeypatch.setattr(training, "train_one_epoch", real_epoch)
-    write_train_params(workdir, epochs=2, scheduler="cosine", resume=True)
+    write_train_params(workdir, epochs=2, scheduler="cosine", resume=True, ema=ema)
     train.main([])
     resumed = outputs()
     assert resumed.keys() == straight.keys()
@@ -213,3 +214,22 @@ def test_a_kill_before_any_write_leaves_the_old_outputs_and_resumes_to_the_unint
         assert {k: v for k, v in outputs().items() if k != "metrics/train.json"} == \
             {k: v for k, v in previous.items() if k != "metrics/train.json"}
         previous = outputs()
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.999999])
+def test_the_moving_average_is_what_gets_validated_and_saved(workdir: Path, ema: float) -> None:
+    """With a decay near 1 the average stays at the weights after the first step: model.pt must be those, not
+    the trained weights; with 0 it is the trained weights themselves."""
+    write_train_params(workdir, epochs=3, scheduler="none", ema=ema)  # one step an epoch on the tiny data
+    train.main([])
+    saved = torch.load("models/model.pt", weights_only=True)["state_dict"]
+    point = torch.load("models/resume/last.pt", weights_only=True)
+    trained = point["model"]
+    moved = max((saved[k].float() - trained[k].float()).abs().max().item() for k in trained if k.endswith("weight"))
+    last_is_best = point["state"]["best_epoch"] == 3
+    if ema:  # the average of 3 steps at this decay is still the weights after the first: far from the trained ones
+        assert moved > 1e-3 and point["ema"]["n_averaged"].item() == 3
+        if last_is_best:
+            assert all(torch.equal(saved[k], point["ema"][f"module.{k}"].cpu()) for k in saved)
+    else:
+        assert point["ema"] is None and (moved == 0 or not last_is_best)
