@@ -19,7 +19,7 @@ def test_the_repo_params_file_satisfies_every_section() -> None:
             section = load_section(REPO / "params.yaml", cls)
             assert dataclasses.is_dataclass(section) and not isinstance(section, dict)
     train = load_section(REPO / "params.yaml", Train)
-    assert train.augment.crop_scale == (0.85, 1.0) and isinstance(train.lr_head, float)
+    assert train.augment.crop_scale == (1.0, 1.0) and isinstance(train.lr_head, float)
 
 
 def test_every_key_of_the_schema_is_in_params_yaml_and_back() -> None:
