@@ -80,6 +80,9 @@ def reset(project: Path) -> None:
     of a workspace file together with HEAD's content, and git then keeps the file as it is."""
     (project / ".git/index").unlink(missing_ok=True)
     run(["git", "reset", "-q", "--hard"], project)
+    # Outputs committed to git (cache: false): an experiment's explain may have drawn overlays of other images,
+    # which reset leaves behind as untracked files and `dvc status` then calls a modified output.
+    run(["git", "clean", "-q", "-fd", "--", "plots", "dvclive", "metrics"], project)
 
 
 def cmdline(process: psutil.Process) -> str:
