@@ -159,10 +159,11 @@ def sample_table(cfg: Demo, combos: np.ndarray, counts: np.ndarray, stats: dict)
     in_test = test[patient]
     expert = np.where(in_test, np.where(pick < EXPERT_FRACTION["test"], "test", ""),
                       np.where(pick < EXPERT_FRACTION["val"], "val", ""))
-    return {"expert": expert,"name": np.array([f"{p:08d}_{f:03d}.png" for p, f in zip(patient, followup, strict=True)]),
-            "patient": patient, "followup": followup, "test": test[patient], "clean": clean, "noisy": noisy,
+    return {"name": np.array([f"{p:08d}_{f:03d}.png" for p, f in zip(patient, followup, strict=True)]),
+            "patient": patient, "followup": followup, "test": in_test, "clean": clean, "noisy": noisy,
             "age": np.minimum(age0[patient] + older - older[first], 95), "sex": np.where(male[patient], "M", "F"),
-            "view": rng.choice(views, n_img, p=np.array([view[v] for v in views]) / sum(view.values()))}
+            "view": rng.choice(views, n_img, p=np.array([view[v] for v in views]) / sum(view.values())),
+            "expert": expert}
 
 
 def write_lines(path: Path, lines: list[str]) -> None:

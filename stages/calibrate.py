@@ -30,7 +30,7 @@ from cxr14.common import rounded, run_main, write_csv, write_json
 from cxr14.expert import decisions_section
 from cxr14.nih import CLASSES
 from cxr14.params import PARAMS_FILE, Calibrate, Evaluate, load_section
-from cxr14.predictions import EXPERT_PREFIX, read_prediction_table, read_predictions
+from cxr14.predictions import EXPERT_PREFIX, read_prediction_table
 from cxr14.subgroups import decisions_by_subgroup, plot_rows, summary
 
 SPLITS = ("val", "test")
@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plots", type=Path, default=paths.PLOTS / "calibrate", help="folder for reliability CSVs")
     args = parser.parse_args(argv)
     c, e = load_section(args.params, Calibrate), load_section(args.params, Evaluate)
-    data = {s: read_predictions(args.predictions / f"{s}.csv") for s in SPLITS}
-    table = read_prediction_table(args.predictions / "test.csv")[0]  # its subgroup and expert columns
+    tables = {s: read_prediction_table(args.predictions / f"{s}.csv") for s in SPLITS}
+    data = {s: (labels, probs) for s, (_, labels, probs) in tables.items()}
+    table = tables["test"][0]  # with its subgroup and expert columns
 
     labels, raw = data["val"]
     check_classes(c.method, labels, raw, data["test"][0])
