@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import platform
@@ -46,7 +45,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
-from cxr14.common import PipelineError
+from cxr14.common import PipelineError, write_json
 from cxr14.data import PreparedImages, make_loader
 from cxr14.engine import Batches, evaluate, loss_function
 from cxr14.model import build_model, freeze, gradcam_layer, param_groups, set_train_mode
@@ -119,10 +118,12 @@ class Budget:
         self.last = self.start
 
     def lap(self, name: str) -> None:
-        """Seconds since the previous lap, recorded under `name`: where the run's time went."""
+        """Seconds since the previous lap, recorded under `name`: where the run's time went. Printed as it happens,
+        so that a run killed at its limit still shows how far it got."""
         now = time.perf_counter()
         self.laps[name] = round(now - self.last, 1)
         self.last = now
+        print(f"[{self.elapsed():6.1f} s] {name} done in {self.laps[name]} s", file=sys.stderr, flush=True)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -345,6 +346,13 @@ def measure(args: argparse.Namespace, plan: Plan, tmp: Path, out: dict[str, Any]
     """Every check and measurement, into `out`."""
     gpu, cpu = torch.device(plan.device), torch.device("cpu")
     budget = Budget(BUDGET_SECONDS)
+    out["section_seconds"] = budget.laps
+
+    def lap(name: str) -> None:
+        """End of a section: its time, and the figures so far in --json (a run killed later keeps them)."""
+        budget.lap(name)
+        if args.json:
+            write_json(args.json, finite({**out, "partial": True}))
     skipped = {"skipped": f"time budget ({BUDGET_SECONDS:.0f} s) spent"}
     if args.prepared:
         try:
@@ -363,7 +371,7 @@ def measure(args: argparse.Namespace, plan: Plan, tmp: Path, out: dict[str, Any]
     size = full.image_size
     out["config"].update(images=len(full), image_size=size)
     checks, train = out["checks"], out["train"]
-    budget.lap("arrays")
+    lap("arrays")
 
     # 1. bf16 + channels_last against fp32: the same steps from the same seed
     runs = {v: train_run(plan.arch, NIH_FREEZE, full, gpu, plan.check_batch, v, 0, plan.check_steps, math.inf)
@@ -376,7 +384,7 @@ def measure(args: argparse.Namespace, plan: Plan, tmp: Path, out: dict[str, Any]
         "tolerance": LOSS_TOLERANCE, "passed": gap <= LOSS_TOLERANCE}
     model = runs["bf16_channels_last"]["model"].eval()
     del runs
-    budget.lap("check_bf16")
+    lap("check_bf16")
 
     # 2. evaluate on the GPU and on the CPU, same weights
     compare = synthetic_array(tmp / "compare.npy", plan.compare_images, size)
@@ -387,7 +395,7 @@ def measure(args: argparse.Namespace, plan: Plan, tmp: Path, out: dict[str, Any]
     gap = float(np.abs(on_gpu - on_cpu).max())
     checks["evaluate_cuda_vs_cpu"] = {"images": len(compare), "max_probability_difference": gap,
                                       "tolerance": PROBABILITY_TOLERANCE, "passed": gap <= PROBABILITY_TOLERANCE}
-    budget.lap("check_evaluate")
+    lap("check_evaluate")
 
     # 3. predict one PNG with Grad-CAM on both devices
     rng = np.random.default_rng(2)
@@ -407,7 +415,7 @@ def measure(args: argparse.Namespace, plan: Plan, tmp: Path, out: dict[str, Any]
     gap = float(np.abs(probs[gpu.type] - probs["cpu"]).max())
     checks["predict_cuda_vs_cpu"] = {"max_probability_difference": gap, "heatmaps": maps,
                                      "tolerance": PROBABILITY_TOLERANCE, "passed": gap <= PROBABILITY_TOLERANCE}
-    budget.lap("check_predict")
+    lap("check_predict")
 
     # 4. evaluate and predict images/s on the GPU (the model is there now, warmed by the checks)
     val = synthetic_array(tmp / "val.npy", plan.eval_images, size)
@@ -425,7 +433,7 @@ def measure(args: argparse.Namespace, plan: Plan, tmp: Path, out: dict[str, Any]
         sync(gpu)
         out["predict"][key] = round(len(pngs) / (time.perf_counter() - start), 1)
     del model
-    budget.lap("evaluate_predict")
+    lap("evaluate_predict")
 
     # 5. training images/s: the NIH recipe, then DenseNet-121 (CheXNet's backbone, every layer training)
     def speed(arch: str, prefixes: list[str], batch: int, variant: str, needed: float = 0.0) -> dict[str, Any]:
@@ -446,21 +454,21 @@ def measure(args: argparse.Namespace, plan: Plan, tmp: Path, out: dict[str, Any]
     for arch, prefixes, variants in ((plan.arch, NIH_FREEZE, ("fp32", "bf16_channels_last")),
                                      ("densenet121", [], ("fp32", "bf16_channels_last"))):
         train[arch] = {f"batch_{b}": {v: speed(arch, prefixes, b, v) for v in variants} for b in plan.batches}
-    budget.lap("train")
+    lap("train")
 
     # 6. the loader alone, next to what the model consumes
     for batch in plan.batches:
         out["loader"][f"batch_{batch}"] = {
             f"workers_{w}": loader_run(full, gpu, batch, w, max(plan.warmup, 2), 2 * plan.steps, plan.seconds / 2)
             if budget.allows() else dict(skipped) for w in plan.workers}
-    budget.lap("loader")
+    lap("loader")
 
     # 7. DDP over NCCL (2+ GPUs; gloo on the CPU in the smoke run)
     try:
         checks["ddp_nccl"] = check_ddp_nccl(tmp, plan, smoke=args.smoke) if budget.allows(60) else dict(skipped)
     except Exception as exc:  # a process that died, NCCL that would not start: a failed check, the rest still run
         checks["ddp_nccl"] = {"error": " ".join(str(exc).split())[:300], "tolerance": DDP_TOLERANCE, "passed": False}
-    budget.lap("ddp")
+    lap("ddp")
 
     # 8. torch.compile last: the most expensive, and what the budget cuts first
     for batch in plan.batches:
@@ -470,8 +478,7 @@ def measure(args: argparse.Namespace, plan: Plan, tmp: Path, out: dict[str, Any]
             run = {"skipped": f"torch.compile failed: {' '.join(str(exc).split())[:300]}"}
         train[plan.arch][f"batch_{batch}"]["compile"] = run
         torch._dynamo.reset()
-    budget.lap("compile")
-    out["section_seconds"] = budget.laps
+    lap("compile")
     checks["no_dvclive_import"] = {"modules": foreign_modules(), "passed": not foreign_modules()}
 
 
@@ -601,7 +608,7 @@ def main() -> None:
           f"{', SMOKE: tiny sizes on the CPU, figures mean nothing' if args.smoke else ''}; {out['seconds']} s")
     print(table(out))
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        write_json(args.json, out)
     failed = [name for name, c in out["checks"].items() if c.get("passed") is False]
     if failed:
         raise SystemExit(f"error: check(s) failed: {', '.join(failed)}")

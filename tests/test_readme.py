@@ -74,7 +74,11 @@ def test_gpu_check_smoke_runs_on_the_cpu(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert "measurement" in result.stdout and "target train_images_per_s" in result.stdout
     figures = json.loads((tmp_path / "g.json").read_text())
-    assert figures["smoke"]
+    assert figures["smoke"] and "partial" not in figures  # the final write replaces the per-section ones
+    sections = ["arrays", "check_bf16", "check_evaluate", "check_predict", "evaluate_predict", "train", "loader",
+                "ddp", "compile"]
+    assert list(figures["section_seconds"]) == sections
+    assert [line.split("] ")[1].split()[0] for line in result.stderr.splitlines() if " done in " in line] == sections
 
     def speed(entry: dict) -> float:
         assert math.isfinite(entry["images_per_s"]) and entry["images_per_s"] > 0, entry
