@@ -13,14 +13,16 @@ import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from cxr14.common import PipelineError, rounded, warn
 from cxr14.metrics import has_both, mean_defined
 from cxr14.nih import CLASSES
+
+if TYPE_CHECKING:  # pandas only where a table is built: predict's ONNX path imports this module, fast
+    import pandas as pd
 
 METHODS = ("none", "temperature", "platt", "isotonic")
 POLICIES = ("max_f1", "youden", "target_recall")
@@ -300,6 +302,8 @@ def split_metrics(labels: np.ndarray, raw: np.ndarray, cal: np.ndarray, threshol
 
 def reliability_frame(labels: np.ndarray, raw: np.ndarray, cal: np.ndarray, bins: int) -> pd.DataFrame:
     """Long table: one row per non-empty bin of each curve (pooled over classes, then each class), before/after."""
+    import pandas as pd
+
     rows = []
     for stage, probs in (("before", raw), ("after", cal)):
         curves = [("pooled", labels, probs)] + [(n, labels[:, j], probs[:, j]) for j, n in enumerate(CLASSES)]

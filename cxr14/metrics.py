@@ -13,7 +13,6 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import precision_recall_curve, roc_curve
 
 
 def has_both(y: np.ndarray) -> bool:
@@ -144,11 +143,15 @@ def macro_bootstrap(labels: np.ndarray, probs: np.ndarray, weights: PatientBoots
 
 def roc_on_grid(scores: np.ndarray, labels: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """Best TPR reachable at each FPR of `grid` (the ROC step curve, sampled for a compact plot file)."""
+    from sklearn.metrics import roc_curve  # here, not at the top: predict imports this module, not the curves
+
     fpr, tpr, _ = roc_curve(labels, scores)
     return np.array([tpr[fpr <= x].max() for x in grid])
 
 
 def pr_on_grid(scores: np.ndarray, labels: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """Interpolated precision (best precision at recall >= r) at each recall of `grid`."""
+    from sklearn.metrics import precision_recall_curve
+
     precision, recall, _ = precision_recall_curve(labels, scores)
     return np.array([precision[recall >= r].max() if (recall >= r).any() else 0.0 for r in grid])

@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from cxr14.common import PipelineError
+
+if TYPE_CHECKING:  # pandas is imported where a table is read: predict's ONNX path imports this module without it
+    import pandas as pd
 
 # The seed's order; every array of 14 scores or labels in this project follows it.
 CLASSES: tuple[str, ...] = (
@@ -89,6 +92,8 @@ def parse_findings(text: str, where: str) -> np.ndarray:
 
 def read_label_table(path: Path | str) -> pd.DataFrame:
     """Image Index, Patient ID, the META_COLUMNS it has (unchecked), one 0/1 column per class; checked row by row."""
+    import pandas as pd
+
     path = Path(path)
     try:
         table = pd.read_csv(path, dtype={"Image Index": str, "Finding Labels": str}, low_memory=False)

@@ -175,7 +175,15 @@ class Explain(Section):
             fail("iobb_thresholds", "a non-empty list of numbers in [0, 1)")
 
 
-SECTIONS: tuple[type[Section], ...] = (Data, Demo, Split, Prepare, Train, Evaluate, Calibrate, Explain)
+@dataclasses.dataclass(frozen=True)
+class Export(Section):
+    SECTION: ClassVar[str] = "export"
+    opset: int = field(low=18, doc="an ONNX opset of at least 18 (the exporter's oldest)")
+    tolerance: float = field(low=0.0, open_low=True, doc="a positive number: the largest |ONNX - PyTorch| accepted")
+    batch_size: int = field(low=1)
+
+
+SECTIONS: tuple[type[Section], ...] = (Data, Demo, Split, Prepare, Train, Evaluate, Calibrate, Explain, Export)
 S = TypeVar("S", bound=Section)
 
 

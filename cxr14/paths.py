@@ -12,6 +12,7 @@ PREDICTIONS = Path("data/predictions")  # val.csv, test.csv: labels and prob_<Cl
 MODELS = Path("models")
 MODEL = MODELS / "model.pt"  # best epoch
 RESUME_POINT = MODELS / "resume" / "last.pt"  # train's latest epoch; not a DVC output: nothing restores it
+ONNX = MODELS / "model.onnx"  # the export stage's: graph, calibrator and thresholds in one file
 THRESHOLDS = MODELS / "thresholds.json"
 CALIBRATOR = MODELS / "calibrator.json"
 METRICS = Path("metrics")

@@ -1,33 +1,45 @@
 """Predict: per-image probabilities, calibrated probabilities, thresholds, decisions and margins, plus Grad-CAM.
 
-The seed's `inference.py`, done right: images are decoded exactly as the prepare stage decodes them
-(any PNG/JPEG, any size or mode, NIH's RGBA files included), decisions use the calibrated probability
-against the val thresholds the calibrate stage chose, and an unreadable file is reported while the
-other files are still processed (exit code 1 at the end).
+The seed's `inference.py`, done right and for many images: files, folders (searched recursively for PNG and
+JPEG) and globs; images decoded exactly as the prepare stage decodes them (any PNG/JPEG, any size or mode, NIH's
+RGBA files included), in threads, ahead of the model, and run in batches; decisions use the calibrated
+probability against the val thresholds the calibrate stage chose; an unreadable file is reported in one line
+while the other files are still processed (exit code 1 at the end).
 
-    cxr14-predict IMAGE [IMAGE ...] [--json] [--gradcam DIR]     (or: python -m stages.predict ...)
+Two engines. `onnx` (the default without --gradcam) runs the export stage's models/model.onnx with ONNX Runtime
+and never imports PyTorch: the file carries its classes, image size, calibrator and thresholds. `torch` runs the
+train stage's checkpoint with calibrate's JSON files, and is the one that draws Grad-CAM heatmaps.
+
+    cxr14-predict IMAGE|FOLDER|GLOB ... [--csv OUT] [--json] [--gradcam DIR] [--engine onnx|torch]
+    (or: python -m stages.predict ...)
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import csv
+import glob
 import json
 import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
 from cxr14 import paths
-from cxr14.calibration import apply_calibrator, check_pairing, load_calibrator, load_thresholds
-from cxr14.common import PipelineError, cpu_count, cpu_kernels, run_main
-from cxr14.data import to_model_input
-from cxr14.engine import forward, pick_device
-from cxr14.gradcam import GradCAM, overlay
+from cxr14.calibration import apply_calibrator, check_calibrator, check_pairing, load_calibrator, load_thresholds
+from cxr14.common import PipelineError, atomic_path, cpu_count, progress, run_main
 from cxr14.images import load_gray
-from cxr14.model import gradcam_layer, load_checkpoint
+from cxr14.nih import IMAGE_SUFFIXES
 from cxr14.params import PARAMS_FILE, Explain, Train, load_section
+
+ENGINES = ("onnx", "torch")
+CSV_COLUMNS = ("image", "class", "probability", "calibrated", "threshold", "decision", "margin", "relative_margin")
+BAR_AFTER = 8  # a progress bar for more images than this
 
 
 def margins(p: float, t: float | None) -> tuple[str, float | None, float | None]:
@@ -44,9 +56,200 @@ def margins(p: float, t: float | None) -> tuple[str, float | None, float | None]
     return "NEG", p - t, (p - t) / t
 
 
+def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The image files that `items` name, in order and each once, and one error line per item that names none.
+
+    A folder stands for its PNG and JPEG files, searched recursively and sorted; an item with glob characters
+    that is not itself a file is expanded (`**` crosses folders); anything else is taken as a file, so that a
+    missing one is reported like an unreadable one.
+    """
+    files: dict[str, None] = {}
+    errors = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                errors.append(f"{item}: folder holds no PNG or JPEG file")
+        elif not path.exists() and glob.has_magic(item):
+            found = []
+            for match in sorted(glob.glob(item, recursive=True)):
+                if Path(match).is_dir():
+                    found += sorted(str(p) for p in Path(match).rglob("*")
+                                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+                elif Path(match).suffix.lower() in IMAGE_SUFFIXES:
+                    found.append(match)
+            if not found:
+                errors.append(f"{item}: pattern matches no PNG or JPEG file")
+        else:
+            found = [item]
+        files.update(dict.fromkeys(found))
+    return list(files), errors
+
+
+def decoded(files: Sequence[str], size: int, threads: int, ahead: int = 0) -> Iterator[tuple[str, np.ndarray | str]]:
+    """(file, uint8 (size, size) image or the reason it failed), in order, decoded by `threads` threads that stay
+    up to `ahead` images ahead of the consumer (Pillow releases the GIL while it decodes, so the threads go on
+    decoding while the model runs on the batch before: `ahead` should exceed a batch)."""
+
+    def one(path: str) -> np.ndarray | str:
+        try:
+            return load_gray(path, size)
+        except ValueError as exc:
+            return str(exc)
+        except OSError as exc:  # a file that vanished or cannot be read: reported, the others go on
+            return f"cannot read ({exc.strerror or exc})"
+
+    if threads <= 1:
+        for path in files:
+            yield path, one(path)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        window: collections.deque = collections.deque()
+        it = iter(files)
+        for path in it:  # keep a bounded window in flight: memory stays flat for any number of files
+            window.append((path, pool.submit(one, path)))
+            if len(window) >= max(4 * threads, ahead):
+                break
+        while window:
+            path, future = window.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                window.append((nxt, pool.submit(one, nxt)))
+            yield path, future.result()
+
+
+class OnnxEngine:
+    """models/model.onnx through ONNX Runtime; classes, image size, calibrator and thresholds from its metadata."""
+
+    name = "onnx"
+
+    def __init__(self, model: Path, device: str, device_key: str = "--device") -> None:
+        import onnxruntime as ort
+
+        from cxr14.deployment import INPUT_NAME, OUTPUT_NAME, read_metadata, session
+
+        if not model.is_file():
+            raise PipelineError(f"{model}: not found; run the export stage (dvc repro export), or use --engine torch "
+                                "with the checkpoint")
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise PipelineError(f"{device_key} {device}: this ONNX Runtime has no CUDA provider (install "
+                                    "onnxruntime-gpu), or use --device cpu or --engine torch")
+            index = device.partition(":")[2] or "0"
+            providers = [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
+        try:
+            self.session = session(model, providers)
+        except Exception as exc:  # onnxruntime's own errors for a foreign or truncated file
+            raise PipelineError(f"{model}: not a readable ONNX model ({' '.join(str(exc).split())[:300]})") from None
+        self.meta = read_metadata(self.session)
+        self.input, self.output = INPUT_NAME, OUTPUT_NAME
+        self.classes, self.image_size = list(self.meta["classes"]), int(self.meta["image_size"])
+        where = f"{model} metadata"
+        self.calibrator = check_calibrator(self.meta["calibrator"], where, self.classes) \
+            if self.meta.get("calibrator") else None
+        self.thresholds = self.meta["thresholds"]
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (B, S, S) -> raw probabilities (B, C)."""
+        return self.session.run([self.output], {self.input: images[:, None]})[0].astype(np.float64)
+
+
+class TorchEngine:
+    """The train stage's checkpoint in PyTorch: what draws Grad-CAM. Imported only when asked for."""
+
+    name = "torch"
+
+    def __init__(self, model: Path, device: str, device_key: str, cpu_kernels_kind: str | None, layer_name: str,
+                 layer_key: str) -> None:
+        import torch
+
+        from cxr14.common import cpu_kernels
+        from cxr14.engine import pick_device
+        from cxr14.model import gradcam_layer, load_checkpoint
+
+        self.torch = torch
+        torch.set_num_threads(cpu_count())
+        if cpu_kernels_kind:
+            cpu_kernels(cpu_kernels_kind)  # the kernels evaluate used for the probabilities thresholds were fitted on
+        self.device = pick_device(device, device_key)
+        self.model, self.ckpt = load_checkpoint(model, self.device)
+        self.classes, self.image_size = list(self.ckpt["classes"]), int(self.ckpt["image_size"])
+        try:
+            _, self.layer = gradcam_layer(self.model, self.ckpt["arch"], layer_name)
+        except PipelineError as exc:
+            raise PipelineError(f"{layer_key}: {exc}") from None
+
+    def inputs(self, images: np.ndarray) -> Any:
+        from cxr14.data import to_model_input
+
+        x = self.torch.from_numpy(np.ascontiguousarray(images)[:, None]).to(self.device)
+        return to_model_input(x.float(), tuple(self.ckpt["mean"]), tuple(self.ckpt["std"]))
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        from cxr14.engine import forward
+
+        with self.torch.no_grad():
+            return self.torch.sigmoid(forward(self.model, self.inputs(images))).cpu().numpy().astype(np.float64)
+
+    def gradcam(self, images: np.ndarray, chosen: list[list[int]]) -> list[list[np.ndarray]]:
+        """Heatmaps of the chosen classes of each image (one backward pass per image and class)."""
+        from cxr14.gradcam import GradCAM
+
+        maps = []
+        with GradCAM(self.model, self.layer) as cam:
+            for i, classes in enumerate(chosen):
+                _, m = cam(self.inputs(images[i:i + 1]), classes)
+                maps.append([m[0, j].cpu().numpy() for j in range(len(classes))])
+        return maps
+
+
+def rows_for(raw: np.ndarray, cal: np.ndarray, classes: Sequence[str], thresholds: dict) -> list[dict]:
+    """One image's table: per class probability, calibrated, threshold, decision and margins."""
+    rows = []
+    for k, name in enumerate(classes):
+        decision, margin, rel = margins(float(cal[k]), thresholds.get(name))
+        rows.append({"class": name, "probability": float(raw[k]), "calibrated": float(cal[k]),
+                     "threshold": thresholds.get(name), "decision": decision, "margin": margin,
+                     "relative_margin": rel})
+    return rows
+
+
+def heatmap_classes(rows: list[dict], cal: np.ndarray) -> list[int]:
+    """The positive classes, or else the single closest to positive."""
+    chosen = [k for k, r in enumerate(rows) if r["decision"] == "POS"]
+    if not chosen:
+        chosen = [max((k for k, r in enumerate(rows) if r["relative_margin"] is not None),
+                      key=lambda k: rows[k]["relative_margin"], default=int(np.argmax(cal)))]
+    return chosen
+
+
+def draw_heatmaps(result: dict, gray: np.ndarray, maps: list[np.ndarray], chosen: list[int], folder: Path,
+                  stem: str) -> None:
+    from cxr14.gradcam import overlay
+
+    folder.mkdir(parents=True, exist_ok=True)
+    result["gradcam"] = []
+    for m, k in zip(maps, chosen, strict=True):
+        r = result["predictions"][k]
+        out = folder / f"{stem}_{r['class']}.png"
+        t = "n/a" if r["threshold"] is None else f"{r['threshold']:.3f}"
+        overlay(gray, m, f"{Path(result['image']).name}: {r['class']}\np={r['calibrated']:.3f}, t={t}, "
+                f"{r['decision']}", out)
+        result["gradcam"].append(str(out))
+
+
 def predict_one(path: str, model, ckpt, layer, calibrator, thresholds, gradcam_dir: Path | None,
                 stem: str | None = None) -> dict:
-    """One image's table rows (and heatmap files `<stem>_<Class>.png`, stem the file's own by default)."""
+    """One image through a PyTorch model (the library call the benchmarks and GPU checks use): its table rows,
+    and heatmap files `<stem>_<Class>.png` when `gradcam_dir` is given."""
+    import torch
+
+    from cxr14.data import to_model_input
+    from cxr14.engine import forward
+    from cxr14.gradcam import GradCAM
+
     gray = load_gray(path, ckpt["image_size"])  # ValueError with the reason for unreadable files
     device = next(model.parameters()).device
     x = to_model_input(torch.from_numpy(gray.copy())[None, None].to(device), tuple(ckpt["mean"]), tuple(ckpt["std"]))
@@ -54,29 +257,13 @@ def predict_one(path: str, model, ckpt, layer, calibrator, thresholds, gradcam_d
     with torch.no_grad():
         raw = torch.sigmoid(forward(model, x))[0].cpu().numpy()
     cal = apply_calibrator(calibrator, raw[None], classes)[0] if calibrator else raw
-    rows = []
-    for k, name in enumerate(classes):
-        decision, margin, rel = margins(float(cal[k]), thresholds.get(name))
-        rows.append({"class": name, "probability": float(raw[k]), "calibrated": float(cal[k]),
-                     "threshold": thresholds.get(name), "decision": decision, "margin": margin,
-                     "relative_margin": rel})
-    result = {"image": path, "predictions": rows}
+    result = {"image": path, "predictions": rows_for(raw, cal, classes, thresholds)}
     if gradcam_dir is not None:
-        chosen = [k for k, r in enumerate(rows) if r["decision"] == "POS"]
-        if not chosen:  # the single closest-to-positive class
-            chosen = [max((k for k, r in enumerate(rows) if r["relative_margin"] is not None),
-                          key=lambda k: rows[k]["relative_margin"], default=int(np.argmax(cal)))]
+        chosen = heatmap_classes(result["predictions"], cal)
         with GradCAM(model, layer) as cam:
             _, maps = cam(x, chosen)
-        gradcam_dir.mkdir(parents=True, exist_ok=True)
-        result["gradcam"] = []
-        for j, k in enumerate(chosen):
-            r = rows[k]
-            out = gradcam_dir / f"{stem or Path(path).stem}_{r['class']}.png"
-            t = "n/a" if r["threshold"] is None else f"{r['threshold']:.3f}"
-            overlay(gray, maps[0, j].cpu().numpy(), f"{Path(path).name}: {r['class']}\np={r['calibrated']:.3f}, t={t}, "
-                    f"{r['decision']}", out)
-            result["gradcam"].append(str(out))
+        draw_heatmaps(result, gray, [maps[0, j].cpu().numpy() for j in range(len(chosen))], chosen, gradcam_dir,
+                      stem or Path(path).stem)
     return result
 
 
@@ -92,58 +279,146 @@ def print_table(result: dict) -> None:
         print(f"  Grad-CAM: {path}")
 
 
-def run(argv: list[str] | None = None) -> None:
+def csv_rows(result: dict) -> Iterator[list]:
+    """Long format: one row per image and class; empty cells where a class has no threshold."""
+    for r in result["predictions"]:
+        yield [result["image"], *("" if r[c] is None else r[c] for c in CSV_COLUMNS[1:])]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cxr14-predict", description=__doc__.splitlines()[0])
-    parser.add_argument("images", nargs="+", help="PNG or JPEG files, any size or mode")
-    parser.add_argument("--model", type=Path, default=paths.MODEL, help="train-stage checkpoint")
-    parser.add_argument("--thresholds", type=Path, default=paths.THRESHOLDS, help="calibrate output")
-    parser.add_argument("--calibrator", type=Path, default=paths.CALIBRATOR,
-                        help="calibrate output; pass a missing path to use raw probabilities")
+    parser.add_argument("images", nargs="+", help="PNG or JPEG files (any size or mode), folders (searched "
+                        "recursively) or glob patterns (quote them: '**' crosses folders)")
+    parser.add_argument("--engine", choices=ENGINES, help="onnx: models/model.onnx through ONNX Runtime, no PyTorch "
+                        "(the default); torch: the checkpoint (the default with --gradcam or a .pt --model)")
+    parser.add_argument("--model", type=Path, help="the export stage's .onnx (onnx engine; default "
+                        f"{paths.ONNX}) or the train stage's checkpoint (torch engine; default {paths.MODEL})")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: train.device of --params, else cpu; the "
+                        "onnx engine needs onnxruntime-gpu for CUDA)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--threads", type=int, help="decoding threads (default: the cores this process may use)")
+    parser.add_argument("--thresholds", type=Path, help=f"torch engine: calibrate output (default {paths.THRESHOLDS}); "
+                        "onnx engine: replaces the thresholds embedded in the model")
+    parser.add_argument("--calibrator", type=Path, help=f"torch engine: calibrate output (default {paths.CALIBRATOR}; "
+                        "a missing path means raw probabilities); onnx engine: replaces the embedded one")
+    parser.add_argument("--csv", type=Path, metavar="OUT", help="write one row per image and class here (atomically)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-    parser.add_argument("--gradcam", type=Path, metavar="DIR", help="write heatmaps of positive classes here")
+    parser.add_argument("--gradcam", type=Path, metavar="DIR", help="write heatmaps of positive classes here "
+                        "(torch engine)")
     parser.add_argument("--layer", help="Grad-CAM layer, e.g. layer3 (default: explain.layer of --params, else the "
                         "last block)")
     parser.add_argument("--params", type=Path,
-                        help="project params to read train.device (where the model runs), train.cpu_kernels and "
-                        "explain.layer from "
+                        help="project params to read train.device, train.cpu_kernels and explain.layer from "
                         "(default: params.yaml when the working directory has one; else the CPU and the last block)")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: expected a positive integer")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}: expected a positive integer")
+    if args.engine is None:
+        pt = args.model is not None and args.model.suffix in (".pt", ".pth")
+        args.engine = "torch" if args.gradcam is not None or pt else "onnx"
+    if args.engine == "onnx" and args.gradcam is not None:
+        parser.error("--gradcam needs --engine torch (an ONNX graph has no gradients to draw heatmaps from)")
+    if args.model is None:
+        args.model = paths.ONNX if args.engine == "onnx" else paths.MODEL
+    return args
+
+
+def run(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     params = args.params or (PARAMS_FILE if PARAMS_FILE.is_file() else None)  # a named file must exist
-    device, layer_name, layer_key = torch.device("cpu"), "auto", "--layer"
+    device, device_key, kernels, layer_name, layer_key = "cpu", "--device", None, "auto", "--layer"
     if params is not None:
         train = load_section(params, Train)
-        device = pick_device(train.device, f"{params} train.device")
-        cpu_kernels(train.cpu_kernels)  # the kernels evaluate used for the probabilities thresholds were fitted on
+        device, device_key, kernels = train.device, f"{params} train.device", train.cpu_kernels
         layer_name, layer_key = load_section(params, Explain).layer, f"{params} explain.layer"
+    if args.device:
+        device, device_key = args.device, "--device"
     if args.layer:
         layer_name, layer_key = args.layer, "--layer"
-    torch.set_num_threads(cpu_count())
-    model, ckpt = load_checkpoint(args.model, device)
-    thresholds, applies_to = load_thresholds(args.thresholds, ckpt["classes"])
-    calibrator = load_calibrator(args.calibrator) if args.calibrator.is_file() else None
-    check_pairing(args.thresholds, applies_to, calibrator, args.calibrator)
     if args.gradcam is not None and args.gradcam.exists() and not args.gradcam.is_dir():
         raise PipelineError(f"--gradcam {args.gradcam}: is a file; expected a folder for the heatmaps")
-    try:
-        _, layer = gradcam_layer(model, ckpt["arch"], layer_name)
-    except PipelineError as exc:
-        raise PipelineError(f"{layer_key}: {exc}") from None
-    results, failed = [], 0
-    stems = [Path(p).stem for p in args.images]
+    files, missing = expand_inputs(args.images)
+    for line in missing:
+        print(f"error: {line}", file=sys.stderr)
+
+    if args.engine == "onnx":
+        if device == "auto":  # the project's default: a GPU when this ONNX Runtime can use one
+            import onnxruntime as ort
+
+            device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+        engine: OnnxEngine | TorchEngine = OnnxEngine(args.model, device, device_key)
+        thresholds, calibrator = engine.thresholds, engine.calibrator
+        if args.thresholds is not None:
+            thresholds, applies_to = load_thresholds(args.thresholds, engine.classes)
+            if args.calibrator is None:
+                check_pairing(args.thresholds, applies_to, calibrator, f"{args.model} metadata")
+        if args.calibrator is not None:
+            calibrator = load_calibrator(args.calibrator) if args.calibrator.is_file() else None
+    else:
+        engine = TorchEngine(args.model, device, device_key, kernels, layer_name, layer_key)
+        thresholds_path = args.thresholds or paths.THRESHOLDS
+        calibrator_path = args.calibrator or paths.CALIBRATOR
+        thresholds, applies_to = load_thresholds(thresholds_path, engine.classes)
+        calibrator = load_calibrator(calibrator_path) if calibrator_path.is_file() else None
+        check_pairing(thresholds_path, applies_to, calibrator, calibrator_path)
+
+    stems = [Path(p).stem for p in files]
     repeated = {s for s, n in collections.Counter(stems).items() if n > 1}  # a/x.png and b/x.png: numbered overlays
-    for i, path in enumerate(args.images):
-        try:
-            stem = f"{i + 1}_{stems[i]}" if stems[i] in repeated else stems[i]
-            result = predict_one(path, model, ckpt, layer, calibrator, thresholds, args.gradcam, stem)
-        except ValueError as exc:
-            print(f"error: {path}: {exc}", file=sys.stderr)
-            failed += 1
-            continue
-        results.append(result)
-        if not args.json:
-            print_table(result)
+    tables = not args.json and args.csv is None
+    results, failed = [], len(missing)
+    with contextlib.ExitStack() as stack:  # the CSV appears whole when every image is done, or not at all
+        writer = None
+        if args.csv is not None:
+            writer = csv.writer(stack.enter_context(open(stack.enter_context(atomic_path(args.csv)), "w", newline="")))
+            writer.writerow(CSV_COLUMNS)
+        bar = stack.enter_context(progress(total=len(files), unit="image", desc="predict",
+                                           **({"disable": True} if len(files) <= BAR_AFTER else {})))
+        batch: list[tuple[int, str, np.ndarray]] = []
+
+        def flush() -> None:
+            if not batch:
+                return
+            images = np.stack([g for _, _, g in batch])
+            raw = engine.probabilities(images)
+            cal = apply_calibrator(calibrator, raw, engine.classes) if calibrator else raw
+            tables_of = [rows_for(raw[i], cal[i], engine.classes, thresholds) for i in range(len(batch))]
+            if args.gradcam is not None:
+                chosen = [heatmap_classes(rows, cal[i]) for i, rows in enumerate(tables_of)]
+                maps = engine.gradcam(images, chosen)  # type: ignore[union-attr]
+            for i, (index, path, gray) in enumerate(batch):
+                result = {"image": path, "predictions": tables_of[i]}
+                if args.gradcam is not None:
+                    stem = f"{index + 1}_{stems[index]}" if stems[index] in repeated else stems[index]
+                    draw_heatmaps(result, gray, maps[i], chosen[i], args.gradcam, stem)
+                if writer is not None:
+                    writer.writerows(csv_rows(result))
+                if args.json:
+                    results.append(result)
+                elif tables:
+                    bar.clear()
+                    print_table(result)
+            bar.update(len(batch))
+            batch.clear()
+
+        for index, (path, image) in enumerate(decoded(files, engine.image_size, args.threads or cpu_count(),
+                                                            ahead=2 * args.batch_size)):
+            if isinstance(image, str):
+                bar.clear()
+                print(f"error: {path}: {image}", file=sys.stderr)
+                failed += 1
+                bar.update(1)
+                continue
+            batch.append((index, path, image))
+            if len(batch) >= args.batch_size:
+                flush()
+        flush()
     if args.json:
         print(json.dumps(results, indent=2))
+    if args.csv is not None:
+        print(f"predict ({engine.name}): {len(files) - failed + len(missing)} image(s) x {len(engine.classes)} "
+              f"classes to {args.csv}; {failed} failed", file=sys.stderr)
     if failed:
         raise SystemExit(1)
 

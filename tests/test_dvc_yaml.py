@@ -118,7 +118,7 @@ def test_no_sys_path_edits() -> None:
 SECTIONS_READ = {  # params sections each stage loads through cxr14.params.load_section
     "demo": {"demo"}, "split": {"data", "split"}, "prepare": {"prepare"}, "train": {"train"},
     "evaluate": {"evaluate", "data", "train"}, "calibrate": {"calibrate", "evaluate"},
-    "explain": {"explain", "data", "train"},
+    "explain": {"explain", "data", "train"}, "export": {"export", "train"},
 }
 
 
@@ -127,6 +127,6 @@ def test_stage_params_name_the_sections_it_reads(name: str) -> None:
     """Every section a stage loads appears in its params (whole, or the keys it uses)."""
     declared = {str(p).split(".")[0] if isinstance(p, str) else next(iter(p)) for p in stages()[name]["params"]}
     code = stage_module(stages()[name]).read_text()
-    loaded = {s.lower() for s in ("Data", "Demo", "Split", "Prepare", "Train", "Evaluate", "Calibrate", "Explain")
-              if f"load_section(args.params, {s})" in code}
+    loaded = {s.lower() for s in ("Data", "Demo", "Split", "Prepare", "Train", "Evaluate", "Calibrate", "Explain",
+                                  "Export") if f"load_section(args.params, {s})" in code}
     assert loaded == SECTIONS_READ[name] == declared

@@ -84,6 +84,30 @@ def test_repro_builds_every_output(project: Path) -> None:
     overlays = sorted((project / "plots/gradcam").glob("*/*.png"))
     assert len(overlays) == sum(explain["examples"].values()) > 0
     assert all(p.parent.name in CLASSES for p in overlays)
+    export = json.loads((project / "metrics/export.json").read_text())
+    assert export["images"] == split["test"]["images"] and 0 <= export["max_abs_difference"] <= 1e-4
+    assert export["file_bytes"] == (project / "models/model.onnx").stat().st_size > 1_000_000
+
+
+def test_predict_with_the_exported_model_agrees_with_evaluate(project: Path) -> None:
+    """The default engine (ONNX, no torch) on the demo's test PNGs gives evaluate's probabilities (both fp32 on
+    the CPU, decoded the same way) and the calibrated decisions calibrate's thresholds make."""
+    table = pd.read_csv(project / "data/split/test.csv").head(12)
+    files = [str(Path(p) if Path(p).is_absolute() else project / p) for p in table["path"]]
+    out = project / "predict.csv"
+    result = run([sys.executable, "-m", "stages.predict", *files, "--csv", str(out)], project)
+    assert "predict (onnx): 12 image(s) x 14 classes" in result.stderr
+    rows = pd.read_csv(out)
+    assert len(rows) == 12 * len(CLASSES) and list(rows["class"][:14]) == list(CLASSES)
+    expected = pd.read_csv(project / "data/predictions/test.csv").set_index("Image Index")
+    got = rows.pivot(index="image", columns="class", values="probability")
+    for f, name in zip(files, table["Image Index"], strict=True):
+        for c in CLASSES:
+            assert abs(got.loc[f, c] - expected.loc[name, f"prob_{c}"]) < 1e-4, (name, c)
+    thresholds = json.loads((project / "models/thresholds.json").read_text())["thresholds"]
+    for _, r in rows.iterrows():
+        t = thresholds[r["class"]]
+        assert r["decision"] == ("n/a" if t is None else "POS" if r["calibrated"] >= t else "NEG")
 
 
 def test_second_repro_runs_nothing(project: Path) -> None:
@@ -101,7 +125,7 @@ def test_param_change_reruns_only_downstream(project: Path) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([sys.executable, "-m", "dvc", "repro"], project).stdout
     assert "Running stage 'split'" in out and "Running stage 'prepare'" in out and "Running stage 'train'" in out
-    assert "Running stage 'calibrate'" in out and "Running stage 'explain'" in out
+    assert "Running stage 'calibrate'" in out and "Running stage 'explain'" in out and "Running stage 'export'" in out
     assert "Running stage 'demo'" not in out
 
 

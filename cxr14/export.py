@@ -1,0 +1,94 @@
+"""ONNX export: the trained model as one self-describing file a deployment runs without PyTorch.
+
+`models/model.onnx` takes the decoded 8-bit grey image, resized to the training size, as uint8
+(batch, 1, S, S) and returns the 14 raw probabilities (batch, 14): the normalisation and the sigmoid are in the
+graph, so a deployment cannot get them wrong. Everything else predict needs (class names, image size,
+normalisation, the calibrator and the val thresholds it applies to, where the model came from) is embedded as
+JSON in the model's metadata under `cxr14`, so the one file is the whole deployment. At export the file
+verifies itself: ONNX Runtime's probabilities against PyTorch's (float32, CPU) on the whole test array.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxr14.common import PipelineError, atomic_path, progress
+from cxr14.data import to_model_input
+from cxr14.deployment import FORMAT, INPUT_NAME, METADATA_KEY, OUTPUT_NAME, session
+
+
+class Deployable(nn.Module):
+    """uint8 grey images (B, 1, S, S) -> probabilities (B, C): the model with the pipeline's normalisation in front
+    (`to_model_input`, the same arithmetic evaluate uses) and a sigmoid behind."""
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.model, self.mean, self.std = model, tuple(mean), tuple(std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(to_model_input(images.float(), self.mean, self.std)).float())
+
+
+def metadata(ckpt: dict[str, Any], thresholds: dict[str, float | None], calibrator: dict[str, Any] | None,
+             source: str) -> dict[str, Any]:
+    """What predict needs besides the graph, in one JSON document (ONNX metadata values are strings)."""
+    size = int(ckpt["image_size"])
+    return {"format": FORMAT, "classes": list(ckpt["classes"]), "image_size": size,
+            "mean": [float(v) for v in ckpt["mean"]], "std": [float(v) for v in ckpt["std"]],
+            "input": f"{INPUT_NAME}: uint8 (batch, 1, {size}, {size}), the grey image resized as "
+                     "cxr14.images.load_gray does",
+            "output": f"{OUTPUT_NAME}: float32 (batch, {len(ckpt['classes'])}), raw probabilities",
+            "arch": ckpt["arch"], "calibrator": calibrator, "thresholds": thresholds, "source": source,
+            "best_epoch": ckpt.get("epoch"), "best_val_mean_auc": ckpt.get("val_mean_auc")}
+
+
+def export_onnx(model: nn.Module, ckpt: dict[str, Any], meta: dict[str, Any], out: Path | str, opset: int) -> None:
+    """Write the model (CPU, eval mode) with a dynamic batch axis and `meta` embedded, atomically."""
+    import onnx
+
+    size = int(ckpt["image_size"])
+    wrapped = Deployable(model, tuple(ckpt["mean"]), tuple(ckpt["std"])).eval()
+    example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        program = torch.onnx.export(wrapped, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), opset_version=opset,
+                                    verbose=False)
+    except Exception as exc:  # the exporter fails in many ways (an unsupported operator, an opset it lacks)
+        raise PipelineError(f"export.opset {opset}: the ONNX exporter failed ({' '.join(str(exc).split())[:300]})"
+                            ) from None
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    with atomic_path(out) as tmp:
+        onnx.save_model(proto, str(tmp))
+
+
+def verify(model: nn.Module, ckpt: dict[str, Any], onnx_path: Path | str, images: np.ndarray,
+           batch_size: int) -> dict[str, Any]:
+    """Largest |ONNX Runtime - PyTorch| probability over `images` (uint8 (N, S, S)), and each engine's speed."""
+    wrapped = Deployable(model, tuple(ckpt["mean"]), tuple(ckpt["std"])).eval()
+    ort_session = session(onnx_path)
+    worst, seconds = 0.0, {"torch": 0.0, "onnxruntime": 0.0}
+    for start in progress(range(0, len(images), batch_size), desc="export: verify", unit="batch"):
+        x = np.array(images[start:start + batch_size, None])  # a writable copy of the memory map's rows
+        t = time.perf_counter()
+        with torch.no_grad():
+            expected = wrapped(torch.from_numpy(x)).numpy()
+        seconds["torch"] += time.perf_counter() - t
+        t = time.perf_counter()
+        got = ort_session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        seconds["onnxruntime"] += time.perf_counter() - t
+        if got.shape != expected.shape or not np.isfinite(got).all():
+            raise PipelineError(f"{onnx_path}: ONNX Runtime gave {got.shape} probabilities with non-finite values or "
+                                f"the wrong shape; expected finite {expected.shape}")
+        worst = max(worst, float(np.abs(got.astype(np.float64) - expected).max()))
+    n = len(images)
+    return {"images": n, "max_abs_difference": worst,
+            "images_per_s": {k: round(n / v, 1) if v > 0 else None for k, v in seconds.items()}}

@@ -1,0 +1,73 @@
+"""Export stage: models/model.onnx, the whole deployment in one file, verified against PyTorch on the test array.
+
+The graph takes uint8 grey images (batch, 1, S, S) and returns raw probabilities; the class names, image size,
+normalisation, calibrator and val thresholds travel inside as metadata (`cxr14/export.py`). The stage fails,
+leaving no model.onnx, when ONNX Runtime's probabilities differ from PyTorch's by more than `export.tolerance`
+anywhere on the test images; metrics/export.json records the difference, the file size and the opset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxr14 import paths
+from cxr14.calibration import check_pairing, load_calibrator, load_thresholds
+from cxr14.common import PipelineError, cpu_count, cpu_kernels, rounded, run_main, write_json
+from cxr14.data import PreparedImages
+from cxr14.export import export_onnx, metadata, verify
+from cxr14.model import load_checkpoint
+from cxr14.nih import CLASSES
+from cxr14.params import PARAMS_FILE, Export, Train, load_section
+
+
+def md5(path: Path) -> str:
+    """The checkpoint's digest, recorded in the ONNX file: which training run a deployed model came from."""
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (sections export, train)")
+    args = parser.parse_args(argv)
+    e, t = load_section(args.params, Export), load_section(args.params, Train)
+    torch.set_num_threads(cpu_count())
+    cpu_kernels(t.cpu_kernels)  # the reference probabilities: the same kernels evaluate used on the CPU
+    model, ckpt = load_checkpoint(paths.MODEL, "cpu", classes=CLASSES)
+    thresholds, applies_to = load_thresholds(paths.THRESHOLDS)
+    calibrator = load_calibrator(paths.CALIBRATOR)
+    check_pairing(paths.THRESHOLDS, applies_to, calibrator, paths.CALIBRATOR)
+    test = PreparedImages(paths.PREPARED / "test.npy")
+    test.require_size(ckpt["image_size"], paths.MODEL)
+    images = np.load(test.path, mmap_mode="r")
+    meta = metadata(ckpt, thresholds, calibrator, f"{paths.MODEL} md5 {md5(paths.MODEL)}")
+    out = paths.ONNX
+    export_onnx(model, ckpt, meta, out, e.opset)
+    try:
+        check = verify(model, ckpt, out, images, e.batch_size)
+        if not check["max_abs_difference"] <= e.tolerance:
+            raise PipelineError(f"{out}: ONNX Runtime's probabilities differ from PyTorch's by up to "
+                                f"{check['max_abs_difference']:.3g} on {paths.PREPARED / 'test.npy'}; expected at most "
+                                f"export.tolerance {e.tolerance:g} (removed; try another export.opset)")
+    except BaseException:
+        out.unlink(missing_ok=True)  # an unverified model must not be deployed by mistake
+        raise
+    import onnxruntime
+
+    metrics = {"images": check["images"], "max_abs_difference": float(f"{check['max_abs_difference']:.3g}"),
+               "tolerance": e.tolerance, "file_bytes": out.stat().st_size, "opset": e.opset,
+               "onnxruntime": onnxruntime.__version__, "torch": torch.__version__.split("+")[0],
+               "images_per_s": check["images_per_s"]}
+    write_json(paths.METRICS / "export.json", metrics)
+    print(f"export: {out} ({rounded(out.stat().st_size / 2**20, 1)} MiB, opset {e.opset}); ONNX Runtime vs PyTorch "
+          f"on {check['images']} test images: max |difference| {check['max_abs_difference']:.2g} "
+          f"(tolerance {e.tolerance:g})")
+
+
+if __name__ == "__main__":
+    run_main(main)

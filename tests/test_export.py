@@ -1,0 +1,209 @@
+"""The export stage's ONNX model and predict's engines: metadata, agreement with PyTorch, inputs, failures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cxr14 import predict
+from cxr14.calibration import fit_calibrator
+from cxr14.common import PipelineError
+from cxr14.deployment import read_metadata
+from cxr14.export import export_onnx, metadata, verify
+from cxr14.model import build_model
+from cxr14.nih import CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+NIH_IMAGES = ROOT.parent / "shared" / "nih" / "images"
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random resnet18 at 32 px as the train stage saves it, a Platt calibrator, thresholds, and its export."""
+    folder = tmp_path_factory.mktemp("deployed")
+    torch.manual_seed(0)
+    model = build_model("resnet18", "none").eval()
+    ckpt = {"state_dict": model.state_dict(), "arch": "resnet18", "classes": list(CLASSES), "image_size": SIZE,
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "epoch": 3, "val_mean_auc": 0.5}
+    torch.save(ckpt, folder / "model.pt")
+    rng = np.random.default_rng(0)
+    probs = rng.random((200, len(CLASSES)))
+    calibrator = fit_calibrator("platt", (rng.random((200, len(CLASSES))) < probs).astype(int), probs)
+    (folder / "calibrator.json").write_text(json.dumps(calibrator))
+    thresholds = {c: 0.3 for c in CLASSES} | {"Hernia": None}
+    (folder / "thresholds.json").write_text(json.dumps({"metadata": {"calibration": "platt"},
+                                                        "thresholds": thresholds}))
+    export_onnx(model, ckpt, metadata(ckpt, thresholds, calibrator, "test"), folder / "model.onnx", 20)
+    images = folder / "images" / "nested"
+    images.mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (60 + 10 * i, 50), dtype=np.uint8)).save(images / f"img{i}.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "images" / "colour.jpg")
+    return folder
+
+
+def own(folder: Path, onnx: bool = True) -> list[str]:
+    """Files of the fixture, never the repo's models/ (absent on a fresh clone)."""
+    if onnx:
+        return ["--model", str(folder / "model.onnx")]
+    return ["--model", str(folder / "model.pt"), "--thresholds", str(folder / "thresholds.json"),
+            "--calibrator", str(folder / "calibrator.json")]
+
+
+def test_metadata_carries_everything_predict_needs(deployed: Path) -> None:
+    meta = read_metadata(deployed / "model.onnx")
+    assert meta["classes"] == list(CLASSES) and meta["image_size"] == SIZE and meta["arch"] == "resnet18"
+    assert meta["thresholds"]["Atelectasis"] == 0.3 and meta["thresholds"]["Hernia"] is None
+    assert meta["calibrator"] == json.loads((deployed / "calibrator.json").read_text())
+    assert meta["mean"] == [0.485, 0.456, 0.406] and meta["best_epoch"] == 3
+
+
+def test_onnx_runtime_matches_pytorch_and_a_different_model_does_not(deployed: Path) -> None:
+    ckpt = torch.load(deployed / "model.pt", weights_only=True)
+    model = build_model("resnet18", "none").eval()
+    model.load_state_dict(ckpt["state_dict"])
+    images = np.random.default_rng(1).integers(0, 256, (20, SIZE, SIZE), dtype=np.uint8)
+    same = verify(model, ckpt, deployed / "model.onnx", images, batch_size=8)
+    assert same["images"] == 20 and same["max_abs_difference"] <= 1e-4
+    torch.manual_seed(1)
+    other = build_model("resnet18", "none").eval()  # other weights: the check must see it
+    assert verify(other, ckpt, deployed / "model.onnx", images, batch_size=8)["max_abs_difference"] > 1e-2
+
+
+def test_both_engines_give_the_same_table(deployed: Path, capsys: pytest.CaptureFixture) -> None:
+    files = sorted(str(p) for p in (deployed / "images").rglob("*.*"))
+    tables = {}
+    for engine, onnx in (("onnx", True), ("torch", False)):
+        predict.main([*files, *own(deployed, onnx), "--engine", engine, "--json", "--batch-size", "4"])
+        tables[engine] = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in tables["onnx"]] == files
+    for a, b in zip(tables["onnx"], tables["torch"], strict=True):
+        for ra, rb in zip(a["predictions"], b["predictions"], strict=True):
+            assert ra["class"] == rb["class"] and abs(ra["probability"] - rb["probability"]) < 1e-4
+            assert abs(ra["calibrated"] - rb["calibrated"]) < 1e-4 and ra["threshold"] == rb["threshold"]
+    assert any(r["calibrated"] != r["probability"] for r in tables["onnx"][0]["predictions"])  # calibrated
+
+
+def test_inputs_folders_globs_and_missing(deployed: Path, tmp_path: Path) -> None:
+    images = deployed / "images"
+    files, errors = predict.expand_inputs([str(images), str(images / "nested" / "img1.png"),
+                                           str(images / "**" / "img*.png"), str(tmp_path / "absent.png"),
+                                           str(tmp_path / "*.png"), str(tmp_path)])
+    nested = [str(images / "nested" / f"img{i}.png") for i in range(5)]
+    assert files == [str(images / "colour.jpg"), *nested, str(tmp_path / "absent.png")]  # each once, in order
+    assert errors == [f"{tmp_path / '*.png'}: pattern matches no PNG or JPEG file",
+                      f"{tmp_path}: folder holds no PNG or JPEG file"]
+
+
+def test_csv_rows_and_a_broken_file(deployed: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "out" / "predictions.csv"
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([str(deployed / "images"), str(tmp_path / "broken.png"), *own(deployed), "--csv", str(out),
+                      "--batch-size", "4"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'broken.png'}: cannot decode image" in err
+    assert "predict (onnx): 6 image(s) x 14 classes" in err and "1 failed" in err
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 * len(CLASSES) and list(rows[0]) == list(predict.CSV_COLUMNS)
+    for r in rows:
+        t = json.loads((deployed / "thresholds.json").read_text())["thresholds"][r["class"]]
+        if t is None:
+            assert r["threshold"] == r["decision"] == "n/a" or (r["threshold"] == "" and r["decision"] == "n/a")
+        else:
+            assert r["decision"] == ("POS" if float(r["calibrated"]) >= t else "NEG")
+            assert float(r["margin"]) == pytest.approx(float(r["calibrated"]) - t)
+    assert not list(out.parent.glob(".*.tmp"))
+
+
+@pytest.mark.skipif(not NIH_IMAGES.is_dir(), reason="needs ../shared/nih")
+def test_real_nih_images_in_a_folder_with_a_corrupt_one(deployed: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """NIH's 1024 px PNGs (some RGBA) through the default engine; a corrupt file among them is named, the rest
+    are written."""
+    folder = tmp_path / "nih"
+    folder.mkdir()
+    real = sorted(NIH_IMAGES.glob("*.png"))[:16]
+    for p in real:
+        (folder / p.name).symlink_to(p)
+    (folder / "00000000_000.png").write_bytes(open(real[0], "rb").read()[:5000])  # truncated
+    out = tmp_path / "out.csv"
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([str(folder), *own(deployed), "--csv", str(out)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"error: {folder / '00000000_000.png'}: cannot decode image" in err
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 16 * len(CLASSES) and {Path(r["image"]).name for r in rows} == {p.name for p in real}
+
+
+def test_onnx_engine_never_imports_torch(deployed: Path) -> None:
+    code = ("import sys; from cxr14.predict import main\n"
+            "try:\n    main(sys.argv[1:])\nfinally:\n"
+            "    assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'pandas', "
+            "'sklearn')], 'heavy imports'\n")
+    done = subprocess.run([sys.executable, "-c", code, str(deployed / "images"), *own(deployed), "--json"],
+                          capture_output=True, text=True, timeout=120, cwd=deployed,
+                          env={**os.environ, "CI": "1"})
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)) == 6
+
+
+def test_engine_errors_are_one_line(deployed: Path, tmp_path: Path) -> None:
+    image = str(deployed / "images" / "colour.jpg")
+    with pytest.raises(SystemExit):  # argparse: two lines of usage, then the reason
+        predict.parse_args([image, "--engine", "onnx", "--gradcam", str(tmp_path)])
+    with pytest.raises(PipelineError, match=r"nowhere.onnx: not found; run the export stage"):
+        predict.run([image, "--model", str(tmp_path / "nowhere.onnx")])
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(PipelineError, match=r"junk.onnx: not a readable ONNX model"):
+        predict.run([image, "--model", str(tmp_path / "junk.onnx")])
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(PipelineError, match=r"--device cuda: this ONNX Runtime has no CUDA provider"):
+            predict.run([image, *own(deployed), "--device", "cuda"])
+    assert predict.parse_args([image, "--model", "m.pt"]).engine == "torch"
+    assert predict.parse_args([image]).engine == "onnx" and predict.parse_args([image]).model.name == "model.onnx"
+
+
+def test_export_stage_keeps_no_model_that_fails_its_check(deployed: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage in a project folder: with a tolerance below float32's rounding the check fails, and no
+    model.onnx is left to be deployed by mistake; with the default tolerance it passes and writes its metrics."""
+    import shutil
+
+    from conftest import project_params
+
+    from stages import export as stage
+
+    (tmp_path / "models").mkdir()
+    for name in ("model.pt", "thresholds.json", "calibrator.json"):
+        shutil.copy(deployed / name, tmp_path / "models" / name)
+    (tmp_path / "data" / "prepared").mkdir(parents=True)
+    np.save(tmp_path / "data" / "prepared" / "test.npy",
+            np.random.default_rng(2).integers(0, 256, (10, SIZE, SIZE), dtype=np.uint8))
+    monkeypatch.chdir(tmp_path)
+    strict = project_params(tmp_path / "strict.yaml", {"export": {"tolerance": 1e-12}})
+    with pytest.raises(PipelineError, match=r"models/model.onnx: ONNX Runtime's probabilities differ from PyTorch's "
+                       r"by up to .* expected at most export.tolerance 1e-12"):
+        stage.main(["--params", str(strict)])
+    assert not (tmp_path / "models" / "model.onnx").exists() and not (tmp_path / "metrics").exists()
+    stage.main(["--params", str(project_params(tmp_path / "params.yaml", {}))])
+    metrics = json.loads((tmp_path / "metrics" / "export.json").read_text())
+    assert metrics["images"] == 10 and 0 < metrics["max_abs_difference"] <= 1e-4 and metrics["opset"] == 20
+    assert metrics["file_bytes"] == (tmp_path / "models" / "model.onnx").stat().st_size
+    assert read_metadata(tmp_path / "models" / "model.onnx")["source"].startswith("models/model.pt md5 ")
