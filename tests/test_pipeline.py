@@ -61,7 +61,7 @@ def test_repro_builds_every_output(project: Path) -> None:
         assert len(table) == split[name]["images"] > 0
         assert array.std() > 0  # real pixels, not an empty buffer
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"demo", "split", "prepare", "train", "evaluate", "calibrate", "explain"}
+    assert set(lock["stages"]) == {"demo", "split", "prepare", "train", "evaluate", "calibrate", "explain", "export"}
     evaluate = json.loads((project / "metrics/evaluate.json").read_text())
     assert evaluate["images"] == split["test"]["images"] and "oracle_mean_auc" in evaluate
     experts = evaluate["expert"]["findings"]  # the demo's expert-label file, found in the data root
@@ -97,7 +97,7 @@ def test_predict_with_the_exported_model_agrees_with_evaluate(project: Path) -> 
     out = project / "predict.csv"
     result = run([sys.executable, "-m", "stages.predict", *files, "--csv", str(out)], project)
     assert "predict (onnx): 12 image(s) x 14 classes" in result.stderr
-    rows = pd.read_csv(out)
+    rows = pd.read_csv(out, keep_default_na=False, na_values=[""])  # "n/a" decisions stay strings
     assert len(rows) == 12 * len(CLASSES) and list(rows["class"][:14]) == list(CLASSES)
     expected = pd.read_csv(project / "data/predictions/test.csv").set_index("Image Index")
     got = rows.pivot(index="image", columns="class", values="probability")
