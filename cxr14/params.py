@@ -169,10 +169,17 @@ class Explain(Section):
                                  doc="a number in (0, 1): the fraction of the heatmap's maximum that outlines regions")
     iobb_thresholds: list[float] = field(low=0.0, high=1.0, open_high=True, doc="a non-empty list of numbers in [0, 1)")
     batch_size: int = field(low=1)
+    sanity_images: int = field(low=0, doc="0 (no sanity checks) or a positive integer: images per class")
+    deletion_steps: int = field(low=1)
+    deletion_grid: int = field(low=1, high=4096)
+    sanity_seed: int = field(low=0, high=2**32 - 1)
 
     def check(self, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
         if not self.iobb_thresholds:
             fail("iobb_thresholds", "a non-empty list of numbers in [0, 1)")
+        if self.deletion_steps > self.deletion_grid ** 2:
+            fail("deletion_steps", f"at most explain.deletion_grid squared ({self.deletion_grid ** 2}): each step "
+                 "blanks one cell or more")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,8 @@ false positive and false negative (by calibrated probability minus the val thres
 prints it) are drawn to `plots/gradcam/<Class>/<image>.png`, and every expert box of the dataset in
 use (NIH's BBox_List_2017.csv; the demo plants one per finding) is scored: Grad-CAM for the box's
 class on its image, pointing game and T(IoBB), per class and overall, in metrics/explain.json.
+With explain.sanity_images > 0 its `sanity` section says whether the maps depend on the learned weights and
+point at what the model uses (cxr14/sanity.py: model randomisation and deletion tests).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from cxr14.model import gradcam_layer, load_checkpoint
 from cxr14.nih import CLASSES
 from cxr14.params import PARAMS_FILE, Data, Explain, Train, load_section
 from cxr14.predictions import read_predictions
+from cxr14.sanity import most_confident_positives, sanity_checks
 from cxr14.splits import read_split_table
 
 
@@ -52,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     cal = apply_calibrator(calibrator, raw)
     test = PreparedImages(paths.PREPARED / "test.npy", labels.astype(np.float32))
     test.require_size(ckpt["image_size"], paths.MODEL)
+    if e.sanity_images and e.deletion_grid > ckpt["image_size"]:
+        raise PipelineError(f"{args.params} explain.deletion_grid: {e.deletion_grid}; expected at most the image size "
+                            f"({ckpt['image_size']} px): a cell is one pixel or more")
 
     box_file = Path(data.root) / BBOX_LIST
     if box_file.is_file():
@@ -62,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     examples = choose_examples(labels, cal, thresholds, e.per_class)
     pairs = [(row, k) for k, _, row, _ in examples]
     pairs += [(b.row, CLASSES.index(b.Finding)) for b in boxes.itertuples()]
+    sanity_rows = most_confident_positives(labels, raw, e.sanity_images)  # the model's own scores, uncalibrated
+    pairs += [(row, k) for k, rows in sanity_rows.items() for row in rows]  # their maps in the same pass
     with GradCAM(model, layer) as cam:
         maps = heatmaps(cam, test, pairs, tuple(ckpt["mean"]), tuple(ckpt["std"]), e.batch_size, device)
         peaks = cam.peak_points((ckpt["image_size"],) * 2) if maps else None
@@ -70,11 +78,24 @@ def main(argv: list[str] | None = None) -> None:
         draw(examples, maps, test, table, cal, raw, thresholds, boxes, tmp)
     metrics = {"layer": layer_name, **localisation(maps, boxes, e.cam_threshold, e.iobb_thresholds, peaks),
                "examples": {kind: sum(x[1] == kind for x in examples) for kind in KINDS}}
+    if e.sanity_images:  # after the `with`: the randomised copy must not copy the trained model's hooks
+        sanity = sanity_checks(model, ckpt["arch"], layer_name, test, sanity_rows, maps, tuple(ckpt["mean"]),
+                               tuple(ckpt["std"]), steps=e.deletion_steps, grid=e.deletion_grid, seed=e.sanity_seed,
+                               batch=e.batch_size, device=device)
+        sanity["settings"] = {"images_per_class": e.sanity_images, **sanity["settings"]}
+        metrics["sanity"] = sanity
     write_json(paths.METRICS / "explain.json", metrics)
     o = metrics["overall"]
     print(f"explain: {len(examples)} overlays in {out}; {o['boxes']} boxes: pointing game {o['pointing_game']} "
           f"(ceiling at this map size {o.get('pointing_game_ceiling')}), "
           + ", ".join(f"T(IoBB>{t:g}) {o[f'iobb_{t:g}']}" for t in e.iobb_thresholds))
+    if e.sanity_images:
+        s = metrics["sanity"]["overall"]
+        print(f"explain sanity: {s['images']} images of {s['classes']} classes: Spearman with a randomised "
+              f"{'+'.join(metrics['sanity']['settings']['randomised'])} {s['randomisation_spearman']} (low is good; "
+              f"{s['constant_maps']} constant maps left out); deletion area Grad-CAM {s['deletion_area_gradcam']} vs "
+              f"random {s['deletion_area_random']} (lower in {s['classes_gradcam_below_random']} of {s['classes']} "
+              "classes)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Explain: NIH's box list, localisation scores by hand, example choice by margin."""
+"""Explain: NIH's box list, localisation scores by hand, example choice by margin, the heatmaps' sanity checks."""
 
 from __future__ import annotations
 
@@ -7,15 +7,34 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from conftest import NIH, project_params
+from scipy.stats import spearmanr
+from torch import nn
 
+from cxr14 import sanity
 from cxr14.boxes import BBOX_LIST, read_box_list
 from cxr14.common import PipelineError
-from cxr14.explanations import choose_examples, localisation, scaled_boxes
+from cxr14.data import PreparedImages
+from cxr14.explanations import choose_examples, heatmaps, localisation, scaled_boxes
+from cxr14.gradcam import GradCAM
 from cxr14.localisation import heat_boxes, inside, iobb, peak, score_box, summarise
+from cxr14.model import ARCHS, build_model
 from cxr14.nih import CLASSES
 from cxr14.params import Explain, build
+from cxr14.sanity import (
+    RANDOMISED,
+    cell_index,
+    cell_order,
+    deleted_counts,
+    deletion_areas,
+    deletion_curves,
+    most_confident_positives,
+    randomised_copy,
+    sanity_checks,
+    spearman,
+)
 from stages import explain
 
 needs_nih = pytest.mark.skipif(not (NIH / "images").is_dir(), reason="needs the NIH sample in ../shared/nih")
@@ -125,7 +144,8 @@ def test_nih_boxes_scale_from_original_pixels_to_the_model_size() -> None:
     assert [table["Image Index"][r] for r in scaled["row"]] == scaled["Image Index"].tolist()
 
 
-GOOD = {"per_class": 1, "layer": "auto", "cam_threshold": 0.5, "iobb_thresholds": [0.1, 0.25, 0.5], "batch_size": 32}
+GOOD = {"per_class": 1, "layer": "auto", "cam_threshold": 0.5, "iobb_thresholds": [0.1, 0.25, 0.5], "batch_size": 32,
+        "sanity_images": 5, "deletion_steps": 16, "deletion_grid": 8, "sanity_seed": 0}
 THRESHOLDS = "a non-empty list of numbers in [0, 1)"
 
 
@@ -140,6 +160,12 @@ THRESHOLDS = "a non-empty list of numbers in [0, 1)"
     ("iobb_thresholds", [], f"explain.iobb_thresholds: []; expected {THRESHOLDS}"),
     ("iobb_thresholds", 0.5, f"explain.iobb_thresholds: 0.5; expected {THRESHOLDS}"),
     ("layer", 3, "explain.layer: 3; expected 'auto' or a module name such as layer3"),
+    ("sanity_images", -1, "explain.sanity_images: -1; expected 0 (no sanity checks) or a positive integer"),
+    ("deletion_steps", 0, "explain.deletion_steps: 0; expected an integer >= 1"),
+    ("deletion_steps", 65, "explain.deletion_steps: 65; expected at most explain.deletion_grid squared (64): each "
+                           "step blanks one cell or more"),
+    ("deletion_grid", 0, "explain.deletion_grid: 0; expected an integer in [1, 4096]"),
+    ("sanity_seed", -1, "explain.sanity_seed: -1; expected an integer in [0, 4294967295]"),
 ])
 def test_bad_explain_params_are_named(key: str, value: object, message: str) -> None:
     assert build(Explain, GOOD, "p.yaml") == Explain(**GOOD)
@@ -167,3 +193,176 @@ def test_explain_stage_refuses_bad_params_naming_the_file(tmp_path: Path) -> Non
         explain.main(["--params", str(path)])
     assert str(error.value) == (f"{path} explain.per_class: missing; expected an integer >= 0 "
                                 "(the defaults live in params.yaml)")
+
+
+# ---- sanity checks (cxr14/sanity.py): model randomisation and deletion ----
+
+def trained_looking(arch: str) -> nn.Module:
+    """A model whose every parameter and buffer is off its initial value, as after training: a reset that
+    leaves a tensor as it was (a BatchNorm weight of 1) is then seen as no reset."""
+    torch.manual_seed(0)
+    model = build_model(arch, "none").eval()
+    with torch.no_grad():
+        for value in model.state_dict().values():  # the module's own tensors
+            if value.is_floating_point():
+                value.add_(0.05 + 0.1 * torch.randn_like(value))
+            else:
+                value.fill_(7)  # num_batches_tracked
+    return model
+
+
+def test_every_architecture_has_its_randomised_modules() -> None:
+    assert set(RANDOMISED) == set(ARCHS)
+    with pytest.raises(PipelineError, match="arch 'vgg'; expected one of resnet18"):
+        randomised_copy(nn.Linear(2, 2), "vgg", 0)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121"])
+def test_randomised_copy_reinitialises_exactly_the_head_and_last_block(arch: str) -> None:
+    model = trained_looking(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    twin, reset = randomised_copy(model, arch, seed=3)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's random stream goes on as before
+    under = tuple(f"{prefix}." for prefix in RANDOMISED[arch])
+    assert sorted(reset) == sorted(k for k in before if k.startswith(under)) and len(reset) == len(set(reset))
+    assert any(k.endswith("running_var") for k in reset) and any(k.endswith(".bias") for k in reset)
+    after = twin.state_dict()
+    assert list(after) == list(before)
+    for key, value in after.items():  # every reset tensor changed, every other one is the original bit for bit
+        assert torch.equal(value, before[key]) == (key not in reset), key
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), f"the original's {key} changed"
+    assert not twin.training and twin is not model
+    again, _ = randomised_copy(model, arch, seed=3)
+    other, _ = randomised_copy(model, arch, seed=4)
+    assert all(torch.equal(v, after[k]) for k, v in again.state_dict().items())  # seeded: the same copy
+    assert not torch.equal(other.state_dict()[reset[0]], after[reset[0]])
+
+
+def test_spearman_of_maps() -> None:
+    a = np.random.default_rng(0).random((8, 8))
+    assert spearman(a, a) == pytest.approx(1.0, abs=1e-12)
+    assert spearman(a, a.max() - a) == pytest.approx(-1.0, abs=1e-12)  # every rank reversed
+    assert spearman(a, a ** 3) == pytest.approx(1.0, abs=1e-12)  # ranks, not values
+    b = np.random.default_rng(1).random((8, 8))
+    ties_a, ties_b = np.round(a * 3), np.round(b * 3)  # many ties: average ranks, as scipy's spearmanr
+    assert spearman(ties_a, ties_b) == pytest.approx(spearmanr(ties_a.ravel(), ties_b.ravel()).statistic)
+    assert abs(spearman(a, b)) < 0.5
+    assert np.isnan(spearman(a, np.full((8, 8), 0.3))) and np.isnan(spearman(np.zeros((8, 8)), a))
+    with pytest.raises(PipelineError, match="maps of 64 and 16 values"):
+        spearman(a, a[:4, :4])
+
+
+def test_most_confident_positives_per_class() -> None:
+    labels = np.zeros((5, len(CLASSES)), dtype=int)
+    probs = np.zeros((5, len(CLASSES)))
+    labels[:, 0], probs[:, 0] = [1, 0, 1, 1, 1], [0.2, 0.99, 0.7, 0.7, 0.9]  # row 1 scores highest, not positive
+    labels[3, 2] = 1
+    rows = most_confident_positives(labels, probs, 3)
+    assert rows[0] == [4, 2, 3] and rows[2] == [3] and rows[1] == [] and set(rows) == set(range(len(CLASSES)))
+    assert most_confident_positives(labels, probs, 0)[0] == []
+
+
+def test_cells_steps_and_orders() -> None:
+    cells = cell_index((10, 10), 3)
+    assert cells[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]  # sides 4, 3, 3
+    assert cells[:, 0].tolist() == [0, 0, 0, 0, 3, 3, 3, 6, 6, 6]
+    assert cell_index((32, 32), 4)[5, 30] == 3 and cell_index((32, 32), 4)[31, 31] == 15
+    with pytest.raises(PipelineError, match="33 cells across a 32x32 image; expected 1 to 32"):
+        cell_index((32, 32), 33)
+    assert deleted_counts(16, 5).tolist() == [0, 3, 6, 10, 13, 16] and deleted_counts(64, 16).tolist()[:3] == [0, 4, 8]
+    with pytest.raises(PipelineError, match="deletion steps: 17; expected 1 to 16"):
+        deleted_counts(16, 17)
+    cells = cell_index((32, 32), 4)
+    heat = np.zeros((32, 32))
+    heat[8:16, 0:8], heat[0:8, 24:32] = 1.0, 0.5  # cell 4 first, then cell 3, then the rest, tied
+    order = cell_order(heat, cells, np.random.default_rng(0))
+    assert order[:2].tolist() == [4, 3] and sorted(order.tolist()) == list(range(16))
+    flat = cell_order(np.zeros((32, 32)), cells, np.random.default_rng(0))  # no preference: a random order
+    assert flat.tolist() == np.argsort(np.random.default_rng(0).permutation(16)).tolist() != list(range(16))
+
+
+class PatchModel(nn.Module):
+    """Every logit is 4x the mean of the input's first channel over rows 0-7, columns 24-31: cell 3 of a 4 x 4
+    grid on a 32 px image, and nothing else, moves the probability."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (4 * x[:, 0, 0:8, 24:32].mean(dim=(1, 2)))[:, None].repeat(1, len(CLASSES))
+
+
+def test_deletion_in_the_salient_order_beats_random_and_the_opposite_loses() -> None:
+    image = np.random.default_rng(0).integers(40, 80, (32, 32)).astype(np.uint8)
+    image[0:8, 24:32] = 250  # the bright patch the model reads
+    toward = np.zeros((32, 32))
+    toward[0:8, 24:32] = 1.0
+    cells = cell_index((32, 32), 4)
+    rng = np.random.default_rng(0)
+    orders = np.stack([cell_order(toward, cells, rng), cell_order(1 - toward, cells, rng),
+                       *(rng.permutation(16) for _ in range(40))])[None]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    curves = deletion_curves(PatchModel(), image[None], [5], orders, 4, 16, mean, std, batch=7)
+    assert curves.shape == (1, 42, 17)
+    high, low = curves[0, 0, 0], curves[0, 0, 1]
+    assert high > 0.99 and low < 0.1  # the patch blanked with the image's mean grey in the first step
+    assert np.allclose(curves[0, :, 0], high) and np.allclose(curves[0, :, -1], low)  # shared ends
+    assert np.allclose(curves[0, 0, 1:], low) and np.allclose(curves[0, 1, :-1], high)  # first and last to go
+    areas = deletion_areas(curves, 4, 16)[0]
+    assert areas[0] == pytest.approx((high + low) / 32 + low * 15 / 16)  # trapezoids over fractions 0..1
+    assert areas[0] < 0.1 < 0.3 < areas[2:].mean() < 0.7 < 0.9 < areas[1]
+    again = deletion_curves(PatchModel(), image[None], [5], orders, 4, 16, mean, std, batch=1000)
+    assert np.array_equal(again, curves)  # batching changes nothing
+
+
+@pytest.fixture
+def tiny_test_set(tmp_path: Path) -> PreparedImages:
+    images = np.random.default_rng(0).integers(0, 256, (4, 64, 64), dtype=np.uint8)
+    np.save(tmp_path / "test.npy", images)
+    return PreparedImages(tmp_path / "test.npy")
+
+
+def test_sanity_checks_on_a_tiny_model_release_every_hook(tiny_test_set: PreparedImages, monkeypatch) -> None:
+    """The section's numbers are those of the model's and its randomised copy's maps; both lose their hooks."""
+    model = trained_looking("resnet18")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    rows = {0: [0, 1, 2, 3], 3: [2]}
+    pairs = [(r, k) for k in rows for r in rows[k]]
+    with GradCAM(model, model.layer4) as cam:
+        maps = heatmaps(cam, tiny_test_set, pairs, mean, std, 8)
+    copies = []
+
+    def keep(*args, **kwargs):
+        copies.append(randomised_copy(*args, **kwargs))
+        return copies[-1]
+
+    monkeypatch.setattr(sanity, "randomised_copy", keep)
+    out = sanity_checks(model, "resnet18", "layer4", tiny_test_set, rows, maps, mean, std, steps=4, grid=4, seed=0,
+                        batch=16)
+    (twin, reset), = copies
+    for m in [*model.modules(), *twin.modules()]:
+        assert not m._forward_hooks, f"a hook left on {m}"
+    assert out["settings"] == {"deletion_steps": 4, "deletion_grid": 4, "seed": 0, "randomised": ["fc", "layer4"],
+                               "randomised_tensors": len(reset), "map_size": [64, 64], "blank": "image mean grey"}
+    with GradCAM(twin, twin.layer4) as cam:
+        twin_maps = heatmaps(cam, tiny_test_set, pairs, mean, std, 8)
+    rho = {p: spearman(maps[p], twin_maps[p]) for p in pairs}
+    per = out["per_class"]
+    assert [per[name]["images"] for name in CLASSES] == [4, 0, 0, 1] + [0] * 10
+    for k in rows:
+        c, values = per[CLASSES[k]], [rho[(r, k)] for r in rows[k]]
+        finite = [v for v in values if not np.isnan(v)]
+        assert c["constant_maps"] == len(values) - len(finite)  # left out of the mean, and counted
+        assert c["randomisation_spearman"] == (pytest.approx(np.mean(finite), abs=1e-6) if finite else None)
+        assert 0 <= c["deletion_area_gradcam"] <= 1 and 0 <= c["deletion_area_random"] <= 1
+    assert any(np.isfinite(v) for v in rho.values())  # so the comparison above compared numbers
+    assert per[CLASSES[1]] == {"images": 0, "constant_maps": 0, "randomisation_spearman": None,
+                               "deletion_area_gradcam": None, "deletion_area_random": None}
+    o = out["overall"]
+    assert o["classes"] == 2 and o["images"] == 5 and o["constant_maps"] == sum(np.isnan(v) for v in rho.values())
+    assert o["classes_gradcam_below_random"] == sum(per[CLASSES[k]]["deletion_area_gradcam"]
+                                                    < per[CLASSES[k]]["deletion_area_random"] for k in rows)
+    assert o["deletion_area_random"] == pytest.approx(np.mean([per[CLASSES[k]]["deletion_area_random"] for k in rows]),
+                                                      abs=1e-6)
+    monkeypatch.undo()
+    assert sanity_checks(model, "resnet18", "layer4", tiny_test_set, rows, maps, mean, std, steps=4, grid=4, seed=0,
+                         batch=5) == out  # seeded, and batching changes nothing

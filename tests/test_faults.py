@@ -336,18 +336,47 @@ def test_explain_names_the_box_list_line_of_a_box_outside_its_image(explained: P
 
 def test_explain_scores_boxes_that_touch_the_image_edges(explained: Path, capsys) -> None:
     """The check must not refuse good lists: boxes filling the whole image, or past its edge by less than a pixel
-    (rounding in an exported list), are scored."""
+    (rounding in an exported list), are scored. The same run's sanity checks (at layer3: layer4 is 1 x 1 at 32 px,
+    a constant map) give numbers for every class with positive test images; a deletion grid finer than the
+    image's pixels is one line naming the param."""
     name, width, height = a_test_image(explained)
     box_list = Path("data/demo/BBox_List_2017.csv")
     tests = set(pd.read_csv("data/split/test.csv")["Image Index"])
     scored = sum(line.split(",")[0] in tests for line in box_list.read_text().splitlines()[1:])
     box_list.write_text(box_list.read_text() + f"{name},Mass,0,0,{width},{height}\n"
                         f"{name},Nodule,-0.5,{height - 5},5.5,5.4\n")
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["explain"].update(layer="layer3", deletion_grid=33)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
     from stages import explain
 
     code, err = stage_result(explain.main, [], capsys)
+    assert code == 1 and err == ["error: params.yaml explain.deletion_grid: 33; expected at most the image size "
+                                 "(32 px): a cell is one pixel or more"]
+    params["explain"]["deletion_grid"] = 8
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    code, err = stage_result(explain.main, [], capsys)
     assert code == 0 and err == []
-    assert json.loads(Path("metrics/explain.json").read_text())["overall"]["boxes"] == scored + 2
+    metrics = json.loads(Path("metrics/explain.json").read_text())
+    assert metrics["overall"]["boxes"] == scored + 2
+
+    sanity, n = metrics["sanity"], params["explain"]["sanity_images"]
+    positives = pd.read_csv("data/predictions/test.csv")[list(CLASSES)].sum()
+    assert n > 0 and sanity["settings"]["images_per_class"] == n and sanity["settings"]["map_size"] == [32, 32]
+    for cls in CLASSES:
+        c = sanity["per_class"][cls]
+        assert c["images"] == min(n, positives[cls]), cls
+        if not c["images"]:
+            assert c["randomisation_spearman"] is c["deletion_area_gradcam"] is c["deletion_area_random"] is None
+            continue
+        assert 0 <= c["deletion_area_gradcam"] <= 1 and 0 <= c["deletion_area_random"] <= 1, cls
+        assert 0 <= c["constant_maps"] <= c["images"]  # no correlation where a map is constant: counted instead
+        assert (c["randomisation_spearman"] is None) == (c["constant_maps"] == c["images"]), cls
+        assert c["randomisation_spearman"] is None or -1 <= c["randomisation_spearman"] <= 1
+    o = sanity["overall"]
+    assert o["classes"] == sum(positives > 0) > 0 and o["images"] == sum(positives.clip(upper=n))
+    assert -1 <= o["randomisation_spearman"] <= 1 and 0 <= o["classes_gradcam_below_random"] <= o["classes"]
+    assert 0 <= o["deletion_area_gradcam"] <= 1 and 0 <= o["deletion_area_random"] <= 1
 
 
 def foreign_checkpoint(kind: str) -> dict:
