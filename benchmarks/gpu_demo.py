@@ -43,6 +43,15 @@ def overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def has_dvclive() -> bool:
+    """dvclive itself, not the project's dvclive/ output folder (a namespace package when the repo is on the path)."""
+    try:
+        from dvclive import Live  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="scratch folder (created; outputs go there)")
@@ -66,7 +75,7 @@ def main() -> None:
             seconds[name] = None  # type: ignore[assignment]
             continue
         module = importlib.import_module(f"stages.{name}")
-        if name == "train" and importlib.util.find_spec("dvclive") is None:
+        if name == "train" and not has_dvclive():
             module.write_log = lambda history, folder: None  # no dvclive here: the per-epoch log is skipped
         start = time.perf_counter()
         print(f"== {name}", flush=True)

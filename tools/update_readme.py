@@ -103,9 +103,38 @@ def subgroup_table(metrics_dir: Path) -> str:
     return "\n".join(rows)
 
 
+def sanity_table(metrics_dir: Path) -> str:
+    """Grad-CAM's sanity checks per class and overall, from the `sanity` section of metrics/explain.json."""
+    m = json.loads((metrics_dir / "explain.json").read_text())["sanity"]
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    rows = ["| class | images | Spearman, trained vs randomised heatmaps (low is good) | constant maps "
+            "| deletion area, Grad-CAM order | deletion area, random order |", "|" + " --- |" * 6]
+    for name, c in m["per_class"].items():
+        rows.append(f"| {name} | {c['images']} | {f(c['randomisation_spearman'])} | {c['constant_maps']} "
+                    f"| {f(c['deletion_area_gradcam'])} | {f(c['deletion_area_random'])} |")
+    o = m["overall"]
+    rows.append(f"| **all** ({o['classes_gradcam_below_random']} of {o['classes']} classes: Grad-CAM below random) "
+                f"| {o['images']} | {f(o['randomisation_spearman'])} | {o['constant_maps']} "
+                f"| {f(o['deletion_area_gradcam'])} | {f(o['deletion_area_random'])} |")
+    return "\n".join(rows)
+
+
+def export_table(metrics_dir: Path) -> str:
+    """The exported model's check, from metrics/export.json."""
+    m = json.loads((metrics_dir / "export.json").read_text())
+    return ("| test images | largest difference ONNX Runtime vs PyTorch | tolerance | file size | opset |\n"
+            "| --- | --- | --- | --- | --- |\n"
+            f"| {m['images']} | {m['max_abs_difference']:.1e} | {m['tolerance']:g} | {m['file_bytes'] / 2**20:.1f} MiB "
+            f"| {m['opset']} |")
+
+
 TABLES: dict[str, Callable[[Path], str]] = {"split": split_table, "train": train_table, "test": test_table,
-                                            "explain": explain_table, "expert": expert_table,
-                                            "subgroups": subgroup_table}
+                                            "explain": explain_table, "sanity": sanity_table,
+                                            "expert": expert_table, "subgroups": subgroup_table,
+                                            "export": export_table}
 
 
 def render(readme: str, metrics_dir: Path) -> str:
