@@ -349,13 +349,16 @@ def run(argv: list[str] | None = None) -> None:
 
             device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
         engine: OnnxEngine | TorchEngine = OnnxEngine(args.model, device, device_key)
-        thresholds, calibrator = engine.thresholds, engine.calibrator
-        if args.thresholds is not None:
-            thresholds, applies_to = load_thresholds(args.thresholds, engine.classes)
-            if args.calibrator is None:
-                check_pairing(args.thresholds, applies_to, calibrator, f"{args.model} metadata")
+        thresholds, calibrator, calibrator_where = engine.thresholds, engine.calibrator, f"{args.model} metadata"
+        thresholds_where = calibrator_where
+        applies_to = engine.calibrator["method"] if engine.calibrator else "none"  # what export embedded together
         if args.calibrator is not None:
             calibrator = load_calibrator(args.calibrator) if args.calibrator.is_file() else None
+            calibrator_where = str(args.calibrator)
+        if args.thresholds is not None:
+            thresholds, applies_to = load_thresholds(args.thresholds, engine.classes)
+            thresholds_where = str(args.thresholds)
+        check_pairing(thresholds_where, applies_to, calibrator, calibrator_where)
     else:
         engine = TorchEngine(args.model, device, device_key, kernels, layer_name, layer_key)
         thresholds_path = args.thresholds or paths.THRESHOLDS

@@ -176,6 +176,11 @@ def test_engine_errors_are_one_line(deployed: Path, tmp_path: Path) -> None:
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         with pytest.raises(PipelineError, match=r"--device cuda: this ONNX Runtime has no CUDA provider"):
             predict.run([image, *own(deployed), "--device", "cuda"])
+    temperature = {"method": "temperature", "split": "val", "params": dict.fromkeys(CLASSES, 1.5)}
+    (tmp_path / "temperature.json").write_text(json.dumps(temperature))
+    with pytest.raises(PipelineError, match=r"model.onnx metadata: these thresholds apply to platt-calibrated "
+                       r"probabilities, but .*temperature.json is temperature"):
+        predict.run([image, *own(deployed), "--calibrator", str(tmp_path / "temperature.json")])
     assert predict.parse_args([image, "--model", "m.pt"]).engine == "torch"
     assert predict.parse_args([image]).engine == "onnx" and predict.parse_args([image]).model.name == "model.onnx"
 
