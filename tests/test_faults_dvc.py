@@ -115,7 +115,8 @@ def test_dvc_exp_run_resume_after_a_killed_experiment_gives_the_uninterrupted_re
     """The README's recipe: kill the train step of `dvc exp run -S train.epochs=6 ...`, then
     `dvc exp run -S train.resume=true`; DVC checks out the baseline's outputs first, so the resume point must
     live outside them, and the result must be the uninterrupted experiment's, byte for byte."""
-    experiment = ["exp", "run", "-S", "train.epochs=6", "-S", "train.patience=10"]
+    experiment = ["exp", "run", "-S", "train.epochs=6", "-S", "train.patience=10", "train"]  # the stages after train
+    # would only add minutes: what is compared is train's outputs
     dvc(*experiment, cwd=project)
     straight = train_outputs(project)
     assert json.loads(straight["metrics/train.json"])["epochs_run"] == 6
@@ -136,7 +137,7 @@ def test_dvc_exp_run_resume_after_a_killed_experiment_gives_the_uninterrupted_re
     assert 1 <= killed_at < 6, f"the experiment was not killed during training:\n{(project / 'killed.log').read_text()}"
     (project / "killed.log").unlink()
 
-    result = dvc("exp", "run", "-S", "train.resume=true", cwd=project)
+    result = dvc("exp", "run", "-S", "train.resume=true", "train", cwd=project)
     assert f"resuming from models/resume/last.pt after epoch {killed_at} of 6" in result.stdout
     assert train_outputs(project) == straight
     assert not leftovers(project)
@@ -145,9 +146,9 @@ def test_dvc_exp_run_resume_after_a_killed_experiment_gives_the_uninterrupted_re
 def test_resume_on_another_split_is_refused_through_dvc(project: Path) -> None:
     """The probe's first scenario: `dvc exp run -S split.seed=43 -S train.resume=true` on a seed-42 resume point
     handed back the seed-42 model; now train stops with one line and DVC reports the stage failed."""
-    dvc("exp", "run", "-S", "train.epochs=2", cwd=project)
+    dvc("exp", "run", "-S", "train.epochs=2", "train", cwd=project)
     model = md5(project / "models/model.pt")
-    result = dvc("exp", "run", "-S", "train.epochs=2", "-S", "split.seed=43", "-S", "train.resume=true",
+    result = dvc("exp", "run", "-S", "train.epochs=2", "-S", "split.seed=43", "-S", "train.resume=true", "train",
                  cwd=project, check=False)
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
