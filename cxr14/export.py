@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr14.common import PipelineError, atomic_path, progress
+from cxr14.common import PipelineError, progress
 from cxr14.data import to_model_input
 from cxr14.deployment import FORMAT, INPUT_NAME, METADATA_KEY, OUTPUT_NAME, session
 
@@ -50,7 +50,8 @@ def metadata(ckpt: dict[str, Any], thresholds: dict[str, float | None], calibrat
 
 
 def export_onnx(model: nn.Module, ckpt: dict[str, Any], meta: dict[str, Any], out: Path | str, opset: int) -> None:
-    """Write the model (CPU, eval mode) with a dynamic batch axis and `meta` embedded, atomically."""
+    """Write the model (CPU, eval mode) to `out` with a dynamic batch axis and `meta` embedded. Not atomic by
+    itself: the export stage writes to a temporary name, checks that file, and only then renames it."""
     import onnx
 
     size = int(ckpt["image_size"])
@@ -66,16 +67,19 @@ def export_onnx(model: nn.Module, ckpt: dict[str, Any], meta: dict[str, Any], ou
                             ) from None
     proto = program.model_proto
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    with atomic_path(out) as tmp:
-        onnx.save_model(proto, str(tmp))
+    onnx.save_model(proto, str(out))
 
 
 def verify(model: nn.Module, ckpt: dict[str, Any], onnx_path: Path | str, images: np.ndarray,
            batch_size: int) -> dict[str, Any]:
     """Largest |ONNX Runtime - PyTorch| probability over `images` (uint8 (N, S, S)), and each engine's speed."""
     wrapped = Deployable(model, tuple(ckpt["mean"]), tuple(ckpt["std"])).eval()
-    ort_session = session(onnx_path)
-    worst, seconds = 0.0, {"torch": 0.0, "onnxruntime": 0.0}
+    try:
+        ort_session = session(onnx_path)
+    except Exception as exc:  # an opset or operator this ONNX Runtime cannot run
+        raise PipelineError(f"ONNX Runtime cannot load the exported model ({' '.join(str(exc).split())[:300]}); "
+                            "try another export.opset") from None
+    worst, seconds, probabilities = 0.0, {"torch": 0.0, "onnxruntime": 0.0}, []
     for start in progress(range(0, len(images), batch_size), desc="export: verify", unit="batch"):
         x = np.array(images[start:start + batch_size, None])  # a writable copy of the memory map's rows
         t = time.perf_counter()
@@ -89,6 +93,7 @@ def verify(model: nn.Module, ckpt: dict[str, Any], onnx_path: Path | str, images
             raise PipelineError(f"{onnx_path}: ONNX Runtime gave {got.shape} probabilities with non-finite values or "
                                 f"the wrong shape; expected finite {expected.shape}")
         worst = max(worst, float(np.abs(got.astype(np.float64) - expected).max()))
+        probabilities.append(got)
     n = len(images)
-    return {"images": n, "max_abs_difference": worst,
+    return {"images": n, "max_abs_difference": worst, "probabilities": np.concatenate(probabilities),
             "images_per_s": {k: round(n / v, 1) if v > 0 else None for k, v in seconds.items()}}

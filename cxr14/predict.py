@@ -22,6 +22,7 @@ import contextlib
 import csv
 import glob
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -63,7 +64,7 @@ def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:
     that is not itself a file is expanded (`**` crosses folders); anything else is taken as a file, so that a
     missing one is reported like an unreadable one.
     """
-    files: dict[str, None] = {}
+    files: dict[str, str] = {}  # one file however it is spelled (a/x.png, ./a/x.png): its first spelling
     errors = []
     for item in items:
         path = Path(item)
@@ -83,8 +84,9 @@ def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:
                 errors.append(f"{item}: pattern matches no PNG or JPEG file")
         else:
             found = [item]
-        files.update(dict.fromkeys(found))
-    return list(files), errors
+        for f in found:
+            files.setdefault(os.path.normcase(os.path.abspath(f)), f)
+    return list(files.values()), errors
 
 
 def decoded(files: Sequence[str], size: int, threads: int, ahead: int = 0) -> Iterator[tuple[str, np.ndarray | str]]:
@@ -95,16 +97,17 @@ def decoded(files: Sequence[str], size: int, threads: int, ahead: int = 0) -> It
     def one(path: str) -> np.ndarray | str:
         try:
             return load_gray(path, size)
-        except ValueError as exc:
+        except ValueError as exc:  # load_gray's reason: unreadable, not an image, truncated
             return str(exc)
-        except OSError as exc:  # a file that vanished or cannot be read: reported, the others go on
-            return f"cannot read ({exc.strerror or exc})"
+        except Exception as exc:  # anything else a decoder may raise: this file is reported, the others go on
+            return f"cannot decode image ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
 
     if threads <= 1:
         for path in files:
             yield path, one(path)
         return
-    with ThreadPoolExecutor(threads) as pool:
+    pool = ThreadPoolExecutor(threads)
+    try:
         window: collections.deque = collections.deque()
         it = iter(files)
         for path in it:  # keep a bounded window in flight: memory stays flat for any number of files
@@ -117,6 +120,8 @@ def decoded(files: Sequence[str], size: int, threads: int, ahead: int = 0) -> It
             if nxt is not None:
                 window.append((nxt, pool.submit(one, nxt)))
             yield path, future.result()
+    finally:  # an error or Ctrl-C downstream: drop the decodes not started rather than wait for the window
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class OnnxEngine:
@@ -132,17 +137,26 @@ class OnnxEngine:
         if not model.is_file():
             raise PipelineError(f"{model}: not found; run the export stage (dvc repro export), or use --engine torch "
                                 "with the checkpoint")
-        providers = ["CPUExecutionProvider"]
-        if device.startswith("cuda"):
+        providers: list = ["CPUExecutionProvider"]  # cpu, and any device ONNX Runtime has no provider for (mps)
+        cuda = device == "cuda" or device.startswith("cuda:")
+        if cuda:
+            index = device.partition(":")[2] or "0"
+            if not index.isdigit():
+                raise PipelineError(f"{device_key}: {device}; expected cpu, cuda or cuda:N")
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise PipelineError(f"{device_key} {device}: this ONNX Runtime has no CUDA provider (install "
                                     "onnxruntime-gpu), or use --device cpu or --engine torch")
-            index = device.partition(":")[2] or "0"
             providers = [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
         try:
-            self.session = session(model, providers)
+            # ONNX Runtime prints a provider that fails to start (and falls back to the CPU) on stdout, where it
+            # would break --json: it goes to stderr, and a CUDA session that did not start is an error below
+            with contextlib.redirect_stdout(sys.stderr):
+                self.session = session(model, providers)
         except Exception as exc:  # onnxruntime's own errors for a foreign or truncated file
             raise PipelineError(f"{model}: not a readable ONNX model ({' '.join(str(exc).split())[:300]})") from None
+        if cuda and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise PipelineError(f"{device_key} {device}: ONNX Runtime could not start on that GPU (see above); use "
+                                "--device cpu or --engine torch")
         self.meta = read_metadata(self.session)
         self.input, self.output = INPUT_NAME, OUTPUT_NAME
         self.classes, self.image_size = list(self.meta["classes"]), int(self.meta["image_size"])
@@ -339,6 +353,8 @@ def run(argv: list[str] | None = None) -> None:
         layer_name, layer_key = args.layer, "--layer"
     if args.gradcam is not None and args.gradcam.exists() and not args.gradcam.is_dir():
         raise PipelineError(f"--gradcam {args.gradcam}: is a file; expected a folder for the heatmaps")
+    if args.csv is not None and args.csv.is_dir():
+        raise PipelineError(f"--csv {args.csv}: is a folder; expected a file name for the table")
     files, missing = expand_inputs(args.images)
     for line in missing:
         print(f"error: {line}", file=sys.stderr)

@@ -86,6 +86,17 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.clip(r, -1.0, 1.0))
 
 
+def randomisation_score(trained: np.ndarray, randomised: np.ndarray) -> float:
+    """Spearman of a trained map with its randomised twin's. A constant randomised map (Grad-CAM's ReLU zeroes a
+    randomised model's map often) has lost every trace of the trained map's order: 0, a pass, not a gap. A
+    constant trained map has no order to lose: NaN, left out (and counted: the trained model shows nothing)."""
+    if np.ptp(trained) == 0:
+        return float("nan")
+    if np.ptp(randomised) == 0:
+        return 0.0
+    return spearman(trained, randomised)
+
+
 def cell_index(size: tuple[int, int], grid: int) -> np.ndarray:
     """(H, W): the cell, row-major in a grid x grid split, of each pixel; cell sides differ by a pixel at most."""
     if not 1 <= grid <= min(size):
@@ -109,6 +120,8 @@ def cell_order(heatmap: np.ndarray, cells_of: np.ndarray, rng: np.random.Generat
     border, so many cells tie exactly, and a constant map (no preference at all) should score as random
     order does, not as a fixed top-left-first sweep."""
     n = int(cells_of.max()) + 1
+    if np.ptp(heatmap) == 0:  # no preference: cell means would differ by rounding with cell size, not by the map
+        return rng.permutation(n)
     score = np.bincount(cells_of.ravel(), weights=heatmap.ravel(), minlength=n) / np.bincount(cells_of.ravel(),
                                                                                               minlength=n)
     return np.lexsort((rng.permutation(n), -score))
@@ -206,12 +219,14 @@ def sanity_checks(model: nn.Module, arch: str, layer: str, data: PreparedImages,
     overlays show and the pointing game, T(IoBB) and the deletion order read, Adebayo et al. compared
     upsampled Grad-CAM maps the same way, and the resampling is the same fixed interpolation for both models
     (same architecture, same geometry), so it favours neither. Ranks, unlike the maps' values, are untouched
-    by GradCAM's per-map scaling to [0, 1]. A pair where either map is constant (every cell zero after
-    Grad-CAM's ReLU, or a 1 x 1 map) has no correlation: it is left out of the mean and counted.
+    by GradCAM's per-map scaling to [0, 1]. Constant maps (every cell zero after Grad-CAM's ReLU, or a 1 x 1
+    map) are counted apart, by which model drew them (`randomisation_score`): a constant randomised map
+    scores 0, a constant trained map is left out of the mean.
     """
     pairs = [(row, k) for k in sorted(rows) for row in rows[k]]
     random_maps, reset = randomisation_maps(model, arch, layer, data, pairs, mean, std, batch, seed, device)
-    rho = np.array([spearman(maps[p], random_maps[p]) for p in pairs])
+    rho = np.array([randomisation_score(maps[p], random_maps[p]) for p in pairs])
+    flat_random = np.array([np.ptp(random_maps[p]) == 0 and np.ptp(maps[p]) > 0 for p in pairs])
 
     images = data[np.array([row for row, _ in pairs], dtype=np.int64)][0][:, 0].numpy()
     cells_of = cell_index(images.shape[1:], grid)
@@ -230,13 +245,15 @@ def sanity_checks(model: nn.Module, arch: str, layer: str, data: PreparedImages,
     per_class = {}
     for k, name in enumerate(CLASSES):
         mine = np.array([i for i, (_, kk) in enumerate(pairs) if kk == k], dtype=np.int64)
-        per_class[name] = {"images": len(mine), "constant_maps": int(np.isnan(rho[mine]).sum()),
+        per_class[name] = {"images": len(mine), "constant_trained_maps": int(np.isnan(rho[mine]).sum()),
+                           "constant_randomised_maps": int(flat_random[mine].sum()),
                            "randomisation_spearman": mean_of(rho[mine]),
                            "deletion_area_gradcam": mean_of(areas[mine, 0]),
                            "deletion_area_random": mean_of(areas[mine, 1])}
     checked = [c for c in per_class.values() if c["images"]]
     overall = {
-        "classes": len(checked), "images": len(pairs), "constant_maps": int(np.isnan(rho).sum()),
+        "classes": len(checked), "images": len(pairs), "constant_trained_maps": int(np.isnan(rho).sum()),
+        "constant_randomised_maps": int(flat_random.sum()),
         "randomisation_spearman": mean_of(np.array([c["randomisation_spearman"] for c in checked])),
         "deletion_area_gradcam": mean_of(np.array([c["deletion_area_gradcam"] for c in checked])),
         "deletion_area_random": mean_of(np.array([c["deletion_area_random"] for c in checked])),

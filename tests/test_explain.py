@@ -31,6 +31,7 @@ from cxr14.sanity import (
     deletion_areas,
     deletion_curves,
     most_confident_positives,
+    randomisation_score,
     randomised_copy,
     sanity_checks,
     spearman,
@@ -252,6 +253,16 @@ def test_spearman_of_maps() -> None:
     assert np.isnan(spearman(a, np.full((8, 8), 0.3))) and np.isnan(spearman(np.zeros((8, 8)), a))
     with pytest.raises(PipelineError, match="maps of 64 and 16 values"):
         spearman(a, a[:4, :4])
+    # a randomised model whose map went flat lost the trained map's order: 0; a flat trained map: left out
+    assert randomisation_score(a, np.zeros((8, 8))) == 0.0 and np.isnan(randomisation_score(np.zeros((8, 8)), a))
+    assert randomisation_score(a, a ** 3) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_a_constant_map_deletes_in_random_order() -> None:
+    """A map with no preference (equal everywhere) gives the random order, not one skewed by cell sizes."""
+    cells = cell_index((10, 10), 3)  # cells of 3 or 4 pixels a side: unequal sizes
+    flat = np.full((10, 10), 0.7)
+    assert (cell_order(flat, cells, np.random.default_rng(5)) == np.random.default_rng(5).permutation(9)).all()
 
 
 def test_most_confident_positives_per_class() -> None:
@@ -280,7 +291,7 @@ def test_cells_steps_and_orders() -> None:
     order = cell_order(heat, cells, np.random.default_rng(0))
     assert order[:2].tolist() == [4, 3] and sorted(order.tolist()) == list(range(16))
     flat = cell_order(np.zeros((32, 32)), cells, np.random.default_rng(0))  # no preference: a random order
-    assert flat.tolist() == np.argsort(np.random.default_rng(0).permutation(16)).tolist() != list(range(16))
+    assert flat.tolist() == np.random.default_rng(0).permutation(16).tolist() != list(range(16))
 
 
 class PatchModel(nn.Module):
@@ -345,20 +356,25 @@ def test_sanity_checks_on_a_tiny_model_release_every_hook(tiny_test_set: Prepare
                                "randomised_tensors": len(reset), "map_size": [64, 64], "blank": "image mean grey"}
     with GradCAM(twin, twin.layer4) as cam:
         twin_maps = heatmaps(cam, tiny_test_set, pairs, mean, std, 8)
-    rho = {p: spearman(maps[p], twin_maps[p]) for p in pairs}
+    rho = {p: randomisation_score(maps[p], twin_maps[p]) for p in pairs}
+    flat = {p: np.ptp(twin_maps[p]) == 0 and np.ptp(maps[p]) > 0 for p in pairs}
     per = out["per_class"]
     assert [per[name]["images"] for name in CLASSES] == [4, 0, 0, 1] + [0] * 10
     for k in rows:
         c, values = per[CLASSES[k]], [rho[(r, k)] for r in rows[k]]
         finite = [v for v in values if not np.isnan(v)]
-        assert c["constant_maps"] == len(values) - len(finite)  # left out of the mean, and counted
+        assert c["constant_trained_maps"] == len(values) - len(finite)  # left out of the mean, and counted
+        assert c["constant_randomised_maps"] == sum(flat[(r, k)] for r in rows[k])  # scored 0, and counted
         assert c["randomisation_spearman"] == (pytest.approx(np.mean(finite), abs=1e-6) if finite else None)
         assert 0 <= c["deletion_area_gradcam"] <= 1 and 0 <= c["deletion_area_random"] <= 1
     assert any(np.isfinite(v) for v in rho.values())  # so the comparison above compared numbers
-    assert per[CLASSES[1]] == {"images": 0, "constant_maps": 0, "randomisation_spearman": None,
+    assert per[CLASSES[1]] == {"images": 0, "constant_trained_maps": 0, "constant_randomised_maps": 0,
+                               "randomisation_spearman": None,
                                "deletion_area_gradcam": None, "deletion_area_random": None}
     o = out["overall"]
-    assert o["classes"] == 2 and o["images"] == 5 and o["constant_maps"] == sum(np.isnan(v) for v in rho.values())
+    assert o["classes"] == 2 and o["images"] == 5
+    assert o["constant_trained_maps"] == sum(np.isnan(v) for v in rho.values())
+    assert o["constant_randomised_maps"] == sum(flat.values())
     assert o["classes_gradcam_below_random"] == sum(per[CLASSES[k]]["deletion_area_gradcam"]
                                                     < per[CLASSES[k]]["deletion_area_random"] for k in rows)
     assert o["deletion_area_random"] == pytest.approx(np.mean([per[CLASSES[k]]["deletion_area_random"] for k in rows]),

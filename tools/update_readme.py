@@ -105,20 +105,24 @@ def subgroup_table(metrics_dir: Path) -> str:
 
 def sanity_table(metrics_dir: Path) -> str:
     """Grad-CAM's sanity checks per class and overall, from the `sanity` section of metrics/explain.json."""
-    m = json.loads((metrics_dir / "explain.json").read_text())["sanity"]
+    m = json.loads((metrics_dir / "explain.json").read_text()).get("sanity")
+    if m is None:
+        return "| sanity checks |\n| --- |\n| off (`explain.sanity_images: 0`) |"
 
     def f(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
-    rows = ["| class | images | Spearman, trained vs randomised heatmaps (low is good) | constant maps "
-            "| deletion area, Grad-CAM order | deletion area, random order |", "|" + " --- |" * 6]
+    rows = ["| class | images | Spearman, trained vs randomised heatmaps (low is good) | constant maps: randomised "
+            "(scored 0) / trained (left out) | deletion area, Grad-CAM order | deletion area, random order |",
+            "|" + " --- |" * 6]
     for name, c in m["per_class"].items():
-        rows.append(f"| {name} | {c['images']} | {f(c['randomisation_spearman'])} | {c['constant_maps']} "
+        rows.append(f"| {name} | {c['images']} | {f(c['randomisation_spearman'])} "
+                    f"| {c['constant_randomised_maps']} / {c['constant_trained_maps']} "
                     f"| {f(c['deletion_area_gradcam'])} | {f(c['deletion_area_random'])} |")
     o = m["overall"]
     rows.append(f"| **all** ({o['classes_gradcam_below_random']} of {o['classes']} classes: Grad-CAM below random) "
-                f"| {o['images']} | {f(o['randomisation_spearman'])} | {o['constant_maps']} "
-                f"| {f(o['deletion_area_gradcam'])} | {f(o['deletion_area_random'])} |")
+                f"| {o['images']} | {f(o['randomisation_spearman'])} | {o['constant_randomised_maps']} / "
+                f"{o['constant_trained_maps']} | {f(o['deletion_area_gradcam'])} | {f(o['deletion_area_random'])} |")
     return "\n".join(rows)
 
 
