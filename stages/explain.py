@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"explain sanity: {s['images']} images of {s['classes']} classes: Spearman with a randomised "
               f"{'+'.join(metrics['sanity']['settings']['randomised'])} {s['randomisation_spearman']} (low is good; "
               f"{s['constant_randomised_maps']} randomised maps constant, scored 0; {s['constant_trained_maps']} "
-              "trained maps constant, left out); deletion area Grad-CAM {s['deletion_area_gradcam']} vs "
+              f"trained maps constant, left out); deletion area Grad-CAM {s['deletion_area_gradcam']} vs "
               f"random {s['deletion_area_random']} (lower in {s['classes_gradcam_below_random']} of {s['classes']} "
               "classes)")
 
