@@ -66,6 +66,12 @@ def export_onnx(model: nn.Module, ckpt: dict[str, Any], meta: dict[str, Any], ou
         raise PipelineError(f"export.opset {opset}: the ONNX exporter failed ({' '.join(str(exc).split())[:300]})"
                             ) from None
     proto = program.model_proto
+    # The exporter annotates every node with its Python stack trace (absolute paths of this checkout) and FX
+    # details: dropped, so that the file says nothing about the machine and the same model gives the same bytes
+    for graph_nodes in [proto.graph.node, *(f.node for f in proto.functions)]:
+        for node in graph_nodes:
+            del node.metadata_props[:]
+    del proto.graph.metadata_props[:]
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta, sort_keys=True)})
     onnx.save_model(proto, str(out))
 

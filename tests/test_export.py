@@ -70,6 +70,22 @@ def test_metadata_carries_everything_predict_needs(deployed: Path) -> None:
     assert meta["mean"] == [0.485, 0.456, 0.406] and meta["best_epoch"] == 3
 
 
+def test_the_file_is_the_same_bytes_wherever_it_is_exported(deployed: Path, tmp_path: Path) -> None:
+    """No trace of the machine (the exporter's stack traces hold absolute paths): the same model, exported
+    again in another folder, gives the same bytes, so dvc.lock does not change from one clone to another."""
+    import onnx
+
+    ckpt = torch.load(deployed / "model.pt", weights_only=True)
+    model = build_model("resnet18", "none").eval()
+    model.load_state_dict(ckpt["state_dict"])
+    meta = read_metadata(deployed / "model.onnx")
+    export_onnx(model, ckpt, meta, tmp_path / "again.onnx", 20)
+    assert (tmp_path / "again.onnx").read_bytes() == (deployed / "model.onnx").read_bytes()
+    proto = onnx.load(str(deployed / "model.onnx"))
+    assert not any(n.metadata_props for n in proto.graph.node) and not proto.graph.metadata_props
+    assert not any(str(ROOT) in n.doc_string for n in proto.graph.node)
+
+
 def test_onnx_runtime_matches_pytorch_and_a_different_model_does_not(deployed: Path) -> None:
     ckpt = torch.load(deployed / "model.pt", weights_only=True)
     model = build_model("resnet18", "none").eval()
