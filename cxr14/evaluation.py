@@ -21,7 +21,16 @@ from cxr14 import paths
 from cxr14.common import atomic_path, rounded, warn
 from cxr14.data import PreparedImages, make_loader
 from cxr14.engine import Batches, evaluate
-from cxr14.metrics import PatientBootstrap, auc_with_interval, has_both, mean_defined, pr_on_grid, roc_on_grid
+from cxr14.metrics import (
+    PatientBootstrap,
+    auc_with_interval,
+    has_both,
+    macro_bootstrap,
+    mean_defined,
+    percentile_interval,
+    pr_on_grid,
+    roc_on_grid,
+)
 from cxr14.metrics import auc as auc_of
 from cxr14.nih import CLASSES, META_COLUMNS, parse_findings
 from cxr14.predictions import PROB_PREFIX
@@ -95,12 +104,35 @@ def score_test(pred: pd.DataFrame, clean: np.ndarray | None, resamples: int, see
         aucs.append(auc)
     out = {"mean_auc": rounded(mean_defined(aucs)), "images": len(pred),
            "patients": int(pred["Patient ID"].nunique()), "bootstrap_resamples": resamples}
+    labels, probs = pred[list(CLASSES)].to_numpy(), pred[[PROB_PREFIX + n for n in CLASSES]].to_numpy()
+    _, boot = macro_bootstrap(labels, probs, weights)  # the same resamples as the classes' intervals
+    if boot is not None:
+        out["mean_auc_ci_low"], out["mean_auc_ci_high"] = rounded(percentile_interval(boot))
     if clean is not None:
         out["oracle_mean_auc"] = rounded(mean_defined([v["oracle_auc"] for v in per_class.values()]))
         defined = out["mean_auc"] is not None and out["oracle_mean_auc"] is not None
         out["gap_to_oracle"] = rounded(out["oracle_mean_auc"] - out["mean_auc"]) if defined else None
     out["per_class"] = per_class
     return out
+
+
+def forest_rows(metrics: dict) -> pd.DataFrame:
+    """plots/evaluate/forest.csv, the forest plot's rows in reading order: the macro mean, each class, then each
+    expert-labelled finding; AUC with its patient-bootstrap 95% interval and, on the demo, the oracle's AUC.
+    `order` fixes the rows' order on the page whatever the values, so revisions line up in `dvc plots diff`."""
+    rows = [{"row": "mean of 14 classes", "kind": "mean", "auc": metrics["mean_auc"],
+             "ci_low": metrics.get("mean_auc_ci_low"), "ci_high": metrics.get("mean_auc_ci_high"),
+             "oracle_auc": metrics.get("oracle_mean_auc")}]
+    for name, c in metrics["per_class"].items():
+        rows.append({"row": name, "kind": "class", "auc": c["auc"], "ci_low": c["auc_ci_low"],
+                     "ci_high": c["auc_ci_high"], "oracle_auc": c.get("oracle_auc")})
+    for name, f in metrics.get("expert", {}).get("findings", {}).items():
+        if f.get("auc") is not None:
+            rows.append({"row": f"{name} (expert labels)", "kind": "expert labels", "auc": f["auc"],
+                         "ci_low": f["auc_ci_low"], "ci_high": f["auc_ci_high"], "oracle_auc": None})
+    frame = pd.DataFrame(rows, columns=["row", "kind", "auc", "ci_low", "ci_high", "oracle_auc"])
+    frame.insert(0, "order", range(len(frame)))
+    return frame
 
 
 def curves(pred: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

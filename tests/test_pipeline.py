@@ -39,7 +39,7 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the pipeline (code, dvc.yaml, params with TINY overrides) in a new git + DVC repo."""
     work = tmp_path_factory.mktemp("project")
-    copy_pipeline(work, TINY)
+    copy_pipeline(work, TINY, names=("cxr14", "stages", "dvc.yaml", "plots/templates"))
     run(["git", "init", "-q"], work)
     run([sys.executable, "-m", "dvc", "init", "-q"], work)
     run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], work)
@@ -115,6 +115,37 @@ def test_predict_with_the_exported_model_agrees_with_evaluate(project: Path) -> 
     for _, r in rows.iterrows():
         t = thresholds[r["class"]]
         assert r["decision"] == ("n/a" if t is None else "POS" if r["calibrated"] >= t else "NEG")
+
+
+def test_plots_page_renders_the_custom_templates(project: Path) -> None:
+    """`dvc plots show` through plots/templates/: the forest plot has a row per class and the mean in a fixed
+    order with their intervals, the curves are coloured by class and dashed by revision, and the 14 per-class
+    val AUC files make one chart."""
+    out = run([sys.executable, "-m", "dvc", "plots", "show", "--json"], project).stdout
+    data = json.loads(out)["data"]
+    specs = {title: entries[0]["content"] for title, entries in data.items()
+             if entries and entries[0]["type"] == "vega"}
+    empty = [t for t, entries in data.items() if not entries and not t.startswith("plots/")]
+    assert all("subgroup" in t for t in empty), empty  # the tiny demo's subgroups are all too small to plot
+    titles = list(specs)
+    assert titles[0].startswith("Test ROC-AUC per class and their mean") and titles[1].startswith("Test ROC curves")
+    forest = specs[titles[0]]
+    rows = forest["data"]["values"]
+    evaluate = json.loads((project / "metrics/evaluate.json").read_text())
+    assert [r["row"] for r in rows][:15] == ["mean of 14 classes", *CLASSES]
+    assert float(rows[0]["auc"]) == evaluate["mean_auc"]
+    assert float(rows[0]["ci_low"]) <= evaluate["mean_auc"] <= float(rows[0]["ci_high"])
+    for r, name in zip(rows[1:15], CLASSES, strict=True):
+        assert float(r["auc"]) == evaluate["per_class"][name]["auc"] and float(r["oracle_auc"]) > 0
+    assert forest["encoding"]["yOffset"]["field"] == "rev" and forest["encoding"]["color"]["field"] == "rev"
+    roc = specs["Test ROC curves, one colour per class (TPR at each FPR)"]
+    assert roc["encoding"]["color"]["field"] == "field" and roc["encoding"]["strokeDash"]["field"] == "rev"
+    assert {r["field"] for r in roc["data"]["values"]} == {c for c in CLASSES if c in pd.read_csv(
+        project / "plots/evaluate/roc.csv").columns}
+    val = specs["Training, val ROC-AUC per class per epoch"]
+    logged = {p.stem for p in (project / "dvclive/plots/metrics/val/auc").glob("*.tsv")}  # classes val defines
+    assert {r["field"] for r in val["data"]["values"]} == logged and len(logged) > 5  # one chart, every class
+    assert not [t for t in titles if t.startswith("dvclive/plots/metrics/val/auc/")]  # no longer 14 charts
 
 
 def test_second_repro_runs_nothing(project: Path) -> None:
