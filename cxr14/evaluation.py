@@ -135,6 +135,23 @@ def forest_rows(metrics: dict) -> pd.DataFrame:
     return frame
 
 
+def headline_rows(metrics: dict) -> pd.DataFrame:
+    """plots/evaluate/headline.csv: evaluate's lines of the page's headline table (calibrate adds its own)."""
+    def f(v: float | None, digits: int = 4) -> str:
+        return "n/a" if v is None else f"{v:.{digits}f}"
+
+    rows = [("test mean ROC-AUC [95% CI]", f"{f(metrics['mean_auc'])} [{f(metrics.get('mean_auc_ci_low'))}, "
+                                            f"{f(metrics.get('mean_auc_ci_high'))}]"),
+            ("test images / patients", f"{metrics['images']:,} / {metrics['patients']:,}")]
+    if "oracle_mean_auc" in metrics:
+        rows.append(("oracle mean ROC-AUC (demo: its clean labels) / gap", f"{f(metrics['oracle_mean_auc'])} / "
+                                                                           f"{f(metrics['gap_to_oracle'])}"))
+    expert = {n: v["auc"] for n, v in metrics.get("expert", {}).get("findings", {}).items() if v.get("auc")}
+    if expert:
+        rows.append((f"ROC-AUC vs expert labels: {' / '.join(expert)}", " / ".join(f(v, 3) for v in expert.values())))
+    return pd.DataFrame([(i, m, t) for i, (m, t) in enumerate(rows)], columns=["order", "metric", "text"])
+
+
 def curves(pred: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """ROC (TPR at fixed FPR) and PR (precision at fixed recall), one column per class with positives."""
     roc, pr = pd.DataFrame({"fpr": GRID}), pd.DataFrame({"recall": GRID})

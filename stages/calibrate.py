@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from cxr14 import paths
 from cxr14.calibration import (
@@ -34,6 +35,21 @@ from cxr14.predictions import EXPERT_PREFIX, read_prediction_table
 from cxr14.subgroups import decisions_by_subgroup, plot_rows, summary
 
 SPLITS = ("val", "test")
+
+
+def headline_rows(metrics: dict) -> pd.DataFrame:
+    """plots/calibrate/headline.csv: calibrate's lines of the page's headline table, after evaluate's."""
+    t = metrics["test"]["macro"]
+
+    def f(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    gaps = {a: metrics["subgroups"][a]["underdiagnosis_gap"]["gap"] for a in ("sex", "age", "view")}
+    rows = [("macro F1 / precision / recall at the val thresholds (test)",
+             f"{f(t['f1'])} / {f(t['precision'])} / {f(t['recall'])}"),
+            ("macro ECE before -> after calibration (test)", f"{f(t['ece_before'])} -> {f(t['ece_after'])}"),
+            ("underdiagnosis gap by sex / age / view (test)", " / ".join(f(v) for v in gaps.values()))]
+    return pd.DataFrame([(10 + i, m, x) for i, (m, x) in enumerate(rows)], columns=["order", "metric", "text"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics["expert"] = {"split": "test", "findings": decisions_section(table, called)}
     write_json(args.metrics, metrics)
     write_csv(args.plots / "subgroups.csv", plot_rows(metrics["subgroups"], "underdiagnosis_rate"))
+    write_csv(args.plots / "headline.csv", headline_rows(metrics))
     for s in SPLITS:
         frame = reliability_frame(data[s][0], data[s][1], cal[s], c.ece_bins)
         write_csv(args.plots / f"reliability_{s}.csv", frame, float_format="%.6f")

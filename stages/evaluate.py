@@ -18,7 +18,7 @@ import torch
 from cxr14 import paths
 from cxr14.common import cpu_count, cpu_kernels, run_main, write_csv, write_json
 from cxr14.engine import pick_device
-from cxr14.evaluation import clean_labels, curves, forest_rows, predict_split, score_plot, score_test
+from cxr14.evaluation import clean_labels, curves, forest_rows, headline_rows, predict_split, score_plot, score_test
 from cxr14.expert import EXPERT_FILES, expert_columns, expert_section, find_expert_file, read_expert_labels
 from cxr14.model import load_checkpoint
 from cxr14.nih import CLASSES
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         write_csv(paths.PREDICTIONS / f"{split}.csv", frame, float_format="%.6g")
     write_json(paths.METRICS / "evaluate.json", metrics)
     write_csv(plots / "forest.csv", forest_rows(metrics))
+    write_csv(plots / "headline.csv", headline_rows(metrics))
     write_csv(plots / "roc.csv", roc)
     write_csv(plots / "pr.csv", pr)
     write_csv(plots / "subgroups.csv", plot_rows(metrics["subgroups"], "mean_auc", "ci_low", "ci_high"))

@@ -128,8 +128,11 @@ def test_plots_page_renders_the_custom_templates(project: Path) -> None:
     empty = [t for t, entries in data.items() if not entries and not t.startswith("plots/")]
     assert all("subgroup" in t for t in empty), empty  # the tiny demo's subgroups are all too small to plot
     titles = list(specs)
-    assert titles[0].startswith("Test ROC-AUC per class and their mean") and titles[1].startswith("Test ROC curves")
-    forest = specs[titles[0]]
+    assert titles[0].startswith("Headline figures") and titles[1].startswith("Test ROC-AUC per class and their mean")
+    assert titles[2].startswith("Test ROC curves") and titles[-1].startswith("Training, loss")
+    headline = [r["metric"] for r in sorted(specs[titles[0]]["data"]["values"], key=lambda r: int(r["order"]))]
+    assert headline[0] == "test mean ROC-AUC [95% CI]" and headline[-1].startswith("underdiagnosis gap")  # both files
+    forest = specs[titles[1]]
     rows = forest["data"]["values"]
     evaluate = json.loads((project / "metrics/evaluate.json").read_text())
     assert [r["row"] for r in rows][:15] == ["mean of 14 classes", *CLASSES]
