@@ -31,10 +31,24 @@ def positive_weights(labels: np.ndarray, cap: float | None) -> torch.Tensor:
     return torch.tensor(weight, dtype=torch.float32)
 
 
-def loss_function(labels: np.ndarray, cap: float | None) -> torch.nn.BCEWithLogitsLoss:
+class SmoothedBCE(torch.nn.BCEWithLogitsLoss):
+    """BCE against targets pulled `smoothing` / 2 toward 0.5 (label smoothing, for report-mined labels that are
+    sometimes wrong); 0 is plain BCE."""
+
+    def __init__(self, pos_weight: torch.Tensor, smoothing: float = 0.0) -> None:
+        super().__init__(pos_weight=pos_weight)
+        self.smoothing = smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.smoothing:
+            target = target * (1 - self.smoothing) + self.smoothing / 2
+        return super().forward(logits, target)
+
+
+def loss_function(labels: np.ndarray, cap: float | None, smoothing: float = 0.0) -> torch.nn.BCEWithLogitsLoss:
     """The training loss: BCE per class with `pos_weight` = negatives / positives (the seed passed `weight=`,
-    which scales the negatives' loss too and so does not rebalance anything)."""
-    return torch.nn.BCEWithLogitsLoss(pos_weight=positive_weights(labels, cap))
+    which scales the negatives' loss too and so does not rebalance anything), its targets smoothed by `smoothing`."""
+    return SmoothedBCE(positive_weights(labels, cap), smoothing)
 
 
 def pick_device(name: str, key: str = "train.device") -> torch.device:
@@ -145,8 +159,13 @@ def evaluate(model, loader, criterion, batches) -> dict:
     return scores(*infer(model, loader, criterion, batches))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int) -> Any:
-    """The learning-rate schedule by name: none, cosine over `epochs`, or x0.1 on a val AUC plateau."""
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int, steps_per_epoch: int = 1) -> Any:
+    """The learning-rate schedule by name: none, cosine over `epochs`, x0.1 on a val AUC plateau, or one-cycle
+    (stepped every batch: `per_step`): warm up to the configured rates over the first quarter, then anneal."""
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(epochs * steps_per_epoch, 1),
+            pct_start=0.25)
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     if name == "plateau":

@@ -107,8 +107,9 @@ class Train(Section):
     lr_head: float = field(low=0.0, open_low=True)
     lr_backbone: float = field(low=0.0, open_low=True)
     weight_decay: float = field(low=0.0)
-    scheduler: Literal["none", "cosine", "plateau"] = field()
+    scheduler: Literal["none", "cosine", "plateau", "onecycle"] = field()
     pos_weight_cap: float | None = field(low=1.0, doc="null (no cap) or a number >= 1")
+    label_smoothing: float = field(low=0.0, high=0.5, open_high=True)
     patience: int = field(low=1)
     ema: float = field(low=0.0, high=1.0, open_high=True, doc="0 (off) or a decay in (0, 1), e.g. 0.99")
     augment: Augment = field()
@@ -135,7 +136,8 @@ class Train(Section):
     # What shapes the model: a resumed run must have been started with the same values.
     RECIPE: ClassVar[tuple[str, ...]] = (
         "arch", "output_stride", "weights", "freeze", "epochs", "batch_size", "lr_head", "lr_backbone",
-        "weight_decay", "scheduler", "pos_weight_cap", "patience", "ema", "augment", "seed", "cpu_kernels")
+        "weight_decay", "scheduler", "pos_weight_cap", "label_smoothing", "patience", "ema", "augment", "seed",
+        "cpu_kernels")
 
     def recipe(self) -> dict[str, Any]:
         """The recipe as plain data (lists, dicts), as stored in checkpoints."""

@@ -136,9 +136,13 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
     data, world = data or {}, world or World()
     check_val_labels(val_set)
     check_world(train_set, t, world.size)
-    criterion = loss_function(train_set.labels, t.pos_weight_cap).to(device)
+    criterion = loss_function(train_set.labels, t.pos_weight_cap, t.label_smoothing).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, t.arch, t.lr_head, t.lr_backbone), weight_decay=t.weight_decay)
-    scheduler = make_scheduler(optimizer, t.scheduler, t.epochs)
+    part = (world.rank, world.size)
+    steps = len(make_loader(train_set, t.batch_size, shuffle=True, seed=0, workers=0,
+                            drop_last=len(train_set) > t.batch_size, part=part))
+    scheduler = make_scheduler(optimizer, t.scheduler, t.epochs, steps)
+    per_step = isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
     state, best = fresh_state(), None
     ema = moving_average(model, t.ema)
     scored = ema.module if ema is not None else model  # what is validated and saved
@@ -170,7 +174,6 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
         keep_out_of_git(resume_file.parent)
     agree("data", data, world)
     agree("resume point", (state["epoch"], state["best_auc"]), world)
-    part = (world.rank, world.size)
     batches, eval_batches = Batches(device, t.augment, reuse=True, part=part), Batches(device, reuse=True)
     runner = wrap(model, t, device, world)
     while state["epoch"] < t.epochs and state["bad_epochs"] < t.patience:
@@ -181,7 +184,7 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
         with peers_watched(world):  # DDP's gradient all-reduce: a rank that died is one line on the others
             tr = train_one_epoch(runner, loader, criterion, optimizer, batches, frozen, generator,
                                  desc=f"epoch {epoch + 1}/{t.epochs}", disable=not world.main,
-                                 after_step=None if ema is None else lambda: ema.update_parameters(model))
+                                 after_step=lambda: after_step(ema, model, scheduler if per_step else None))
         if world.size > 1:  # the whole batch's loss and images, as one process counts them
             loss_sum, images = all_sum([tr["loss"] * tr["images"], tr["images"]], world)
             tr.update(loss=loss_sum / max(images, 1), images=int(images))
@@ -190,7 +193,7 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
         row = {f"lr/{group['name']}": group["lr"] for group in optimizer.param_groups}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(ev["mean_auc"])
-        elif scheduler is not None:
+        elif scheduler is not None and not per_step:
             scheduler.step()
         row.update({"train/loss": tr["loss"], "val/loss": ev["loss"], "val/mean_auc": ev["mean_auc"]})
         row.update({f"val/auc/{name}": auc for name, auc in zip(CLASSES, ev["per_class_auc"], strict=True)
@@ -216,6 +219,15 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
               f"val mean AUC {ev['mean_auc']:.4f}{' (best)' if improved else ''}, "
               f"{tr['images'] / tr['seconds']:.0f} images/s")
     return {"state": state, "best_model": best}
+
+
+def after_step(ema: torch.optim.swa_utils.AveragedModel | None, model: nn.Module,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> None:
+    """What follows every optimizer step: the weights' moving average, a per-step schedule."""
+    if ema is not None:
+        ema.update_parameters(model)
+    if scheduler is not None:
+        scheduler.step()
 
 
 def moving_average(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:

@@ -248,7 +248,8 @@ def nih_sample_split(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 TRAIN = {
     "arch": "resnet18", "output_stride": 32, "weights": "none", "freeze": [], "epochs": 1, "batch_size": 16,
     "lr_head": 1e-3,
-    "lr_backbone": 1e-3, "weight_decay": 1e-4, "scheduler": "cosine", "pos_weight_cap": 20, "patience": 3, "ema": 0.0,
+    "lr_backbone": 1e-3, "weight_decay": 1e-4, "scheduler": "cosine", "pos_weight_cap": 20, "label_smoothing": 0.0,
+    "patience": 3, "ema": 0.0,
     "augment": {"hflip": 0.5, "rotate": 5, "crop_scale": [0.85, 1.0]}, "device": "cpu", "nproc": 1, "compile": False,
     "cpu_kernels": "avx2",
     "workers": 0, "seed": 0,

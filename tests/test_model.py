@@ -12,7 +12,7 @@ import torch
 from cxr14 import model as model_mod
 from cxr14.common import PipelineError
 from cxr14.data import augment, to_model_input
-from cxr14.engine import Batches, evaluate, loss_function, positive_weights
+from cxr14.engine import Batches, evaluate, loss_function, make_scheduler, positive_weights
 from cxr14.metrics import mean_auc
 from cxr14.model import build_model, freeze, param_groups, set_train_mode
 
@@ -35,6 +35,40 @@ def test_training_loss_weighs_positives_only() -> None:
     # mean over 4 cells: one positive at 3 log 2, three negatives at log 2 each
     assert criterion(logits, target).item() == pytest.approx((3 + 3) * np.log(2) / 4)
     assert criterion.weight is None
+
+
+def test_label_smoothing_pulls_targets_toward_one_half() -> None:
+    """With smoothing e (and no class weights) a label 1 is fitted best at probability 1 - e/2 and a 0 at e/2,
+    so the loss is lowest there (and not at the label itself, as with plain BCE); class weights still apply."""
+    labels = np.array([[1, 0], [0, 0], [0, 0], [0, 1]], dtype=np.float32)  # pos_weight 3 and 3, capped at 1
+    smooth, plain = loss_function(labels, cap=1.0, smoothing=0.2), loss_function(labels, cap=1.0)
+    target = torch.tensor([[1.0, 0.0]])
+    best = torch.logit(torch.tensor([[0.9, 0.1]]))
+    toward = torch.tensor([[0.3, -0.3]])  # toward the labels 1 and 0
+    for candidate in (best + toward, best - toward):  # moving either way from 0.9 / 0.1 costs loss
+        assert smooth(candidate, target).item() > smooth(best, target).item()
+    assert plain(best + toward, target).item() < plain(best, target).item()  # plain BCE wants 1 and 0
+    soft = torch.tensor([[0.9, 0.1]])  # = the smoothed targets, through plain BCE with the same weights
+    weighted, weighted_plain = loss_function(labels, cap=None, smoothing=0.2), loss_function(labels, cap=None)
+    assert weighted(best, target).item() == pytest.approx(weighted_plain(best, soft).item(), rel=1e-6)
+    assert smooth(best, target).item() == pytest.approx(plain(best, soft).item(), rel=1e-6)
+
+
+def test_one_cycle_warms_up_over_a_quarter_then_anneals_every_step() -> None:
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW([{"params": [model.weight], "lr": 2e-3}, {"params": [model.bias], "lr": 1e-3}])
+    scheduler = make_scheduler(optimizer, "onecycle", epochs=4, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    head = [lr[0] for lr in lrs]
+    assert head[0] == pytest.approx(2e-3 / 25) and max(head) == pytest.approx(2e-3)  # the params' rates are peaks
+    assert head.index(max(head)) in (9, 10) and head[-1] < 1e-6  # peak after a quarter of the 40 steps
+    assert all(b > a for a, b in zip(head[:9], head[1:10], strict=True))
+    assert all(b < a for a, b in zip(head[10:-1], head[11:], strict=True))
+    assert lrs[10][1] == pytest.approx(lrs[10][0] / 2)  # each group at its own rate
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "densenet121"])

@@ -40,9 +40,11 @@ def test_one_epoch_writes_checkpoint_metrics_and_logs(workdir: Path) -> None:
     assert sorted(p.name for p in Path("models/resume").iterdir()) == [".gitignore", "last.pt"]
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.9], ids=["plain", "moving-average"])
-def test_resume_after_a_kill_gives_the_uninterrupted_result(workdir: Path, monkeypatch, ema: float) -> None:
-    write_train_params(workdir, epochs=2, scheduler="cosine", ema=ema)
+@pytest.mark.parametrize(("ema", "scheduler"), [(0.0, "cosine"), (0.9, "cosine"), (0.0, "onecycle")],
+                         ids=["plain", "moving-average", "one-cycle"])
+def test_resume_after_a_kill_gives_the_uninterrupted_result(workdir: Path, monkeypatch, ema: float,
+                                                             scheduler: str) -> None:
+    write_train_params(workdir, epochs=2, scheduler=scheduler, ema=ema)
     train.main([])
     straight = outputs()
     shutil.rmtree("models"), shutil.rmtree("dvclive")
@@ -62,7 +64,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(workdir: Path, monke
     assert torch.load("models/resume/last.pt", weights_only=True)["state"]["epoch"] == 1
     assert not Path("models/model.pt").exists() and not Path("dvclive").exists()  # written when training ends
     monkeypatch.setattr(training, "train_one_epoch", real_epoch)
-    write_train_params(workdir, epochs=2, scheduler="cosine", resume=True, ema=ema)
+    write_train_params(workdir, epochs=2, scheduler=scheduler, resume=True, ema=ema)
     train.main([])
     resumed = outputs()
     assert resumed.keys() == straight.keys()
