@@ -174,7 +174,9 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
         keep_out_of_git(resume_file.parent)
     agree("data", data, world)
     agree("resume point", (state["epoch"], state["best_auc"]), world)
-    batches, eval_batches = Batches(device, t.augment, reuse=True, part=part), Batches(device, reuse=True)
+    # the model is channels_last (stages/train.py), and so is every batch it sees here
+    batches = Batches(device, t.augment, reuse=True, part=part, channels_last=True)
+    eval_batches = Batches(device, reuse=True, channels_last=True)
     runner = wrap(model, t, device, world)
     while state["epoch"] < t.epochs and state["bad_epochs"] < t.patience:
         epoch = state["epoch"]

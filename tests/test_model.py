@@ -283,6 +283,20 @@ def test_batches_are_new_tensors_unless_reuse_is_asked_for() -> None:
     assert a.data_ptr() == b.data_ptr() and torch.equal(a, b)
 
 
+def test_training_batches_are_channels_last_in_their_reused_buffer() -> None:
+    """Training's layout is channels_last on every device: written so by the normalisation itself (no second
+    copy per batch), with the same values as the default layout, and the buffer still reused."""
+    images = torch.randint(0, 256, (2, 1, 5, 4), dtype=torch.uint8)
+    plain = Batches(torch.device("cpu"))(images)
+    assert plain.is_contiguous()  # the CPU default: evaluate, explain and export see what they always saw
+    nhwc = Batches(torch.device("cpu"), reuse=True, channels_last=True)
+    a = nhwc(images)
+    assert a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous()
+    assert torch.equal(a, plain)
+    b = nhwc(images)
+    assert b.data_ptr() == a.data_ptr() and b.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_evaluate_refuses_non_finite_outputs() -> None:
     """A diverged model (NaN logits) must stop training with its cause, not give a NaN AUC that never improves."""
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2))  # 3 channels x 4 x 4
