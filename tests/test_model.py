@@ -283,9 +283,9 @@ def test_batches_are_new_tensors_unless_reuse_is_asked_for() -> None:
     assert a.data_ptr() == b.data_ptr() and torch.equal(a, b)
 
 
-def test_training_batches_are_channels_last_in_their_reused_buffer() -> None:
-    """Training's layout is channels_last on every device: written so by the normalisation itself (no second
-    copy per batch), with the same values as the default layout, and the buffer still reused."""
+def test_channels_last_batches_are_written_so_in_their_reused_buffer() -> None:
+    """Training asks for channels_last on every device (cxr14.training.fit): the normalisation writes that layout
+    itself (no second copy per batch), with the default layout's values, and the buffer is still reused."""
     images = torch.randint(0, 256, (2, 1, 5, 4), dtype=torch.uint8)
     plain = Batches(torch.device("cpu"))(images)
     assert plain.is_contiguous()  # the CPU default: evaluate, explain and export see what they always saw
