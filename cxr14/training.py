@@ -136,6 +136,8 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
     data, world = data or {}, world or World()
     check_val_labels(val_set)
     check_world(train_set, t, world.size)
+    # channels_last (NHWC): cuDNN's and oneDNN's fastest layout; the model here, every batch below (Batches)
+    model.to(memory_format=torch.channels_last)
     criterion = loss_function(train_set.labels, t.pos_weight_cap, t.label_smoothing).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, t.arch, t.lr_head, t.lr_backbone), weight_decay=t.weight_decay)
     part = (world.rank, world.size)
@@ -174,7 +176,6 @@ def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set:
         keep_out_of_git(resume_file.parent)
     agree("data", data, world)
     agree("resume point", (state["epoch"], state["best_auc"]), world)
-    # the model is channels_last (stages/train.py), and so is every batch it sees here
     batches = Batches(device, t.augment, reuse=True, part=part, channels_last=True)
     eval_batches = Batches(device, reuse=True, channels_last=True)
     runner = wrap(model, t, device, world)

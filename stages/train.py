@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         frozen = freeze(model, t.freeze)
     except PipelineError as exc:  # name the params file for errors about a train.* value
         raise PipelineError(f"{args.params} {exc}" if str(exc).startswith("train.") else str(exc)) from None
-    model.to(device, memory_format=torch.channels_last)  # oneDNN's and cuDNN's fastest layout (cxr14.engine.Batches)
+    model.to(device)
     pretrained = None if t.weights == "none" else str(imagenet_weights(t.arch, t.weights))
     if world.main:
         for output in (paths.RESUME_POINT, paths.MODEL, paths.DVCLIVE, TRAIN_METRICS):
