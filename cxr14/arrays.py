@@ -65,11 +65,12 @@ def decoded_rows(paths: Sequence[str], size: int, workers: int) -> Iterator[tupl
                 chunk, future = pending.popleft()
                 try:
                     done = future.result()
+                    # a worker killed after finishing this chunk breaks the pool here, at the next submit
+                    pending.extend((c, pool.submit(_decode_chunk, c)) for c in itertools.islice(chunks, 1))
                 except BrokenProcessPool:  # which image killed it is unknown: the first not yet written is named
                     yield chunk[0][0], ("a decoding worker process died at or after this image (out of memory?);"
                                         " try fewer prepare.workers")
                     return
-                pending.extend((c, pool.submit(_decode_chunk, c)) for c in itertools.islice(chunks, 1))
                 yield from done
         finally:
             for _, future in pending:

@@ -228,6 +228,39 @@ def test_a_worker_killed_mid_decode_is_an_error_not_a_hang(tmp_path):
     assert multiprocessing.active_children() == []
 
 
+def test_a_pool_broken_between_chunks_is_the_same_error(tmp_path, monkeypatch):
+    """A worker killed after its chunk finished breaks the pool at the next submit, not at a result (seen once in
+    CI as a BrokenProcessPool traceback): the same one-line error, naming the first image not yet written."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    import cxr14.arrays as arrays
+
+    class PoolBrokenAfterFirstResult:  # decodes in-process; breaks once the first result has been taken
+        def __init__(self, *args, **kwargs) -> None:
+            self.taken = False
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            return None
+
+        def submit(self, fn, chunk):
+            if self.taken:
+                raise BrokenProcessPool("A child process terminated abruptly")
+            future = Future()
+            future.result = lambda: (setattr(self, "taken", True), fn(chunk))[1]
+            return future
+
+    monkeypatch.setattr(arrays, "ProcessPoolExecutor", PoolBrokenAfterFirstResult)
+    images = [str(p) for p in sorted((NIH / "images").glob("*.png"))[:40]]
+    with pytest.raises(PipelineError) as err:
+        write_array(images, 16, 2, tmp_path / "out.npy", "table.csv")
+    assert str(err.value) == (f"{images[0]} (table.csv line 2): a decoding worker process died at or after this "
+                              "image (out of memory?); try fewer prepare.workers")
+
+
 def test_prepare_cli_bad_image_is_one_line_without_traceback(tiny_split):
     table = tiny_split["tables"]["val"]
     bad = Path(table["path"][0])
