@@ -190,6 +190,8 @@ class Export(Section):
     opset: int = field(low=18, doc="an ONNX opset of at least 18 (the exporter's oldest)")
     tolerance: float = field(low=0.0, open_low=True, doc="a positive number: the largest |ONNX - PyTorch| accepted")
     batch_size: int = field(low=1)
+    int8_calibration_images: int = field(low=1)
+    int8_max_auc_drop: float = field(low=0.0, high=1.0)
 
 
 SECTIONS: tuple[type[Section], ...] = (Data, Demo, Split, Prepare, Train, Evaluate, Calibrate, Explain, Export)

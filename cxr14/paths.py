@@ -13,6 +13,7 @@ MODELS = Path("models")
 MODEL = MODELS / "model.pt"  # best epoch
 RESUME_POINT = MODELS / "resume" / "last.pt"  # train's latest epoch; not a DVC output: nothing restores it
 ONNX = MODELS / "model.onnx"  # the export stage's: graph, calibrator and thresholds in one file
+ONNX_INT8 = MODELS / "model.int8.onnx"  # the same, quantized to 8 bits: predict's default on a CPU
 THRESHOLDS = MODELS / "thresholds.json"
 CALIBRATOR = MODELS / "calibrator.json"
 METRICS = Path("metrics")

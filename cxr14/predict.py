@@ -6,8 +6,10 @@ RGBA files included), in threads, ahead of the model, and run in batches; decisi
 probability against the val thresholds the calibrate stage chose; an unreadable file is reported in one line
 while the other files are still processed (exit code 1 at the end).
 
-Two engines. `onnx` (the default without --gradcam) runs the export stage's models/model.onnx with ONNX Runtime
-and never imports PyTorch: the file carries its classes, image size, calibrator and thresholds. `torch` runs the
+Two engines. `onnx` (the default without --gradcam) runs the export stage's model with ONNX Runtime and never
+imports PyTorch: the file carries its classes, image size, calibrator and thresholds. On a CPU that model is
+models/model.int8.onnx (8-bit: about 3x faster than float32 here, at the same test AUC; `--precision fp32`
+for models/model.onnx, what a GPU runs). `torch` runs the
 train stage's checkpoint with calibrate's JSON files, and is the one that draws Grad-CAM heatmaps.
 
     cxr14-predict IMAGE|FOLDER|GLOB ... [--csv OUT] [--json] [--gradcam DIR] [--engine onnx|torch]
@@ -39,6 +41,7 @@ from cxr14.nih import IMAGE_SUFFIXES
 from cxr14.params import PARAMS_FILE, Explain, Train, load_section
 
 ENGINES = ("onnx", "torch")
+PRECISIONS = ("auto", "int8", "fp32")
 CSV_COLUMNS = ("image", "class", "probability", "calibrated", "threshold", "decision", "margin", "relative_margin")
 BAR_AFTER = 8  # a progress bar for more images than this
 
@@ -151,7 +154,7 @@ class OnnxEngine:
             # ONNX Runtime prints a provider that fails to start (and falls back to the CPU) on stdout, where it
             # would break --json: it goes to stderr, and a CUDA session that did not start is an error below
             with contextlib.redirect_stdout(sys.stderr):
-                self.session = session(model, providers)
+                self.session = session(model, providers, spin=False)  # the decoding threads need the cores
         except Exception as exc:  # onnxruntime's own errors for a foreign or truncated file
             raise PipelineError(f"{model}: not a readable ONNX model ({' '.join(str(exc).split())[:300]})") from None
         if cuda and self.session.get_providers()[0] != "CUDAExecutionProvider":
@@ -305,8 +308,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "recursively) or glob patterns (quote them: '**' crosses folders)")
     parser.add_argument("--engine", choices=ENGINES, help="onnx: models/model.onnx through ONNX Runtime, no PyTorch "
                         "(the default); torch: the checkpoint (the default with --gradcam or a .pt --model)")
-    parser.add_argument("--model", type=Path, help="the export stage's .onnx (onnx engine; default "
-                        f"{paths.ONNX}) or the train stage's checkpoint (torch engine; default {paths.MODEL})")
+    parser.add_argument("--model", type=Path, help="the export stage's .onnx (onnx engine; default: see "
+                        f"--precision) or the train stage's checkpoint (torch engine; default {paths.MODEL})")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=f"onnx engine's default model: "
+                        f"int8 {paths.ONNX_INT8}, fp32 {paths.ONNX}; auto (the default): int8 on a CPU where the "
+                        "export stage wrote it and found it within export.int8_max_auc_drop, else fp32")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: train.device of --params, else cpu; the "
                         "onnx engine needs onnxruntime-gpu for CUDA)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
@@ -334,8 +340,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.engine = "torch" if args.gradcam is not None or pt else "onnx"
     if args.engine == "onnx" and args.gradcam is not None:
         parser.error("--gradcam needs --engine torch (an ONNX graph has no gradients to draw heatmaps from)")
-    if args.model is None:
-        args.model = paths.ONNX if args.engine == "onnx" else paths.MODEL
+    if args.precision != "auto" and (args.model is not None or args.engine != "onnx"):
+        parser.error(f"--precision {args.precision} picks the onnx engine's default model; "
+                     f"{'--model names the file' if args.model is not None else 'the torch engine runs float32'}")
+    if args.model is None and args.engine == "torch":
+        args.model = paths.MODEL
     return args
 
 
@@ -364,7 +373,16 @@ def run(argv: list[str] | None = None) -> None:
             import onnxruntime as ort
 
             device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+        auto = args.model is None and args.precision == "auto"
+        if args.model is None:
+            int8 = args.precision == "int8" or (auto and device == "cpu" and paths.ONNX_INT8.is_file())
+            args.model = paths.ONNX_INT8 if int8 else paths.ONNX
         engine: OnnxEngine | TorchEngine = OnnxEngine(args.model, device, device_key)
+        if auto and engine.meta.get("int8_within_limit") is False:
+            print(f"note: {args.model} scored more than export.int8_max_auc_drop below float32 at export; running "
+                  f"{paths.ONNX} (--precision int8 to run it anyway)", file=sys.stderr)
+            args.model = paths.ONNX
+            engine = OnnxEngine(args.model, device, device_key)
         thresholds, calibrator, calibrator_where = engine.thresholds, engine.calibrator, f"{args.model} metadata"
         thresholds_where = calibrator_where
         applies_to = engine.calibrator["method"] if engine.calibrator else "none"  # what export embedded together
@@ -436,8 +454,8 @@ def run(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(results, indent=2))
     if args.csv is not None:
-        print(f"predict ({engine.name}): {len(files) - failed + len(missing)} image(s) x {len(engine.classes)} "
-              f"classes to {args.csv}; {failed} failed", file=sys.stderr)
+        print(f"predict ({engine.name}, {args.model}): {len(files) - failed + len(missing)} image(s) x "
+              f"{len(engine.classes)} classes to {args.csv}; {failed} failed", file=sys.stderr)
     if failed:
         raise SystemExit(1)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from cxr14 import paths
 from cxr14.calibration import check_pairing, load_calibrator, load_thresholds
 from cxr14.common import PipelineError, atomic_path, cpu_count, cpu_kernels, rounded, run_main, write_json
 from cxr14.data import PreparedImages
-from cxr14.export import export_onnx, metadata, verify
+from cxr14.export import export_onnx, int8_check, metadata, ort_probabilities, quantize_int8, update_metadata, verify
 from cxr14.model import load_checkpoint
 from cxr14.nih import CLASSES
 from cxr14.params import PARAMS_FILE, Export, Train, load_section
@@ -64,18 +65,35 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"{paths.PREDICTIONS / 'test.csv'}: {evaluated.shape[0]} images; the test array has "
                             f"{check['images']}: run dvc repro")
     against_evaluate = float(np.abs(check["probabilities"] - evaluated).max())
+    labels = read_predictions(paths.PREDICTIONS / "test.csv")[0]
+    val = PreparedImages(paths.PREPARED / "val.npy")
+    val.require_size(ckpt["image_size"], paths.MODEL)
+    ranges_from = np.load(val.path, mmap_mode="r")[:e.int8_calibration_images]
+    with atomic_path(paths.ONNX_INT8) as tmp:
+        quantize_int8(out, tmp, ranges_from, e.batch_size)
+        int8 = int8_check(labels, check["probabilities"], ort_probabilities(tmp, images, e.batch_size, "export: int8"),
+                          calibrator, thresholds, list(CLASSES), e.int8_max_auc_drop)
+        update_metadata(tmp, int8_within_limit=int8["within_limit"], int8_test_mean_auc=int8["test_mean_auc"],
+                        float32_test_mean_auc=int8["test_mean_auc_float32"])
     import onnxruntime
 
     metrics = {"images": check["images"], "max_abs_difference": float(f"{check['max_abs_difference']:.3g}"),
                "tolerance": e.tolerance, "max_abs_difference_to_evaluate": float(f"{against_evaluate:.3g}"),
                "file_bytes": out.stat().st_size, "opset": e.opset, "onnxruntime": onnxruntime.__version__,
-               "torch": torch.__version__.split("+")[0]}
+               "torch": torch.__version__.split("+")[0],
+               "int8": {"file_bytes": paths.ONNX_INT8.stat().st_size, "calibration_images": len(ranges_from), **int8}}
     write_json(paths.METRICS / "export.json", metrics)
     speed = check["images_per_s"]
     print(f"export: {out} ({rounded(out.stat().st_size / 2**20, 1)} MiB, opset {e.opset}); ONNX Runtime vs PyTorch "
           f"on {check['images']} test images: max |difference| {check['max_abs_difference']:.2g} (tolerance "
           f"{e.tolerance:g}), vs evaluate's predictions {against_evaluate:.2g}; {speed['onnxruntime']} vs "
           f"{speed['torch']} images/s here")
+    print(f"export: {paths.ONNX_INT8} ({rounded(paths.ONNX_INT8.stat().st_size / 2**20, 1)} MiB): test mean AUC "
+          f"{int8['test_mean_auc']} against {int8['test_mean_auc_float32']} in float32, {int8['decisions_changed']} of "
+          f"{int8['decisions']} decisions changed, max |difference| {int8['max_abs_difference_to_float32']:.2g}")
+    if not int8["within_limit"]:
+        print(f"export: warning: {paths.ONNX_INT8} loses more than export.int8_max_auc_drop {e.int8_max_auc_drop:g} "
+              f"of test mean AUC; predict runs {out} by default", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from cxr14.calibration import fit_calibrator
 from cxr14.common import PipelineError
 from cxr14.data import to_model_input
 from cxr14.deployment import read_metadata
-from cxr14.export import export_onnx, metadata, verify
+from cxr14.export import export_onnx, int8_check, metadata, ort_probabilities, quantize_int8, update_metadata, verify
 from cxr14.model import build_model
 from cxr14.nih import CLASSES
 
@@ -132,7 +132,7 @@ def test_csv_rows_and_a_broken_file(deployed: Path, tmp_path: Path, capsys: pyte
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert f"error: {tmp_path / 'broken.png'}: cannot decode image" in err
-    assert "predict (onnx): 6 image(s) x 14 classes" in err and "1 failed" in err
+    assert f"predict (onnx, {deployed / 'model.onnx'}): 6 image(s) x 14 classes" in err and "1 failed" in err
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 * len(CLASSES) and list(rows[0]) == list(predict.CSV_COLUMNS)
@@ -200,7 +200,10 @@ def test_engine_errors_are_one_line(deployed: Path, tmp_path: Path) -> None:
                        r"probabilities, but .*temperature.json is temperature"):
         predict.run([image, *own(deployed), "--calibrator", str(tmp_path / "temperature.json")])
     assert predict.parse_args([image, "--model", "m.pt"]).engine == "torch"
-    assert predict.parse_args([image]).engine == "onnx" and predict.parse_args([image]).model.name == "model.onnx"
+    assert predict.parse_args([image]).engine == "onnx" and predict.parse_args([image]).model is None  # see run
+    for wrong in (["--precision", "int8", "--model", "m.onnx"], ["--precision", "fp32", "--engine", "torch"]):
+        with pytest.raises(SystemExit):
+            predict.parse_args([image, *wrong])
 
 
 def test_export_stage_keeps_no_model_that_fails_its_check(deployed: Path, tmp_path: Path,
@@ -219,6 +222,7 @@ def test_export_stage_keeps_no_model_that_fails_its_check(deployed: Path, tmp_pa
     (tmp_path / "data" / "prepared").mkdir(parents=True)
     images = np.random.default_rng(2).integers(0, 256, (10, SIZE, SIZE), dtype=np.uint8)
     np.save(tmp_path / "data" / "prepared" / "test.npy", images)
+    np.save(tmp_path / "data" / "prepared" / "val.npy", images[:6])
     ckpt = torch.load(deployed / "model.pt", weights_only=True)
     model = build_model("resnet18", "none").eval()
     model.load_state_dict(ckpt["state_dict"])
@@ -240,3 +244,65 @@ def test_export_stage_keeps_no_model_that_fails_its_check(deployed: Path, tmp_pa
     assert abs(metrics["max_abs_difference_to_evaluate"] - 1e-3) < 1e-4
     assert metrics["file_bytes"] == (tmp_path / "models" / "model.onnx").stat().st_size
     assert read_metadata(tmp_path / "models" / "model.onnx")["source"].startswith("models/model.pt md5 ")
+    int8 = metrics["int8"]  # labels all 0 here: no AUC to compare, the decisions still are
+    assert int8["file_bytes"] == (tmp_path / "models" / "model.int8.onnx").stat().st_size < metrics["file_bytes"] / 3
+    assert int8["calibration_images"] == 6 and int8["test_mean_auc"] is None and int8["decisions"] == 10 * 13
+    assert 0 < int8["max_abs_difference_to_float32"] < 0.2
+    assert int8["within_limit"] and read_metadata(tmp_path / "models" / "model.int8.onnx")["precision"] == "int8"
+    assert read_metadata(tmp_path / "models" / "model.int8.onnx")["int8_within_limit"] is True
+
+
+def test_int8_model_is_close_to_float32_and_a_lossy_one_is_flagged(deployed: Path, tmp_path: Path) -> None:
+    """The quantized fixture model gives nearly float32's probabilities; the check counts changed decisions and
+    flags a model whose test mean AUC drops past the limit."""
+    images = np.random.default_rng(3).integers(0, 256, (40, SIZE, SIZE), dtype=np.uint8)
+    quantize_int8(deployed / "model.onnx", tmp_path / "int8.onnx", images[:16], batch_size=8)
+    meta = read_metadata(tmp_path / "int8.onnx")
+    assert meta["precision"] == "int8" and meta["int8_calibration_images"] == 16
+    assert meta["thresholds"] == read_metadata(deployed / "model.onnx")["thresholds"]
+    fp32 = ort_probabilities(deployed / "model.onnx", images, 16, "test")
+    int8 = ort_probabilities(tmp_path / "int8.onnx", images, 16, "test")
+    assert fp32.shape == int8.shape == (40, len(CLASSES)) and 0 < np.abs(fp32 - int8).max() < 0.1
+    rng = np.random.default_rng(4)
+    labels = (rng.random((200, len(CLASSES))) < 0.3).astype(int)
+    good = np.clip(labels * 0.4 + rng.random(labels.shape) * 0.6, 0, 1)
+    thresholds = dict.fromkeys(CLASSES, 0.5) | {"Hernia": None}
+    flipped = good.copy()
+    flipped[:3, 0] = 1 - flipped[:3, 0]  # three decisions of one class move across 0.5
+    same = int8_check(labels, good, flipped, None, thresholds, list(CLASSES), 0.01)
+    assert same["decisions"] == 200 * 13 and same["decisions_changed"] == sum(
+        (good[:3, 0] >= 0.5) != (flipped[:3, 0] >= 0.5))
+    assert same["within_limit"] and same["test_mean_auc_float32"] - same["test_mean_auc"] < 0.01
+    lossy = int8_check(labels, good, rng.random(labels.shape), None, thresholds, list(CLASSES), 0.01)
+    assert not lossy["within_limit"] and lossy["test_mean_auc_float32"] - lossy["test_mean_auc"] > 0.1
+    assert int8_check(labels, good, rng.random(labels.shape), None, thresholds, list(CLASSES), 0.9)["within_limit"]
+
+
+def test_cpu_default_is_the_int8_model_and_fp32_on_request(deployed: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    (tmp_path / "models").mkdir()
+    shutil.copy(deployed / "model.onnx", tmp_path / "models" / "model.onnx")
+    images = np.random.default_rng(5).integers(0, 256, (16, SIZE, SIZE), dtype=np.uint8)
+    quantize_int8(deployed / "model.onnx", tmp_path / "models" / "model.int8.onnx", images, batch_size=8)
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the CPU
+    image, out = str(deployed / "images" / "colour.jpg"), str(tmp_path / "out.csv")
+    for extra, used in (([], "models/model.int8.onnx"), (["--precision", "fp32"], "models/model.onnx"),
+                        (["--precision", "int8"], "models/model.int8.onnx")):
+        predict.main([image, "--csv", out, *extra])
+        assert f"predict (onnx, {used}): 1 image(s)" in capsys.readouterr().err
+    (tmp_path / "models" / "model.int8.onnx").unlink()  # the export stage did not write one: float32
+    predict.main([image, "--csv", out])
+    assert "predict (onnx, models/model.onnx): 1 image(s)" in capsys.readouterr().err
+    with pytest.raises(PipelineError, match=r"models/model.int8.onnx: not found; run the export stage"):
+        predict.run([image, "--precision", "int8"])
+    quantize_int8(deployed / "model.onnx", tmp_path / "models" / "model.int8.onnx", images, batch_size=8)
+    update_metadata(tmp_path / "models" / "model.int8.onnx", int8_within_limit=False)  # export found it lossy
+    predict.main([image, "--csv", out])
+    err = capsys.readouterr().err
+    assert "note: models/model.int8.onnx scored more than export.int8_max_auc_drop below float32" in err
+    assert "predict (onnx, models/model.onnx): 1 image(s)" in err
+    predict.main([image, "--csv", out, "--precision", "int8"])  # asked for by name: it runs
+    assert "predict (onnx, models/model.int8.onnx): 1 image(s)" in capsys.readouterr().err
