@@ -279,8 +279,12 @@ def progress(iterable: Any = None, **kwargs: Any) -> Any:
 
 @functools.cache
 def _bar_class() -> type:
-    """tqdm, with each step a safe point for a held or swallowed SIGTERM / Ctrl-C (`raise_pending`)."""
-    from tqdm.auto import tqdm
+    """tqdm, with each step a safe point for a held or swallowed SIGTERM / Ctrl-C (`raise_pending`). Notebook
+    bars in IPython; elsewhere the terminal's, without tqdm.auto's asyncio import (10 ms of predict's start)."""
+    if "IPython" in sys.modules:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm.std import tqdm
 
     class Bar(tqdm):
         def __iter__(self) -> Iterator[Any]:
