@@ -8,11 +8,13 @@ while the other files are still processed (exit code 1 at the end).
 
 Two engines. `onnx` (the default without --gradcam) runs the export stage's model with ONNX Runtime and never
 imports PyTorch: the file carries its classes, image size, calibrator and thresholds. On a CPU that model is
-models/model.int8.onnx (8-bit: about 3x faster than float32 here, at the same test AUC; `--precision fp32`
-for models/model.onnx, what a GPU runs). `torch` runs the
+models/model.int8.onnx (8-bit: about 3x faster than float32 here, at the same test AUC) where the CPU has 8-bit
+dot products; `--precision fp32` for models/model.onnx, what a GPU runs. Which file ran is printed (stderr
+with --csv, stdout before the tables, a `model` field with --json). `torch` runs the
 train stage's checkpoint with calibrate's JSON files, and is the one that draws Grad-CAM heatmaps.
 
     cxr14-predict IMAGE|FOLDER|GLOB ... [--csv OUT] [--json] [--gradcam DIR] [--engine onnx|torch]
+                  [--precision auto|int8|fp32]
     (or: python -m stages.predict ...)
 """
 
@@ -127,8 +129,26 @@ def decoded(files: Sequence[str], size: int, threads: int, ahead: int = 0) -> It
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def int8_is_fast() -> bool:
+    """Whether this CPU multiplies 8-bit numbers without saturating (Arm; x86-64 with VNNI, read from
+    /proc/cpuinfo): only there is the int8 model what export checked. Elsewhere, or where it cannot tell
+    (x86 macOS, Windows), predict's default is float32."""
+    import platform
+
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool({"avx512_vnni", "avx_vnni"} & set(line.split()))
+    except OSError:
+        pass
+    return False
+
+
 class OnnxEngine:
-    """models/model.onnx through ONNX Runtime; classes, image size, calibrator and thresholds from its metadata."""
+    """An exported model through ONNX Runtime; classes, image size, calibrator and thresholds from its metadata."""
 
     name = "onnx"
 
@@ -306,13 +326,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cxr14-predict", description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", help="PNG or JPEG files (any size or mode), folders (searched "
                         "recursively) or glob patterns (quote them: '**' crosses folders)")
-    parser.add_argument("--engine", choices=ENGINES, help="onnx: models/model.onnx through ONNX Runtime, no PyTorch "
+    parser.add_argument("--engine", choices=ENGINES, help="onnx: the exported model through ONNX Runtime, no PyTorch "
                         "(the default); torch: the checkpoint (the default with --gradcam or a .pt --model)")
     parser.add_argument("--model", type=Path, help="the export stage's .onnx (onnx engine; default: see "
                         f"--precision) or the train stage's checkpoint (torch engine; default {paths.MODEL})")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=f"onnx engine's default model: "
                         f"int8 {paths.ONNX_INT8}, fp32 {paths.ONNX}; auto (the default): int8 on a CPU where the "
-                        "export stage wrote it and found it within export.int8_max_auc_drop, else fp32")
+                        "export stage wrote it and found it within export.int8_max_auc_drop, and the CPU has 8-bit "
+                        "dot products (VNNI, Arm), else fp32")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: train.device of --params, else cpu; the "
                         "onnx engine needs onnxruntime-gpu for CUDA)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
@@ -373,9 +394,13 @@ def run(argv: list[str] | None = None) -> None:
             import onnxruntime as ort
 
             device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+        cuda = device == "cuda" or device.startswith("cuda:")
+        if args.precision == "int8" and cuda:
+            raise PipelineError(f"--precision int8 with {device_key} {device}: the int8 model is for the CPU (a GPU "
+                                "runs its 8-bit graph no faster than float32); use --precision fp32 or --device cpu")
         auto = args.model is None and args.precision == "auto"
         if args.model is None:
-            int8 = args.precision == "int8" or (auto and device == "cpu" and paths.ONNX_INT8.is_file())
+            int8 = args.precision == "int8" or (auto and not cuda and int8_is_fast() and paths.ONNX_INT8.is_file())
             args.model = paths.ONNX_INT8 if int8 else paths.ONNX
         engine: OnnxEngine | TorchEngine = OnnxEngine(args.model, device, device_key)
         if auto and engine.meta.get("int8_within_limit") is False:
@@ -404,6 +429,8 @@ def run(argv: list[str] | None = None) -> None:
     stems = [Path(p).stem for p in files]
     repeated = {s for s, n in collections.Counter(stems).items() if n > 1}  # a/x.png and b/x.png: numbered overlays
     tables = not args.json and args.csv is None
+    if tables:
+        print(f"model: {args.model} ({engine.name} engine)")
     results, failed = [], len(missing)
     with contextlib.ExitStack() as stack:  # the CSV appears whole when every image is done, or not at all
         writer = None
@@ -425,7 +452,7 @@ def run(argv: list[str] | None = None) -> None:
                 chosen = [heatmap_classes(rows, cal[i]) for i, rows in enumerate(tables_of)]
                 maps = engine.gradcam(images, chosen)  # type: ignore[union-attr]
             for i, (index, path, gray) in enumerate(batch):
-                result = {"image": path, "predictions": tables_of[i]}
+                result = {"image": path, "model": str(args.model), "predictions": tables_of[i]}
                 if args.gradcam is not None:
                     stem = f"{index + 1}_{stems[index]}" if stems[index] in repeated else stems[index]
                     draw_heatmaps(result, gray, maps[i], chosen[i], args.gradcam, stem)

@@ -49,51 +49,64 @@ def main(argv: list[str] | None = None) -> None:
     test = PreparedImages(paths.PREPARED / "test.npy")
     test.require_size(ckpt["image_size"], paths.MODEL)
     images = np.load(test.path, mmap_mode="r")
+    val = PreparedImages(paths.PREPARED / "val.npy")
+    val.require_size(ckpt["image_size"], paths.MODEL)
+    val_images = np.load(val.path, mmap_mode="r")
+    # evaluate's outputs: the labels, and the probabilities the thresholds were chosen on
+    (val_labels, _), (test_labels, evaluated) = (read_predictions(paths.PREDICTIONS / f"{split}.csv")
+                                                 for split in ("val", "test"))
+    for split, labels, array in (("val", val_labels, val_images), ("test", test_labels, images)):
+        if len(labels) != len(array):
+            raise PipelineError(f"{paths.PREDICTIONS / f'{split}.csv'}: {len(labels)} images; the {split} array has "
+                                f"{len(array)}: run dvc repro")
     meta = metadata(ckpt, thresholds, calibrator, f"{paths.MODEL} md5 {md5(paths.MODEL)}")
-    out = paths.ONNX
-    with atomic_path(out) as tmp:  # checked under its temporary name: an unchecked model never sits at `out`
+    out, out8 = paths.ONNX, paths.ONNX_INT8
+    classes = list(CLASSES)
+    # both files checked under temporary names and put in place together: an unchecked model never sits at `out`,
+    # nor a new model.onnx beside an old model.int8.onnx
+    with atomic_path(out) as tmp, atomic_path(out8) as tmp8:
         export_onnx(model, ckpt, meta, tmp, e.opset)
         check = verify(model, ckpt, tmp, images, e.batch_size)
         if not check["max_abs_difference"] <= e.tolerance:
             raise PipelineError(f"{out}: ONNX Runtime's probabilities differ from PyTorch's by up to "
                                 f"{check['max_abs_difference']:.3g} on {paths.PREPARED / 'test.npy'}; expected at most "
                                 f"export.tolerance {e.tolerance:g} (not written; try another export.opset)")
-    # evaluate's probabilities, which the thresholds were chosen on: the same to rounding when evaluate ran on the
-    # CPU; bf16 autocast on a GPU moves them by up to ~0.01 (benchmarks/gpu_check.py), which this records
-    _, evaluated = read_predictions(paths.PREDICTIONS / "test.csv")
-    if evaluated.shape != check["probabilities"].shape:
-        raise PipelineError(f"{paths.PREDICTIONS / 'test.csv'}: {evaluated.shape[0]} images; the test array has "
-                            f"{check['images']}: run dvc repro")
+        ranges_from = val_images[:e.int8_calibration_images]
+        quantize_int8(tmp, tmp8, ranges_from, e.batch_size)
+        on = {}
+        for split, labels, array, float32 in (
+                ("val", val_labels, val_images, None), ("test", test_labels, images, check["probabilities"])):
+            if float32 is None:
+                float32 = ort_probabilities(tmp, array, e.batch_size, f"export: {split}, float32", str(out))
+            int8 = ort_probabilities(tmp8, array, e.batch_size, f"export: {split}, int8", str(out8))
+            on[split] = int8_check(labels, float32, int8, calibrator, thresholds, classes, e.int8_max_auc_drop)
+        within = on["val"]["within_limit"]  # the gate is val's: test is reported, never used to choose
+        update_metadata(tmp8, int8_within_limit=within, int8_val_mean_auc=on["val"]["mean_auc"],
+                        float32_val_mean_auc=on["val"]["mean_auc_float32"])
+    # bf16 autocast on a GPU moves evaluate's probabilities by up to ~0.01 (benchmarks/gpu_check.py): recorded
     against_evaluate = float(np.abs(check["probabilities"] - evaluated).max())
-    labels = read_predictions(paths.PREDICTIONS / "test.csv")[0]
-    val = PreparedImages(paths.PREPARED / "val.npy")
-    val.require_size(ckpt["image_size"], paths.MODEL)
-    ranges_from = np.load(val.path, mmap_mode="r")[:e.int8_calibration_images]
-    with atomic_path(paths.ONNX_INT8) as tmp:
-        quantize_int8(out, tmp, ranges_from, e.batch_size)
-        int8 = int8_check(labels, check["probabilities"], ort_probabilities(tmp, images, e.batch_size, "export: int8"),
-                          calibrator, thresholds, list(CLASSES), e.int8_max_auc_drop)
-        update_metadata(tmp, int8_within_limit=int8["within_limit"], int8_test_mean_auc=int8["test_mean_auc"],
-                        float32_test_mean_auc=int8["test_mean_auc_float32"])
     import onnxruntime
 
     metrics = {"images": check["images"], "max_abs_difference": float(f"{check['max_abs_difference']:.3g}"),
                "tolerance": e.tolerance, "max_abs_difference_to_evaluate": float(f"{against_evaluate:.3g}"),
                "file_bytes": out.stat().st_size, "opset": e.opset, "onnxruntime": onnxruntime.__version__,
                "torch": torch.__version__.split("+")[0],
-               "int8": {"file_bytes": paths.ONNX_INT8.stat().st_size, "calibration_images": len(ranges_from), **int8}}
+               "int8": {"file_bytes": out8.stat().st_size, "calibration_images": len(ranges_from),
+                        "max_auc_drop": e.int8_max_auc_drop, "within_limit": within, **on}}
     write_json(paths.METRICS / "export.json", metrics)
     speed = check["images_per_s"]
     print(f"export: {out} ({rounded(out.stat().st_size / 2**20, 1)} MiB, opset {e.opset}); ONNX Runtime vs PyTorch "
           f"on {check['images']} test images: max |difference| {check['max_abs_difference']:.2g} (tolerance "
           f"{e.tolerance:g}), vs evaluate's predictions {against_evaluate:.2g}; {speed['onnxruntime']} vs "
           f"{speed['torch']} images/s here")
-    print(f"export: {paths.ONNX_INT8} ({rounded(paths.ONNX_INT8.stat().st_size / 2**20, 1)} MiB): test mean AUC "
-          f"{int8['test_mean_auc']} against {int8['test_mean_auc_float32']} in float32, {int8['decisions_changed']} of "
-          f"{int8['decisions']} decisions changed, max |difference| {int8['max_abs_difference_to_float32']:.2g}")
-    if not int8["within_limit"]:
-        print(f"export: warning: {paths.ONNX_INT8} loses more than export.int8_max_auc_drop {e.int8_max_auc_drop:g} "
-              f"of test mean AUC; predict runs {out} by default", file=sys.stderr)
+    t8 = on["test"]
+    print(f"export: {out8} ({rounded(out8.stat().st_size / 2**20, 1)} MiB): mean AUC against float32 on val "
+          f"{on['val']['mean_auc']} vs {on['val']['mean_auc_float32']}, on test {t8['mean_auc']} vs "
+          f"{t8['mean_auc_float32']}; {t8['decisions_changed']} of {t8['decisions']} test decisions changed, max "
+          f"|difference| {t8['max_abs_difference_to_float32']:.2g}")
+    if within is False:
+        print(f"export: warning: {out8} loses more than export.int8_max_auc_drop {e.int8_max_auc_drop:g} of val "
+              f"mean AUC; predict runs {out} by default", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -207,7 +207,8 @@ def test_engine_errors_are_one_line(deployed: Path, tmp_path: Path) -> None:
 
 
 def test_export_stage_keeps_no_model_that_fails_its_check(deployed: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
     """The stage in a project folder: with a tolerance below float32's rounding the check fails, and no
     model.onnx is left to be deployed by mistake; with the default tolerance it passes and writes its metrics."""
     import shutil
@@ -229,8 +230,9 @@ def test_export_stage_keeps_no_model_that_fails_its_check(deployed: Path, tmp_pa
     with torch.no_grad():  # what evaluate would have written, off by 0.001 (as bf16 on a GPU might be)
         probs = torch.sigmoid(model(to_model_input(torch.from_numpy(images)[:, None].float()))).numpy() + 1e-3
     (tmp_path / "data" / "predictions").mkdir(parents=True)
-    pd.DataFrame({**{c: 0 for c in CLASSES}, **{f"prob_{c}": probs[:, k] for k, c in enumerate(CLASSES)}}).to_csv(
-        tmp_path / "data" / "predictions" / "test.csv", index=False)
+    frame = pd.DataFrame({**{c: 0 for c in CLASSES}, **{f"prob_{c}": probs[:, k] for k, c in enumerate(CLASSES)}})
+    frame.to_csv(tmp_path / "data" / "predictions" / "test.csv", index=False)
+    frame.head(6).to_csv(tmp_path / "data" / "predictions" / "val.csv", index=False)
     monkeypatch.chdir(tmp_path)
     strict = project_params(tmp_path / "strict.yaml", {"export": {"tolerance": 1e-12}})
     with pytest.raises(PipelineError, match=r"models/model.onnx: ONNX Runtime's probabilities differ from PyTorch's "
@@ -244,17 +246,40 @@ def test_export_stage_keeps_no_model_that_fails_its_check(deployed: Path, tmp_pa
     assert abs(metrics["max_abs_difference_to_evaluate"] - 1e-3) < 1e-4
     assert metrics["file_bytes"] == (tmp_path / "models" / "model.onnx").stat().st_size
     assert read_metadata(tmp_path / "models" / "model.onnx")["source"].startswith("models/model.pt md5 ")
-    int8 = metrics["int8"]  # labels all 0 here: no AUC to compare, the decisions still are
+    int8 = metrics["int8"]  # labels all 0 here: no AUC to compare (unchecked), the decisions still are
     assert int8["file_bytes"] == (tmp_path / "models" / "model.int8.onnx").stat().st_size < metrics["file_bytes"] / 3
-    assert int8["calibration_images"] == 6 and int8["test_mean_auc"] is None and int8["decisions"] == 10 * 13
-    assert 0 < int8["max_abs_difference_to_float32"] < 0.2
-    assert int8["within_limit"] and read_metadata(tmp_path / "models" / "model.int8.onnx")["precision"] == "int8"
-    assert read_metadata(tmp_path / "models" / "model.int8.onnx")["int8_within_limit"] is True
+    assert int8["calibration_images"] == 6 and int8["within_limit"] is None
+    assert int8["test"]["mean_auc"] is None and int8["test"]["decisions"] == 10 * 13 and int8["val"]["images"] == 6
+    assert 0 < int8["test"]["max_abs_difference_to_float32"] < 0.2
+    meta = read_metadata(tmp_path / "models" / "model.int8.onnx")
+    assert meta["precision"] == "int8" and meta["int8_within_limit"] is None
+
+    # a lossy int8 model (val's check says so): kept, flagged in its metadata, and the stage warns
+    real = stage.int8_check
+    monkeypatch.setattr(stage, "int8_check", lambda *a: real(*a) | {"within_limit": False})
+    capsys.readouterr()
+    stage.main(["--params", str(project_params(tmp_path / "params.yaml", {}))])
+    assert "export: warning: models/model.int8.onnx loses more than export.int8_max_auc_drop" in capsys.readouterr().err
+    assert read_metadata(tmp_path / "models" / "model.int8.onnx")["int8_within_limit"] is False
+    assert json.loads((tmp_path / "metrics" / "export.json").read_text())["int8"]["within_limit"] is False
+
+    # quantizing fails: the old pair stays as it was, never a new model.onnx beside the old model.int8.onnx
+    before = {n: (tmp_path / "models" / n).read_bytes() for n in ("model.onnx", "model.int8.onnx")}
+    (tmp_path / "models" / "model.pt").write_bytes((deployed / "model.pt").read_bytes())  # the same, touched
+
+    def broken(*args: object) -> None:
+        raise PipelineError("quantizer failed")
+
+    monkeypatch.setattr(stage, "quantize_int8", broken)
+    with pytest.raises(PipelineError, match="quantizer failed"):
+        stage.main(["--params", str(project_params(tmp_path / "params.yaml", {}))])
+    assert {n: (tmp_path / "models" / n).read_bytes() for n in before} == before
+    assert not list((tmp_path / "models").glob(".*.tmp"))
 
 
 def test_int8_model_is_close_to_float32_and_a_lossy_one_is_flagged(deployed: Path, tmp_path: Path) -> None:
-    """The quantized fixture model gives nearly float32's probabilities; the check counts changed decisions and
-    flags a model whose test mean AUC drops past the limit."""
+    """The quantized fixture model gives nearly float32's probabilities, at float32's resolution (the head is not
+    quantized); the check counts changed decisions and flags a model whose mean AUC drops past the limit."""
     images = np.random.default_rng(3).integers(0, 256, (40, SIZE, SIZE), dtype=np.uint8)
     quantize_int8(deployed / "model.onnx", tmp_path / "int8.onnx", images[:16], batch_size=8)
     meta = read_metadata(tmp_path / "int8.onnx")
@@ -263,6 +288,7 @@ def test_int8_model_is_close_to_float32_and_a_lossy_one_is_flagged(deployed: Pat
     fp32 = ort_probabilities(deployed / "model.onnx", images, 16, "test")
     int8 = ort_probabilities(tmp_path / "int8.onnx", images, 16, "test")
     assert fp32.shape == int8.shape == (40, len(CLASSES)) and 0 < np.abs(fp32 - int8).max() < 0.1
+    assert len(np.unique(int8)) > 500  # of 560: a quantized sigmoid would give at most 256 levels
     rng = np.random.default_rng(4)
     labels = (rng.random((200, len(CLASSES))) < 0.3).astype(int)
     good = np.clip(labels * 0.4 + rng.random(labels.shape) * 0.6, 0, 1)
@@ -272,10 +298,24 @@ def test_int8_model_is_close_to_float32_and_a_lossy_one_is_flagged(deployed: Pat
     same = int8_check(labels, good, flipped, None, thresholds, list(CLASSES), 0.01)
     assert same["decisions"] == 200 * 13 and same["decisions_changed"] == sum(
         (good[:3, 0] >= 0.5) != (flipped[:3, 0] >= 0.5))
-    assert same["within_limit"] and same["test_mean_auc_float32"] - same["test_mean_auc"] < 0.01
+    assert same["within_limit"] is True and same["mean_auc_float32"] - same["mean_auc"] < 0.01
+    assert same["largest_class_auc_drop"]["class"] == "Atelectasis"  # the only class that moved
     lossy = int8_check(labels, good, rng.random(labels.shape), None, thresholds, list(CLASSES), 0.01)
-    assert not lossy["within_limit"] and lossy["test_mean_auc_float32"] - lossy["test_mean_auc"] > 0.1
+    assert lossy["within_limit"] is False and lossy["mean_auc_float32"] - lossy["mean_auc"] > 0.1
     assert int8_check(labels, good, rng.random(labels.shape), None, thresholds, list(CLASSES), 0.9)["within_limit"]
+    nothing = int8_check(np.zeros_like(labels), good, flipped, None, thresholds, list(CLASSES), 0.01)
+    assert nothing["within_limit"] is None and nothing["mean_auc"] is None  # no positives: unchecked
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(  # log(-x): a model that answers NaN
+        [helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT), helper.make_node("Neg", ["x"], ["n"]),
+         helper.make_node("Log", ["n"], ["probabilities"])], "nan",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, [None, 1, SIZE, SIZE])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 1, SIZE, SIZE])])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(tmp_path / "nan.onnx"))
+    with pytest.raises(PipelineError, match=r"final.onnx: ONNX Runtime gave non-finite probabilities"):
+        ort_probabilities(tmp_path / "nan.onnx", np.full((2, SIZE, SIZE), 7, np.uint8), 2, "t", "final.onnx")
 
 
 def test_cpu_default_is_the_int8_model_and_fp32_on_request(deployed: Path, tmp_path: Path,
@@ -288,11 +328,22 @@ def test_cpu_default_is_the_int8_model_and_fp32_on_request(deployed: Path, tmp_p
     images = np.random.default_rng(5).integers(0, 256, (16, SIZE, SIZE), dtype=np.uint8)
     quantize_int8(deployed / "model.onnx", tmp_path / "models" / "model.int8.onnx", images, batch_size=8)
     monkeypatch.chdir(tmp_path)  # no params.yaml here: the CPU
+    monkeypatch.setattr(predict, "int8_is_fast", lambda: True)  # whatever CPU runs the tests
     image, out = str(deployed / "images" / "colour.jpg"), str(tmp_path / "out.csv")
     for extra, used in (([], "models/model.int8.onnx"), (["--precision", "fp32"], "models/model.onnx"),
                         (["--precision", "int8"], "models/model.int8.onnx")):
         predict.main([image, "--csv", out, *extra])
         assert f"predict (onnx, {used}): 1 image(s)" in capsys.readouterr().err
+    monkeypatch.setattr(predict, "int8_is_fast", lambda: False)  # x86 without VNNI: 8-bit products saturate
+    predict.main([image, "--csv", out])
+    assert "predict (onnx, models/model.onnx): 1 image(s)" in capsys.readouterr().err
+    predict.main([image, "--json"])
+    assert json.loads(capsys.readouterr().out)[0]["model"] == "models/model.onnx"
+    monkeypatch.setattr(predict, "int8_is_fast", lambda: True)
+    predict.main([image])
+    assert capsys.readouterr().out.startswith("model: models/model.int8.onnx (onnx engine)\n")
+    with pytest.raises(PipelineError, match=r"--precision int8 with --device cuda: the int8 model is for the CPU"):
+        predict.run([image, "--precision", "int8", "--device", "cuda"])
     (tmp_path / "models" / "model.int8.onnx").unlink()  # the export stage did not write one: float32
     predict.main([image, "--csv", out])
     assert "predict (onnx, models/model.onnx): 1 image(s)" in capsys.readouterr().err

@@ -88,7 +88,8 @@ def test_repro_builds_every_output(project: Path) -> None:
     assert export["images"] == split["test"]["images"] and 0 <= export["max_abs_difference"] <= 1e-4
     assert export["file_bytes"] == (project / "models/model.onnx").stat().st_size > 1_000_000
     assert export["int8"]["file_bytes"] == (project / "models/model.int8.onnx").stat().st_size
-    assert export["int8"]["decisions"] > 0 and export["int8"]["max_abs_difference_to_float32"] < 0.2
+    assert export["int8"]["test"]["decisions"] > 0 and export["int8"]["test"]["max_abs_difference_to_float32"] < 0.2
+    assert export["int8"]["val"]["images"] == split["val"]["images"]
 
 
 def test_predict_with_the_exported_model_agrees_with_evaluate(project: Path) -> None:
@@ -98,11 +99,14 @@ def test_predict_with_the_exported_model_agrees_with_evaluate(project: Path) -> 
     table = pd.read_csv(project / "data/split/test.csv").head(12)
     files = [str(Path(p) if Path(p).is_absolute() else project / p) for p in table["path"]]
     out = project / "predict.csv"
+    from cxr14.predict import int8_is_fast
+
     within = json.loads((project / "metrics/export.json").read_text())["int8"]["within_limit"]
     result = run([sys.executable, "-m", "stages.predict", *files, "--csv", str(out)], project)
-    default = "models/model.int8.onnx" if within else "models/model.onnx"  # one epoch on tiny data may lose AUC
+    # one epoch on tiny data may lose AUC in int8 (then float32), and a CPU without VNNI runs float32
+    default = "models/model.int8.onnx" if within is not False and int8_is_fast() else "models/model.onnx"
     assert f"predict (onnx, {default}): 12 image(s) x 14 classes" in result.stderr
-    assert ("note: models/model.int8.onnx scored more" in result.stderr) == (not within)
+    assert ("note: models/model.int8.onnx scored more" in result.stderr) == (within is False and int8_is_fast())
     run([sys.executable, "-m", "stages.predict", *files, "--csv", str(out), "--precision", "int8"], project)
     int8 = pd.read_csv(out, keep_default_na=False, na_values=[""])
     result = run([sys.executable, "-m", "stages.predict", *files, "--csv", str(out), "--precision", "fp32"], project)
