@@ -5,7 +5,11 @@ normalisation, calibrator and val thresholds travel inside as metadata (`cxr14/e
 written under a temporary name and checked there: when ONNX Runtime's probabilities differ from PyTorch's by
 more than `export.tolerance` anywhere on the test images the stage fails and the file is never put in place.
 metrics/export.json records the difference, the difference from evaluate's own test predictions (what the
-thresholds were chosen on), the file size and the opset.
+thresholds were chosen on), the file size and the opset. Beside it models/model.int8.onnx, the same model
+quantized to 8 bits (activation ranges from up to `export.int8_calibration_images` val images; classifier and
+sigmoid in float32), scored against the float32 file on val and on test, under `int8`. When its val mean AUC
+is more than `export.int8_max_auc_drop` below float32's its metadata says so (predict then runs float32 by
+default) and the stage warns. The two files are put in place together, once both are checked.
 """
 
 from __future__ import annotations
