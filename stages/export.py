@@ -77,11 +77,10 @@ def main(argv: list[str] | None = None) -> None:
                                 f"export.tolerance {e.tolerance:g} (not written; try another export.opset)")
         ranges_from = val_images[:e.int8_calibration_images]
         quantize_int8(tmp, tmp8, ranges_from, e.batch_size)
+        val32 = ort_probabilities(tmp, val_images, e.batch_size, "export: val, float32", str(out))
         on = {}
-        for split, labels, array, float32 in (
-                ("val", val_labels, val_images, None), ("test", test_labels, images, check["probabilities"])):
-            if float32 is None:
-                float32 = ort_probabilities(tmp, array, e.batch_size, f"export: {split}, float32", str(out))
+        for split, labels, array, float32 in (("val", val_labels, val_images, val32),
+                                              ("test", test_labels, images, check["probabilities"])):
             int8 = ort_probabilities(tmp8, array, e.batch_size, f"export: {split}, int8", str(out8))
             on[split] = int8_check(labels, float32, int8, calibrator, thresholds, classes, e.int8_max_auc_drop)
         within = on["val"]["within_limit"]  # the gate is val's: test is reported, never used to choose
