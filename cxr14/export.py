@@ -46,7 +46,7 @@ class Deployable(nn.Module):
 
 
 def metadata(ckpt: dict[str, Any], thresholds: dict[str, float | None], calibrator: dict[str, Any] | None,
-             source: str, precision: str = "float32") -> dict[str, Any]:
+             source: str) -> dict[str, Any]:
     """What predict needs besides the graph, in one JSON document (ONNX metadata values are strings)."""
     size = int(ckpt["image_size"])
     return {"format": FORMAT, "classes": list(ckpt["classes"]), "image_size": size,
@@ -55,7 +55,8 @@ def metadata(ckpt: dict[str, Any], thresholds: dict[str, float | None], calibrat
                      "cxr14.images.load_gray does",
             "output": f"{OUTPUT_NAME}: float32 (batch, {len(ckpt['classes'])}), raw probabilities",
             "arch": ckpt["arch"], "calibrator": calibrator, "thresholds": thresholds, "source": source,
-            "best_epoch": ckpt.get("epoch"), "best_val_mean_auc": ckpt.get("val_mean_auc"), "precision": precision}
+            "best_epoch": ckpt.get("epoch"), "best_val_mean_auc": ckpt.get("val_mean_auc"),
+            "precision": "float32"}  # quantize_int8 rewrites it
 
 
 def export_onnx(model: nn.Module, ckpt: dict[str, Any], meta: dict[str, Any], out: Path | str, opset: int) -> None:
