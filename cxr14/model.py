@@ -25,6 +25,7 @@ from cxr14.common import PipelineError, atomic_path
 HASH = re.compile(r"-([a-f0-9]*)\.")  # torchvision's file names end in -<sha256 prefix>.pth
 
 ARCHS = {
+    "resnet10": (None, "fc", "layer4"),  # ResNet18 with one block per stage: no ImageNet weights (the demo's)
     "resnet18": ("ResNet18_Weights", "fc", "layer4"),
     "resnet34": ("ResNet34_Weights", "fc", "layer4"),
     "resnet50": ("ResNet50_Weights", "fc", "layer4"),
@@ -86,7 +87,12 @@ def build_model(arch: str, weights: str = "none", num_classes: int = 14, output_
         raise PipelineError(f"train.output_stride: {output_stride!r}; expected one of 32, 16, 8")
     if output_stride != 32 and not arch.startswith("resnet"):
         raise PipelineError(f"train.output_stride: {output_stride} needs a ResNet; {arch} supports 32 only")
-    model = getattr(torchvision.models, arch)(weights=None)
+    if ARCHS[arch][0] is None and weights != "none":
+        raise PipelineError(f"train.weights: {weights}; {arch} has no ImageNet weights, expected none")
+    if arch == "resnet10":
+        model = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    else:
+        model = getattr(torchvision.models, arch)(weights=None)
     if weights != "none":
         model.load_state_dict(load_imagenet_state(arch, weights))
     head = ARCHS[arch][1]

@@ -98,7 +98,7 @@ class Augment(Section):
 @dataclasses.dataclass(frozen=True)
 class Train(Section):
     SECTION: ClassVar[str] = "train"
-    arch: Literal["resnet18", "resnet34", "resnet50", "densenet121"] = field()
+    arch: Literal["resnet10", "resnet18", "resnet34", "resnet50", "densenet121"] = field()
     output_stride: Literal[32, 16, 8] = field()
     weights: Literal["none", "imagenet", "IMAGENET1K_V1", "IMAGENET1K_V2"] = field()
     freeze: list[str] = field(doc="a list of module-name prefixes, e.g. [conv1, bn1, layer1]")

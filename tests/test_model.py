@@ -71,7 +71,7 @@ def test_one_cycle_warms_up_over_a_quarter_then_anneals_every_step() -> None:
     assert lrs[10][1] == pytest.approx(lrs[10][0] / 2)  # each group at its own rate
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "densenet121"])
+@pytest.mark.parametrize("arch", ["resnet10", "resnet18", "resnet34", "resnet50", "densenet121"])
 def test_build_model_has_14_logits(arch: str) -> None:
     model = build_model(arch, "none")
     model.eval()
@@ -171,10 +171,23 @@ def test_output_stride_is_resnet_only_and_survives_the_checkpoint(tmp_path) -> N
 
 
 def test_unknown_arch_and_weights_are_clear_errors() -> None:
-    with pytest.raises(PipelineError, match=r"train.arch: 'resnet51'; expected one of resnet18, resnet34"):
+    with pytest.raises(PipelineError, match=r"train.arch: 'resnet51'; expected one of resnet10, resnet18, resnet34"):
         build_model("resnet51")
     with pytest.raises(PipelineError, match=r"train.weights: 'imagenet21k'"):
         build_model("resnet18", "imagenet21k")
+    with pytest.raises(PipelineError, match=r"train.weights: imagenet; resnet10 has no ImageNet weights, expected none"):
+        build_model("resnet10", "imagenet")
+
+
+def test_resnet10_is_resnet18_with_one_block_per_stage() -> None:
+    """The demo's backbone: ResNet18's stem, widths and head, half its blocks (about half its compute)."""
+    small, large = build_model("resnet10", "none"), build_model("resnet18", "none")
+    assert [len(getattr(small, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    assert {k: v.shape for k, v in small.state_dict().items()} == {
+        k: v.shape for k, v in large.state_dict().items() if not k.startswith(tuple(f"layer{i}.1." for i in range(1, 5)))}
+    dilated = build_model("resnet10", "none", 14, 8).eval()  # output strides work with one block per stage
+    with torch.no_grad():
+        assert torch.nn.Sequential(*list(dilated.children())[:-2])(torch.zeros(1, 3, 64, 64)).shape[-1] == 8
 
 
 def test_freeze_prefix_matching_nothing_is_an_error() -> None:
