@@ -13,7 +13,8 @@ Two figures, both from fresh processes as a user runs them (`python -m stages.pr
   - thousands of images, start-up included: the folder `--repeat` times over (symlinks in a scratch folder, so
     3,080 files by default), the default int8 model's whole run against decoding alone over the same files
     (median of 2 each).
-The model is the demo's (resnet18 at 96 px) with random weights unless `--arch/--size` say otherwise: the time
+The model is resnet18 at 96 px (the demo's until it moved to resnet10, which has half the compute, so the
+harder case) with random weights unless `--arch/--size` say otherwise: the time
 does not depend on the weights.
 
     python benchmarks/bench_deploy.py [--nih ../shared/nih] [--runs 5] [--arch resnet18] [--size 96] [--json F]
