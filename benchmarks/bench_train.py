@@ -1,7 +1,7 @@
 """Benchmark: training images/s, fed from prepared arrays vs the seed's per-sample PNG decoding.
 
 On the real NIH images in ../shared/nih, in one run:
-  1. the demo configuration (params.yaml `train`: resnet18 from scratch at prepare.image_size), in the
+  1. the demo configuration (params.yaml `train`: its arch from scratch at prepare.image_size), in the
      channels_last layout the train stage uses and in the default layout: ratio;
   2. ResNet50 at 224 px with the NIH freeze (conv1..layer3), fed from a prepared array, and the same
      model fed by the seed's loader (PIL open + resize + normalise per sample, every epoch): ratio
