@@ -38,7 +38,9 @@ DOWNLOAD_TIMEOUT = 5.0  # seconds without an answer before an offline download g
 
 def imagenet_weights(arch: str, name: str) -> torchvision.models.WeightsEnum:
     """torchvision's weights enum member for `name`: `imagenet` is its DEFAULT (ResNet50: IMAGENET1K_V2, 80.9%
-    top-1, what the seed fine-tuned; ResNet18/34 and DenseNet121 have V1 only)."""
+    top-1, what the seed fine-tuned; ResNet18/34 and DenseNet121 have V1 only; resnet10 has none)."""
+    if ARCHS[arch][0] is None:
+        raise PipelineError(f"train.weights: {name}; {arch} has no ImageNet weights, expected none")
     enum = getattr(torchvision.models, ARCHS[arch][0])
     if name == "imagenet":
         return enum.DEFAULT
@@ -87,8 +89,8 @@ def build_model(arch: str, weights: str = "none", num_classes: int = 14, output_
         raise PipelineError(f"train.output_stride: {output_stride!r}; expected one of 32, 16, 8")
     if output_stride != 32 and not arch.startswith("resnet"):
         raise PipelineError(f"train.output_stride: {output_stride} needs a ResNet; {arch} supports 32 only")
-    if ARCHS[arch][0] is None and weights != "none":
-        raise PipelineError(f"train.weights: {weights}; {arch} has no ImageNet weights, expected none")
+    if weights != "none":
+        imagenet_weights(arch, weights)  # an arch without ImageNet weights fails before it is built
     if arch == "resnet10":
         model = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
     else:

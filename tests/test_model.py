@@ -177,6 +177,8 @@ def test_unknown_arch_and_weights_are_clear_errors() -> None:
         build_model("resnet18", "imagenet21k")
     with pytest.raises(PipelineError, match=r"train.weights: imagenet; resnet10 has no ImageNet weights, expected"):
         build_model("resnet10", "imagenet")
+    with pytest.raises(PipelineError, match=r"train.weights: IMAGENET1K_V1; resnet10 has no ImageNet weights"):
+        model_mod.imagenet_weights("resnet10", "IMAGENET1K_V1")  # what train checks first under torchrun
 
 
 def test_resnet10_is_resnet18_with_one_block_per_stage() -> None:
