@@ -94,7 +94,7 @@ class Plan:
     eval_batch: int  # evaluate.batch_size
     predict_images: int
     png_size: int
-    demo_arch: str  # the DDP check's model (the demo config)
+    demo_arch: str  # the DDP check's model (resnet18, the demo's model when this was written)
     demo_size: int
     demo_batch: int
     ddp_steps: int

@@ -1,10 +1,11 @@
 """The demo's whole DAG on a bare GPU machine, without DVC: what Grad-CAM localisation reaches at 224 px.
 
-At the demo's 96 px, resnet18's last block is a 3x3 map, which caps the pointing game at about 0.36. This runs
-the stages in order (demo, split, prepare, train, evaluate, calibrate, explain, and export when ONNX is
-installed), each through its own `main(["--params", F])`, in a scratch folder, with `--set section.key=value`
-overrides of the repo's params.yaml (for example ResNet50 at 224 px), and prints per stage the seconds and the
-figures that matter: val and test mean AUC, the pointing game and its ceiling, T(IoBB), the sanity checks.
+At the demo's 96 px, a ResNet's last block (resnet10's or resnet18's) is a 3x3 map, which caps the pointing
+game at about 0.36. This runs the stages in order (demo, split, prepare, train, evaluate, calibrate, explain,
+and export when ONNX is installed), each through its own `main(["--params", F])`, in a scratch folder, with
+`--set section.key=value` overrides of the repo's params.yaml (for example ResNet50 at 224 px), and prints per
+stage the seconds and the figures that matter: val and test mean AUC, the pointing game and its ceiling,
+T(IoBB), the sanity checks.
 
 A bare GPU machine has neither DVC nor dvclive: without dvclive the train stage's per-epoch log (dvclive/) is
 not written; every other output is the stage's own. Nothing here downloads: `train.weights` must stay `none`

@@ -32,8 +32,8 @@ from cxr14.nih import CLASSES
 
 # What the randomisation test re-initialises: the head and the last block (its final norm too, for DenseNet).
 RANDOMISED: dict[str, tuple[str, ...]] = {
-    "resnet18": ("fc", "layer4"),
     "resnet10": ("fc", "layer4"),
+    "resnet18": ("fc", "layer4"),
     "resnet34": ("fc", "layer4"),
     "resnet50": ("fc", "layer4"),
     "densenet121": ("classifier", "features.denseblock4", "features.norm5"),

@@ -214,11 +214,11 @@ def trained_looking(arch: str) -> nn.Module:
 
 def test_every_architecture_has_its_randomised_modules() -> None:
     assert set(RANDOMISED) == set(ARCHS)
-    with pytest.raises(PipelineError, match="arch 'vgg'; expected one of resnet18"):
+    with pytest.raises(PipelineError, match="arch 'vgg'; expected one of resnet10, resnet18"):
         randomised_copy(nn.Linear(2, 2), "vgg", 0)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "densenet121"])
+@pytest.mark.parametrize("arch", ["resnet10", "resnet18", "densenet121"])
 def test_randomised_copy_reinitialises_exactly_the_head_and_last_block(arch: str) -> None:
     model = trained_looking(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
