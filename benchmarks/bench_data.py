@@ -27,9 +27,9 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from cxr14.arrays import write_array
-from cxr14.common import cpu_count
-from cxr14.data import PreparedImages, make_loader, to_model_input
+from cxr14.data.arrays import write_array
+from cxr14.data.loader import PreparedImages, make_loader, to_model_input
+from cxr14.runtime.devices import cpu_count
 
 ROOT = Path(__file__).resolve().parents[1]
 

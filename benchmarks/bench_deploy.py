@@ -6,9 +6,9 @@ Two figures, both from fresh processes as a user runs them (`python -m stages.pr
     median of `--runs` runs each, interleaved so that both see the same machine; targets: ONNX <= 1.0 s, or
     <= 0.35x torch on a slower machine;
   - the whole NIH sample folder (308 images) with `--csv`, int8 and float32: predict's throughput against what
-    decoding alone allows (predict's own decoder, `cxr14.predict.decoded`, with the same threads, timed inside
-    its process); target >= 0.8x. Throughput is the rate past start-up: (N - 1) images over the folder run's
-    time less the one-image run's (what a folder of thousands sees); the whole run's ratio, start-up included
+    decoding alone allows (predict's own decoder, `cxr14.deployment.predict.decoded`, with the same
+    threads, timed inside its process); target >= 0.8x. Throughput is the rate past start-up: (N - 1) images
+    over the folder run's time less the one-image run's (what a folder of thousands sees); the whole run's ratio, start-up included
     (interpreter, imports and model load count against predict only), is printed beside it;
   - thousands of images, start-up included: the folder `--repeat` times over (symlinks in a scratch folder, so
     3,080 files by default), the default int8 model's whole run against decoding alone over the same files
@@ -35,18 +35,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr14.calibration import fit_calibrator
-from cxr14.common import cpu_count
-from cxr14.data import IMAGENET_MEAN, IMAGENET_STD
-from cxr14.export import export_onnx, metadata, quantize_int8
-from cxr14.model import build_model
-from cxr14.nih import CLASSES
+from cxr14.data.loader import IMAGENET_MEAN, IMAGENET_STD
+from cxr14.data.nih import CLASSES
+from cxr14.deployment.export import export_onnx, metadata, quantize_int8
+from cxr14.evaluation.calibration import fit_calibrator
+from cxr14.model.factory import build_model
+from cxr14.runtime.devices import cpu_count
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_ONE_S, TARGET_ONE_RATIO, TARGET_THROUGHPUT = 1.0, 0.35, 0.8
 DECODE_ONLY = """
 import sys, time
-from cxr14.predict import decoded, expand_inputs
+from cxr14.deployment.predict import decoded, expand_inputs
 files, _ = expand_inputs([sys.argv[1]])
 start = time.perf_counter()
 n = sum(1 for _, image in decoded(files, int(sys.argv[2]), int(sys.argv[3])) if not isinstance(image, str))

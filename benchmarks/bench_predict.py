@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr14.calibration import fit_calibrator
-from cxr14.data import IMAGENET_MEAN, IMAGENET_STD, to_model_input
-from cxr14.gradcam import GradCAM, overlay
-from cxr14.images import load_gray
-from cxr14.model import build_model, gradcam_layer, load_checkpoint
-from cxr14.nih import CLASSES
+from cxr14.data.images import load_gray
+from cxr14.data.loader import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+from cxr14.data.nih import CLASSES
+from cxr14.evaluation.calibration import fit_calibrator
+from cxr14.explanation.gradcam import GradCAM, overlay
+from cxr14.model.checkpoint import load_checkpoint
+from cxr14.model.factory import build_model, gradcam_layer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ def write_model(folder: Path, arch: str, size: int) -> tuple[Path, Path, Path]:
 
 
 def set_thresholds(path: Path, model_path: Path, calibrator: Path, image: Path, positives: int) -> None:
-    from cxr14.calibration import apply_calibrator, load_calibrator
+    from cxr14.evaluation.calibration import apply_calibrator, load_calibrator
 
     model, ckpt = load_checkpoint(model_path)
     x = to_model_input(torch.from_numpy(load_gray(image, ckpt["image_size"]).copy())[None, None])

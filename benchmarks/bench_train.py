@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from bench_data import SeedDataset  # beside this script, which Python puts first on the import path
 
-from cxr14.arrays import write_array
-from cxr14.common import cpu_count, cpu_kernels
-from cxr14.data import PreparedImages, make_loader
-from cxr14.engine import Batches
-from cxr14.model import build_model, freeze, param_groups, set_train_mode
+from cxr14.data.arrays import write_array
+from cxr14.data.loader import PreparedImages, make_loader
+from cxr14.model.factory import build_model, freeze, param_groups, set_train_mode
+from cxr14.model.inference import Batches
 from cxr14.params import Augment, Prepare, Train, load_section
+from cxr14.runtime.devices import cpu_count, cpu_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 

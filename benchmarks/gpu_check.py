@@ -45,12 +45,14 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
-from cxr14.common import PipelineError, write_json
-from cxr14.data import PreparedImages, make_loader
-from cxr14.engine import Batches, evaluate, loss_function
-from cxr14.model import build_model, freeze, gradcam_layer, param_groups, set_train_mode
+from cxr14.data.loader import PreparedImages, make_loader
+from cxr14.deployment.predict import predict_one
+from cxr14.model.factory import build_model, freeze, gradcam_layer, param_groups, set_train_mode
+from cxr14.model.inference import Batches, evaluate
 from cxr14.params import Augment
-from cxr14.predict import predict_one
+from cxr14.runtime.errors import PipelineError
+from cxr14.runtime.outputs import write_json
+from cxr14.training.loss import loss_function
 
 NIH_FREEZE = ["conv1", "bn1", "layer1", "layer2", "layer3"]
 NIH_AUGMENT = Augment(hflip=0.5, rotate=5.0, crop_scale=(1.0, 1.0))  # params.yaml's flip and rotation; no crop

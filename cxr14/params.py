@@ -5,7 +5,8 @@ refused with the closest valid name (a mistyped `lr_haed:` would otherwise be ig
 as if it were not there), and every value is checked for type and range, nested ones included. Every
 message is one line naming the file actually read, `section.key`, the value and what was expected.
 
-    train = load_section("params.yaml", Train)      # a Train, or a PipelineError
+    params = load_params("params.yaml")    # every section, each checked when first used
+    params.train.lr_head                   # a Train's field, or a PipelineError naming train.lr_head
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
-from cxr14.common import PipelineError
+from cxr14.runtime.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -237,11 +238,70 @@ def suggest(name: str, valid: list[str]) -> str:
 
 
 def load_section(path: Path | str, cls: type[S]) -> S:
-    """Section `cls.SECTION` of the params file at `path`, typed and checked."""
-    params = read_yaml(path)
-    if cls.SECTION not in params:
-        raise PipelineError(f"{path}: missing section '{cls.SECTION}'; expected keys {', '.join(names(cls))}")
-    return build(cls, params[cls.SECTION], str(path))
+    """Section `cls.SECTION` of the params file at `path`, typed and checked (one section: `load_params` for more)."""
+    return Params(path).section(cls)
+
+
+class Params:
+    """Every section of one params file, read once. Each section is built and checked when first asked for, so a
+    stage is never stopped by a section it does not read (DVC re-runs a stage only for the sections it lists).
+
+        params = load_params("params.yaml"); params.train.lr_head
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._raw = read_yaml(self.path)
+        self._built: dict[str, Section] = {}
+
+    def section(self, cls: type[S]) -> S:
+        if cls.SECTION not in self._built:
+            if cls.SECTION not in self._raw:
+                raise PipelineError(f"{self.path}: missing section '{cls.SECTION}'; expected keys "
+                                    f"{', '.join(names(cls))}")
+            self._built[cls.SECTION] = build(cls, self._raw[cls.SECTION], str(self.path))
+        return self._built[cls.SECTION]  # type: ignore[return-value]
+
+    @property
+    def data(self) -> Data:
+        return self.section(Data)
+
+    @property
+    def demo(self) -> Demo:
+        return self.section(Demo)
+
+    @property
+    def split(self) -> Split:
+        return self.section(Split)
+
+    @property
+    def prepare(self) -> Prepare:
+        return self.section(Prepare)
+
+    @property
+    def train(self) -> Train:
+        return self.section(Train)
+
+    @property
+    def evaluate(self) -> Evaluate:
+        return self.section(Evaluate)
+
+    @property
+    def calibrate(self) -> Calibrate:
+        return self.section(Calibrate)
+
+    @property
+    def explain(self) -> Explain:
+        return self.section(Explain)
+
+    @property
+    def export(self) -> Export:
+        return self.section(Export)
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """The params file at `path`, read once; its sections typed and checked on first use."""
+    return Params(path)
 
 
 def names(cls: type[Section]) -> list[str]:

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from cxr14 import paths
-from cxr14.calibration import (
+from cxr14.data.nih import CLASSES
+from cxr14.evaluation.calibration import (
     apply_calibrator,
     check_classes,
     choose_threshold,
@@ -27,12 +28,12 @@ from cxr14.calibration import (
     split_metrics,
     thresholds_file,
 )
-from cxr14.common import rounded, run_main, write_csv, write_json
-from cxr14.expert import decisions_section
-from cxr14.nih import CLASSES
+from cxr14.evaluation.expert import decisions_section
+from cxr14.evaluation.predictions import EXPERT_PREFIX, read_prediction_table
+from cxr14.evaluation.subgroups import decisions_by_subgroup, plot_rows, summary
 from cxr14.params import PARAMS_FILE, Calibrate, Evaluate, load_section
-from cxr14.predictions import EXPERT_PREFIX, read_prediction_table
-from cxr14.subgroups import decisions_by_subgroup, plot_rows, summary
+from cxr14.runtime.outputs import rounded, write_csv, write_json
+from cxr14.runtime.signals import run_main
 
 SPLITS = ("val", "test")
 

@@ -14,9 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
-from cxr14.common import run_main
-from cxr14.compare import WORKSPACE, compare, paired, read_run, table
+from cxr14.evaluation.compare import WORKSPACE, compare, paired, read_run, table
 from cxr14.params import PARAMS_FILE, Evaluate, load_section
+from cxr14.runtime.signals import run_main
 
 
 def main(argv: list[str] | None = None) -> None:

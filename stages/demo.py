@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 from cxr14 import paths
-from cxr14.common import PipelineError, run_main
-from cxr14.demo import generate
-from cxr14.nih import CLASSES
+from cxr14.data.demo import generate
+from cxr14.data.nih import CLASSES
 from cxr14.params import PARAMS_FILE, Demo, load_section
+from cxr14.runtime.errors import PipelineError
+from cxr14.runtime.signals import run_main
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,15 +16,30 @@ import pandas as pd
 import torch
 
 from cxr14 import paths
-from cxr14.common import cpu_count, cpu_kernels, run_main, write_csv, write_json
-from cxr14.engine import pick_device
-from cxr14.evaluation import clean_labels, curves, forest_rows, headline_rows, predict_split, score_plot, score_test
-from cxr14.expert import EXPERT_FILES, expert_columns, expert_section, find_expert_file, read_expert_labels
-from cxr14.model import load_checkpoint
-from cxr14.nih import CLASSES
+from cxr14.data.nih import CLASSES
+from cxr14.evaluation.expert import (
+    EXPERT_FILES,
+    expert_columns,
+    expert_section,
+    find_expert_file,
+    read_expert_labels,
+)
+from cxr14.evaluation.predictions import PROB_PREFIX
+from cxr14.evaluation.scoring import (
+    clean_labels,
+    curves,
+    forest_rows,
+    headline_rows,
+    predict_split,
+    score_plot,
+    score_test,
+)
+from cxr14.evaluation.subgroups import auc_by_subgroup, plot_rows, summary
+from cxr14.model.checkpoint import load_checkpoint
 from cxr14.params import PARAMS_FILE, Data, Evaluate, Train, load_section
-from cxr14.predictions import PROB_PREFIX
-from cxr14.subgroups import auc_by_subgroup, plot_rows, summary
+from cxr14.runtime.devices import cpu_count, cpu_kernels, pick_device
+from cxr14.runtime.outputs import write_csv, write_json
+from cxr14.runtime.signals import run_main
 
 
 def main(argv: list[str] | None = None) -> None:

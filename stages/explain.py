@@ -6,7 +6,7 @@ prints it) are drawn to `plots/gradcam/<Class>/<image>.png`, and every expert bo
 use (NIH's BBox_List_2017.csv; the demo plants one per finding) is scored: Grad-CAM for the box's
 class on its image, pointing game and T(IoBB), per class and overall, in metrics/explain.json.
 With explain.sanity_images > 0 its `sanity` section says whether the maps depend on the learned weights and
-point at what the model uses (cxr14/sanity.py: model randomisation and deletion tests).
+point at what the model uses (cxr14/explanation/sanity.py: model randomisation and deletion tests).
 """
 
 from __future__ import annotations
@@ -19,19 +19,22 @@ import pandas as pd
 import torch
 
 from cxr14 import paths
-from cxr14.boxes import BBOX_LIST, read_box_list
-from cxr14.calibration import apply_calibrator, check_pairing, load_calibrator, load_thresholds
-from cxr14.common import PipelineError, cpu_count, cpu_kernels, replace_dir, run_main, warn, write_json
-from cxr14.data import PreparedImages
-from cxr14.engine import pick_device
-from cxr14.explanations import KINDS, choose_examples, draw, heatmaps, localisation, scaled_boxes
-from cxr14.gradcam import GradCAM
-from cxr14.model import gradcam_layer, load_checkpoint
-from cxr14.nih import CLASSES
+from cxr14.data.boxes import BBOX_LIST, read_box_list
+from cxr14.data.loader import PreparedImages
+from cxr14.data.nih import CLASSES
+from cxr14.data.splits import read_split_table
+from cxr14.evaluation.calibration import apply_calibrator, check_pairing, load_calibrator, load_thresholds
+from cxr14.evaluation.predictions import read_predictions
+from cxr14.explanation.examples import KINDS, choose_examples, draw, heatmaps, localisation, scaled_boxes
+from cxr14.explanation.gradcam import GradCAM
+from cxr14.explanation.sanity import most_confident_positives, sanity_checks
+from cxr14.model.checkpoint import load_checkpoint
+from cxr14.model.factory import gradcam_layer
 from cxr14.params import PARAMS_FILE, Data, Explain, Train, load_section
-from cxr14.predictions import read_predictions
-from cxr14.sanity import most_confident_positives, sanity_checks
-from cxr14.splits import read_split_table
+from cxr14.runtime.devices import cpu_count, cpu_kernels, pick_device
+from cxr14.runtime.errors import PipelineError, warn
+from cxr14.runtime.outputs import replace_dir, write_json
+from cxr14.runtime.signals import run_main
 
 
 def main(argv: list[str] | None = None) -> None:

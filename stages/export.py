@@ -1,7 +1,7 @@
 """Export stage: models/model.onnx, the whole deployment in one file, verified against PyTorch on the test array.
 
 The graph takes uint8 grey images (batch, 1, S, S) and returns raw probabilities; the class names, image size,
-normalisation, calibrator and val thresholds travel inside as metadata (`cxr14/export.py`). The file is
+normalisation, calibrator and val thresholds travel inside as metadata (`cxr14/deployment/export.py`). The file is
 written under a temporary name and checked there: when ONNX Runtime's probabilities differ from PyTorch's by
 more than `export.tolerance` anywhere on the test images the stage fails and the file is never put in place.
 metrics/export.json records the difference, the difference from evaluate's own test predictions (what the
@@ -23,14 +23,25 @@ import numpy as np
 import torch
 
 from cxr14 import paths
-from cxr14.calibration import check_pairing, load_calibrator, load_thresholds
-from cxr14.common import PipelineError, atomic_path, cpu_count, cpu_kernels, rounded, run_main, write_json
-from cxr14.data import PreparedImages
-from cxr14.export import export_onnx, int8_check, metadata, ort_probabilities, quantize_int8, update_metadata, verify
-from cxr14.model import load_checkpoint
-from cxr14.nih import CLASSES
+from cxr14.data.loader import PreparedImages
+from cxr14.data.nih import CLASSES
+from cxr14.deployment.export import (
+    export_onnx,
+    int8_check,
+    metadata,
+    ort_probabilities,
+    quantize_int8,
+    update_metadata,
+    verify,
+)
+from cxr14.evaluation.calibration import check_pairing, load_calibrator, load_thresholds
+from cxr14.evaluation.predictions import read_predictions
+from cxr14.model.checkpoint import load_checkpoint
 from cxr14.params import PARAMS_FILE, Export, Train, load_section
-from cxr14.predictions import read_predictions
+from cxr14.runtime.devices import cpu_count, cpu_kernels
+from cxr14.runtime.errors import PipelineError
+from cxr14.runtime.outputs import atomic_path, rounded, write_json
+from cxr14.runtime.signals import run_main
 
 
 def md5(path: Path) -> str:

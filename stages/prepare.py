@@ -10,10 +10,12 @@ import argparse
 from pathlib import Path
 
 from cxr14 import paths
-from cxr14.arrays import write_array
-from cxr14.common import cpu_count, ensure_space, replace_dir, run_main
+from cxr14.data.arrays import write_array
+from cxr14.data.splits import read_split_table
 from cxr14.params import PARAMS_FILE, Prepare, load_section
-from cxr14.splits import read_split_table
+from cxr14.runtime.devices import cpu_count
+from cxr14.runtime.outputs import ensure_space, replace_dir
+from cxr14.runtime.signals import run_main
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,9 +10,10 @@ import argparse
 from pathlib import Path
 
 from cxr14 import paths
-from cxr14.common import replace_dir, run_main, write_json
+from cxr14.data.splits import build_splits
 from cxr14.params import PARAMS_FILE, Data, Split, load_section
-from cxr14.splits import build_splits
+from cxr14.runtime.outputs import replace_dir, write_json
+from cxr14.runtime.signals import run_main
 
 
 def main(argv: list[str] | None = None) -> None:

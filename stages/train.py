@@ -16,23 +16,17 @@ import os
 import torch
 
 from cxr14 import paths
-from cxr14.common import (
-    PipelineError,
-    Terminated,
-    cpu_count,
-    cpu_kernels,
-    remove_leftovers,
-    rounded,
-    run_main,
-    write_json,
-)
-from cxr14.data import PreparedImages, read_labels
-from cxr14.distributed import LAUNCHER, QUIET_EXIT, PeerLost, launch, start, stop, world_from_env
-from cxr14.engine import pick_device
-from cxr14.model import build_model, freeze, imagenet_weights, save_checkpoint
-from cxr14.nih import CLASSES
+from cxr14.data.loader import PreparedImages, read_labels
+from cxr14.data.nih import CLASSES
+from cxr14.model.checkpoint import save_checkpoint
+from cxr14.model.factory import build_model, freeze, imagenet_weights
 from cxr14.params import PARAMS_FILE, Train, load_section
-from cxr14.training import best_checkpoint, check_world, fingerprint, fit, write_log
+from cxr14.runtime.devices import cpu_count, cpu_kernels, pick_device
+from cxr14.runtime.errors import PipelineError
+from cxr14.runtime.outputs import remove_leftovers, rounded, write_json
+from cxr14.runtime.signals import Terminated, run_main
+from cxr14.training.distributed import LAUNCHER, QUIET_EXIT, PeerLost, launch, start, stop, world_from_env
+from cxr14.training.loop import best_checkpoint, check_world, fingerprint, fit, write_log
 
 TRAIN_METRICS = paths.METRICS / "train.json"
 

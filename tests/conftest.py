@@ -192,7 +192,7 @@ TINY_DEMO = {"data": {"root": "data/demo", "missing": "error"},
 
 def tiny_demo(root: Path, overrides: dict[str, dict]) -> Path:
     """`root`/params.yaml (TINY_DEMO and `overrides`) and its 60-image demo in `root`/data/demo, built in-process."""
-    from cxr14.demo import generate
+    from cxr14.data.demo import generate
     from cxr14.params import Demo, build
 
     params = project_params(root / "params.yaml", {**TINY_DEMO, **overrides})

@@ -13,7 +13,8 @@ from conftest import project_params, run_module
 from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import precision_recall_curve
 
-from cxr14.calibration import (
+from cxr14.data.nih import CLASSES
+from cxr14.evaluation.calibration import (
     apply_calibrator,
     brier,
     choose_threshold,
@@ -29,9 +30,10 @@ from cxr14.calibration import (
     separating,
     sigmoid,
 )
-from cxr14.common import PipelineError, run_main, write_json
-from cxr14.metrics import mean_defined
-from cxr14.nih import CLASSES
+from cxr14.evaluation.metrics import mean_defined
+from cxr14.runtime.errors import PipelineError
+from cxr14.runtime.outputs import write_json
+from cxr14.runtime.signals import run_main
 from stages import calibrate
 
 PARAMS = {"policy": "max_f1", "target_recall": 0.9, "method": "temperature", "ece_bins": 15}

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr14.common import PipelineError
-from cxr14.compare import bootstrap_p, compare, delong, midranks, paired, read_run, resolve
-from cxr14.nih import CLASSES
-from cxr14.predictions import PROB_PREFIX
+from cxr14.data.nih import CLASSES
+from cxr14.evaluation.compare import bootstrap_p, compare, delong, midranks, paired, read_run, resolve
+from cxr14.evaluation.predictions import PROB_PREFIX
+from cxr14.runtime.errors import PipelineError
 from stages import compare as compare_stage
 
 

@@ -1,4 +1,4 @@
-"""The demo dataset (cxr14.demo) and its stage: NIH layout that the real readers accept, determinism, label model,
+"""The demo dataset (cxr14.data.demo) and its stage: NIH layout that the real readers accept, determinism, label model,
 boxes, params."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from cxr14 import demo, phantom
-from cxr14.common import PipelineError
-from cxr14.expert import read_expert_labels
-from cxr14.nih import CLASSES, parse_findings, read_image_list, read_label_table, scan_images
+from cxr14.data import demo, phantom
+from cxr14.data.nih import CLASSES, parse_findings, read_image_list, read_label_table, scan_images
+from cxr14.evaluation.expert import read_expert_labels
 from cxr14.params import Demo, build
+from cxr14.runtime.errors import PipelineError
 from stages import demo as demo_stage
 
 SMALL = {"patients": 25, "images": 60, "image_size": 64, "label_noise": 0.05, "class_floor": 0.03,

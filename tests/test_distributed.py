@@ -25,12 +25,13 @@ import pytest
 import torch
 from conftest import REPO, outputs, write_train_params
 
-from cxr14 import distributed, training
-from cxr14.common import PipelineError
-from cxr14.data import PreparedImages, SortedBatchSampler, augment, read_labels
-from cxr14.model import build_model, freeze, set_train_mode, unwrap
-from cxr14.nih import CLASSES
+from cxr14.data.loader import PreparedImages, SortedBatchSampler, augment, read_labels
+from cxr14.data.nih import CLASSES
+from cxr14.model.factory import build_model, freeze, set_train_mode, unwrap
 from cxr14.params import Train, load_section
+from cxr14.runtime.errors import PipelineError
+from cxr14.training import distributed
+from cxr14.training import loop as training
 from stages import train
 
 # Every BatchNorm of resnet18 frozen (eval mode): with these, per-process batch statistics cannot differ from

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cxr14.evaluation import clean_labels, curves, score_test
-from cxr14.metrics import (
+from cxr14.data.nih import CLASSES
+from cxr14.evaluation.metrics import (
     auc,
     auc_with_interval,
     has_both,
@@ -20,7 +20,7 @@ from cxr14.metrics import (
     roc_on_grid,
     weighted_auc,
 )
-from cxr14.nih import CLASSES
+from cxr14.evaluation.scoring import clean_labels, curves, score_test
 
 
 def test_weighted_auc_by_hand_with_ties() -> None:

@@ -1,4 +1,4 @@
-"""Google's expert labels (cxr14.expert): the file reader, the mapping onto NIH classes, the scores against them."""
+"""Google's expert labels (evaluation/expert.py): the file reader, the mapping onto NIH classes, the scores."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from conftest import NIH
 
-from cxr14.common import PipelineError
-from cxr14.expert import (
+from cxr14.data.nih import CLASSES, EXPERT_FILES, FINDINGS, parse_findings
+from cxr14.evaluation.expert import (
     MAPPED,
     agreement,
     decisions_section,
@@ -21,9 +21,9 @@ from cxr14.expert import (
     nih_label,
     read_expert_labels,
 )
-from cxr14.metrics import auc
-from cxr14.nih import CLASSES, EXPERT_FILES, FINDINGS, parse_findings
-from cxr14.predictions import EXPERT_PREFIX, PROB_PREFIX
+from cxr14.evaluation.metrics import auc
+from cxr14.evaluation.predictions import EXPERT_PREFIX, PROB_PREFIX
+from cxr14.runtime.errors import PipelineError
 
 GOOGLE = NIH / "google2019_nih-chest-xray-labels.csv"
 

@@ -13,17 +13,14 @@ from conftest import NIH, project_params
 from scipy.stats import spearmanr
 from torch import nn
 
-from cxr14 import sanity
-from cxr14.boxes import BBOX_LIST, read_box_list
-from cxr14.common import PipelineError
-from cxr14.data import PreparedImages
-from cxr14.explanations import choose_examples, heatmaps, localisation, scaled_boxes
-from cxr14.gradcam import GradCAM
-from cxr14.localisation import heat_boxes, inside, iobb, peak, score_box, summarise
-from cxr14.model import ARCHS, build_model
-from cxr14.nih import CLASSES
-from cxr14.params import Explain, build
-from cxr14.sanity import (
+from cxr14.data.boxes import BBOX_LIST, read_box_list
+from cxr14.data.loader import PreparedImages
+from cxr14.data.nih import CLASSES
+from cxr14.explanation import sanity
+from cxr14.explanation.examples import choose_examples, heatmaps, localisation, scaled_boxes
+from cxr14.explanation.gradcam import GradCAM
+from cxr14.explanation.localisation import heat_boxes, inside, iobb, peak, score_box, summarise
+from cxr14.explanation.sanity import (
     RANDOMISED,
     cell_index,
     cell_order,
@@ -36,6 +33,9 @@ from cxr14.sanity import (
     sanity_checks,
     spearman,
 )
+from cxr14.model.factory import ARCHS, build_model
+from cxr14.params import Explain, build
+from cxr14.runtime.errors import PipelineError
 from stages import explain
 
 needs_nih = pytest.mark.skipif(not (NIH / "images").is_dir(), reason="needs the NIH sample in ../shared/nih")
@@ -196,7 +196,7 @@ def test_explain_stage_refuses_bad_params_naming_the_file(tmp_path: Path) -> Non
                                 "(the defaults live in params.yaml)")
 
 
-# ---- sanity checks (cxr14/sanity.py): model randomisation and deletion ----
+# ---- sanity checks (cxr14/explanation/sanity.py): model randomisation and deletion ----
 
 def trained_looking(arch: str) -> nn.Module:
     """A model whose every parameter and buffer is off its initial value, as after training: a reset that

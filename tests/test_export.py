@@ -15,14 +15,22 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr14 import predict
-from cxr14.calibration import fit_calibrator
-from cxr14.common import PipelineError
-from cxr14.data import to_model_input
-from cxr14.deployment import read_metadata
-from cxr14.export import export_onnx, int8_check, metadata, ort_probabilities, quantize_int8, update_metadata, verify
-from cxr14.model import build_model
-from cxr14.nih import CLASSES
+from cxr14.data.loader import to_model_input
+from cxr14.data.nih import CLASSES
+from cxr14.deployment import predict
+from cxr14.deployment.export import (
+    export_onnx,
+    int8_check,
+    metadata,
+    ort_probabilities,
+    quantize_int8,
+    update_metadata,
+    verify,
+)
+from cxr14.deployment.onnx_file import read_metadata
+from cxr14.evaluation.calibration import fit_calibrator
+from cxr14.model.factory import build_model
+from cxr14.runtime.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 NIH_IMAGES = ROOT.parent / "shared" / "nih" / "images"
@@ -169,7 +177,7 @@ def test_real_nih_images_in_a_folder_with_a_corrupt_one(deployed: Path, tmp_path
 
 
 def test_onnx_engine_never_imports_torch(deployed: Path) -> None:
-    code = ("import sys; from cxr14.predict import main\n"
+    code = ("import sys; from cxr14.deployment.predict import main\n"
             "try:\n    main(sys.argv[1:])\nfinally:\n"
             "    assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'pandas', "
             "'sklearn')], 'heavy imports'\n")

@@ -29,11 +29,13 @@ import yaml
 from conftest import REPO, TinyNIH, project_params, tiny_demo, write_params
 from PIL import Image
 
-from cxr14 import predict
-from cxr14.common import PipelineError, run_main
-from cxr14.data import PreparedImages
-from cxr14.model import build_model, save_checkpoint
-from cxr14.nih import CLASSES
+from cxr14.data.loader import PreparedImages
+from cxr14.data.nih import CLASSES
+from cxr14.deployment import predict
+from cxr14.model.checkpoint import save_checkpoint
+from cxr14.model.factory import build_model
+from cxr14.runtime.errors import PipelineError
+from cxr14.runtime.signals import run_main
 
 
 @pytest.fixture
@@ -176,7 +178,7 @@ def test_explain_refuses_arrays_of_another_size_than_the_model(files: Path, tmp_
 
 
 def test_leftovers_of_a_killed_write_are_removed_by_the_next(tmp_path: Path) -> None:
-    from cxr14.common import replace_dir, write_json
+    from cxr14.runtime.outputs import replace_dir, write_json
 
     (tmp_path / ".m.json.k1l2.tmp").write_bytes(b"half a file")
     (tmp_path / ".plots.x9.tmp").mkdir()
@@ -664,7 +666,7 @@ def test_a_signal_handled_by_run_main_is_not_raised_again_later(capsys, tmp_path
     import signal
     import time
 
-    from cxr14.common import write_json
+    from cxr14.runtime.outputs import write_json
 
     def interrupted(argv):
         os.kill(os.getpid(), signal.SIGINT)
@@ -685,7 +687,7 @@ def test_a_stage_process_does_not_die_with_the_thread_that_started_it() -> None:
     import subprocess
     import sys
 
-    code = ("import ctypes, cxr14.common, cxr14.arrays, cxr14.demo, stages.prepare; v = ctypes.c_int(); "
+    code = ("import ctypes, cxr14.common, cxr14.data.arrays, cxr14.data.demo, stages.prepare; v = ctypes.c_int(); "
             "ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "0"
@@ -696,7 +698,7 @@ def test_a_signal_inside_a_finalizer_is_held_and_raised_at_the_next_safe_point(m
     with a traceback: it is held and raised where the stage can act on it (seen under load in the kill test)."""
     import signal
 
-    from cxr14 import common
+    from cxr14.runtime import signals as common
 
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)

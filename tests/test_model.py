@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from cxr14 import model as model_mod
-from cxr14.common import PipelineError
-from cxr14.data import augment, to_model_input
-from cxr14.engine import Batches, evaluate, loss_function, make_scheduler, positive_weights
-from cxr14.metrics import mean_auc
-from cxr14.model import build_model, freeze, param_groups, set_train_mode
+from cxr14.data.loader import augment, to_model_input
+from cxr14.evaluation.metrics import mean_auc
+from cxr14.model import checkpoint
+from cxr14.model import factory as model_mod
+from cxr14.model.factory import build_model, freeze, param_groups, set_train_mode
+from cxr14.model.inference import Batches, evaluate
+from cxr14.runtime.errors import PipelineError
+from cxr14.training.loss import loss_function, positive_weights
+from cxr14.training.schedules import make_scheduler
 
 NIH_FREEZE = ["conv1", "bn1", "layer1", "layer2", "layer3"]
 
@@ -118,8 +121,8 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path) -> None:
     payload = {"state_dict": model.state_dict(), "arch": "resnet18", "classes": ["A", "B"], "image_size": 128,
                "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                "params": {"freeze": ["conv1"], "lr_head": 1e-3, "augment": {"crop_scale": [0.9, 1.0]}}}
-    model_mod.save_checkpoint(tmp_path / "model.pt", payload)
-    restored, meta = model_mod.load_checkpoint(tmp_path / "model.pt")
+    checkpoint.save_checkpoint(tmp_path / "model.pt", payload)
+    restored, meta = checkpoint.load_checkpoint(tmp_path / "model.pt")
     assert meta["params"] == payload["params"] and meta["image_size"] == 128 and meta["classes"] == ["A", "B"]
     assert not restored.training
     x = torch.randn(1, 3, 64, 64)
@@ -132,9 +135,9 @@ def test_checkpoint_with_pickled_objects_is_refused(tmp_path) -> None:
     """weights_only=True: a checkpoint holding arbitrary Python objects is not unpickled."""
     torch.save({"state_dict": {}, "arch": "resnet18", "hook": PipelineError("x")}, tmp_path / "evil.pt")
     with pytest.raises(PipelineError, match=r"evil.pt: not a readable checkpoint"):
-        model_mod.load_checkpoint(tmp_path / "evil.pt")
+        checkpoint.load_checkpoint(tmp_path / "evil.pt")
     with pytest.raises(PipelineError, match=r"missing.pt: no checkpoint; run the train stage"):
-        model_mod.load_checkpoint(tmp_path / "missing.pt")
+        checkpoint.load_checkpoint(tmp_path / "missing.pt")
 
 
 @pytest.mark.parametrize(("output_stride", "dilated"), [(16, [False, False, True]), (8, [False, True, True])])
@@ -162,8 +165,8 @@ def test_output_stride_is_resnet_only_and_survives_the_checkpoint(tmp_path) -> N
     model = build_model("resnet18", "none", 14, 16).eval()
     payload = {"state_dict": model.state_dict(), "arch": "resnet18", "output_stride": 16,
                "classes": list("ABCDEFGHIJKLMN"), "image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
-    model_mod.save_checkpoint(tmp_path / "model.pt", payload)
-    restored, _ = model_mod.load_checkpoint(tmp_path / "model.pt")
+    checkpoint.save_checkpoint(tmp_path / "model.pt", payload)
+    restored, _ = checkpoint.load_checkpoint(tmp_path / "model.pt")
     assert restored.layer4[1].conv1.dilation == (2, 2) and restored.layer4[0].conv1.stride == (1, 1)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -300,7 +303,7 @@ def test_batches_are_new_tensors_unless_reuse_is_asked_for() -> None:
 
 
 def test_channels_last_batches_are_written_so_in_their_reused_buffer() -> None:
-    """Training asks for channels_last on every device (cxr14.training.fit): the normalisation writes that layout
+    """Training asks for channels_last on every device (cxr14.training.loop.fit): the normalisation writes that layout
     itself (no second copy per batch), with the default layout's values, and the buffer is still reused."""
     images = torch.randint(0, 256, (2, 1, 5, 4), dtype=torch.uint8)
     plain = Batches(torch.device("cpu"))(images)
@@ -338,14 +341,14 @@ def test_checkpoint_bytes_do_not_depend_on_the_file_name(tmp_path) -> None:
     """dvc.lock records the checkpoint's hash: equal runs must write equal bytes (torch.save names the zip after
     the file it writes to, and atomic writes go through random temporary names)."""
     payload = {"state_dict": build_model("resnet18", "none").state_dict(), "arch": "resnet18"}
-    model_mod.save_checkpoint(tmp_path / "a.pt", payload)
-    model_mod.save_checkpoint(tmp_path / "other_name.pt", payload)
+    checkpoint.save_checkpoint(tmp_path / "a.pt", payload)
+    checkpoint.save_checkpoint(tmp_path / "other_name.pt", payload)
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other_name.pt").read_bytes()
 
 
 def test_cpu_kernels_are_capped_at_avx2_unless_native_or_the_user_chose(monkeypatch) -> None:
     """AVX-512 and AVX2 oneDNN kernels round differently: train.cpu_kernels avx2 pins AVX2 so x86-64 machines agree."""
-    from cxr14.common import cpu_kernels
+    from cxr14.runtime.devices import cpu_kernels
 
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     cpu_kernels("native")
@@ -369,12 +372,12 @@ def test_a_foreign_checkpoint_is_a_one_line_error(tmp_path) -> None:
     good = build_model("resnet18", "none")
     payload = {"state_dict": good.state_dict(), "arch": "resnet99", "classes": list("ABCDEFGHIJKLMN"),
                "image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
-    model_mod.save_checkpoint(tmp_path / "arch.pt", payload)
+    checkpoint.save_checkpoint(tmp_path / "arch.pt", payload)
     with pytest.raises(PipelineError, match=r"arch.pt: checkpoint does not describe a model .*resnet99"):
-        model_mod.load_checkpoint(tmp_path / "arch.pt")
-    model_mod.save_checkpoint(tmp_path / "shape.pt", {**payload, "arch": "resnet34"})
+        checkpoint.load_checkpoint(tmp_path / "arch.pt")
+    checkpoint.save_checkpoint(tmp_path / "shape.pt", {**payload, "arch": "resnet34"})
     with pytest.raises(PipelineError, match=r"shape.pt: checkpoint does not describe a model"):
-        model_mod.load_checkpoint(tmp_path / "shape.pt")
+        checkpoint.load_checkpoint(tmp_path / "shape.pt")
 
 
 def test_params_choices_match_what_the_model_factory_builds() -> None:

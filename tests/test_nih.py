@@ -1,4 +1,4 @@
-"""cxr14.nih (class names, label table, split lists, both download layouts) and cxr14.images (decoding)."""
+"""cxr14.data.nih (class names, label table, split lists, both download layouts) and cxr14.data.images (decoding)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,8 @@ from conftest import (
 )
 from PIL import Image
 
-from cxr14.common import PipelineError
-from cxr14.images import load_gray, to_gray8
-from cxr14.nih import (
+from cxr14.data.images import load_gray, to_gray8
+from cxr14.data.nih import (
     CLASSES,
     LABEL_TABLE_NAMES,
     META_COLUMNS,
@@ -36,6 +35,7 @@ from cxr14.nih import (
     read_label_table,
     scan_images,
 )
+from cxr14.runtime.errors import PipelineError
 
 SEED_ORDER = [
     "Atelectasis",

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from conftest import REPO, project_params, run_module
 
-from cxr14.common import PipelineError
 from cxr14.params import SECTIONS, Calibrate, Data, Demo, Explain, Prepare, Train, build, load_section, read_yaml
+from cxr14.runtime.errors import PipelineError
 
 
 def test_the_repo_params_file_satisfies_every_section() -> None:

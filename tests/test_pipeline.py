@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import copy_pipeline
 
-from cxr14.nih import CLASSES
+from cxr14.data.nih import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def test_predict_with_the_exported_model_agrees_with_evaluate(project: Path) -> 
     table = pd.read_csv(project / "data/split/test.csv").head(12)
     files = [str(Path(p) if Path(p).is_absolute() else project / p) for p in table["path"]]
     out = project / "predict.csv"
-    from cxr14.predict import int8_is_fast
+    from cxr14.deployment.predict import int8_is_fast
 
     within = json.loads((project / "metrics/export.json").read_text())["int8"]["within_limit"]
     result = run([sys.executable, "-m", "stages.predict", *files, "--csv", str(out)], project)
@@ -117,7 +117,7 @@ def test_predict_with_the_exported_model_agrees_with_evaluate(project: Path) -> 
     expected = pd.read_csv(project / "data/predictions/test.csv").set_index("Image Index")
     got = rows.pivot(index="image", columns="class", values="probability")
     calibrated = rows.pivot(index="image", columns="class", values="calibrated")
-    from cxr14.calibration import apply_calibrator, load_calibrator
+    from cxr14.evaluation.calibration import apply_calibrator, load_calibrator
 
     spec = load_calibrator(project / "models/calibrator.json")  # calibrate's own file, not the embedded copy
     for f, name in zip(files, table["Image Index"], strict=True):

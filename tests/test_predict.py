@@ -11,12 +11,12 @@ import torch
 from conftest import project_params
 from PIL import Image
 
-from cxr14 import predict
-from cxr14.common import PipelineError
-from cxr14.gradcam import GradCAM, resample
-from cxr14.localisation import peak
-from cxr14.model import build_model, gradcam_layer
-from cxr14.nih import CLASSES
+from cxr14.data.nih import CLASSES
+from cxr14.deployment import predict
+from cxr14.explanation.gradcam import GradCAM, resample
+from cxr14.explanation.localisation import peak
+from cxr14.model.factory import build_model, gradcam_layer
+from cxr14.runtime.errors import PipelineError
 
 NIH_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "nih" / "images"
 
@@ -199,7 +199,7 @@ def squares(n: int, rng: np.random.Generator, size: int = 32, side: int = 6) -> 
 
 
 def test_heatmap_peaks_inside_the_planted_box_of_a_trained_tiny_model() -> None:
-    from cxr14.localisation import inside, peak
+    from cxr14.explanation.localisation import inside, peak
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -226,7 +226,7 @@ def test_heatmap_peaks_inside_the_planted_box_of_a_trained_tiny_model() -> None:
 
 
 def test_overlay_draws_heat_box_and_legend(tmp_path: Path) -> None:
-    from cxr14.gradcam import overlay
+    from cxr14.explanation.gradcam import overlay
 
     heat = np.zeros((32, 32), dtype=np.float32)
     heat[8, 24] = 1.0  # the peak, inside the box below

@@ -1,5 +1,5 @@
-"""stages.prepare and cxr14.arrays (decode once into .npy per split), cxr14.data's reading of those arrays, the
-atomic-output plumbing of cxr14.common and the params loader of cxr14.params."""
+"""stages.prepare and cxr14.data.arrays (decode once into .npy per split), the loader's reading of those
+arrays, the atomic-output plumbing of cxr14.runtime and the params loader of cxr14.params."""
 
 from __future__ import annotations
 
@@ -27,12 +27,14 @@ from conftest import (
 )
 from torch.utils.data import BatchSampler, RandomSampler
 
-from cxr14.arrays import write_array
-from cxr14.common import PipelineError, atomic_path, run_main, write_json
-from cxr14.data import PreparedImages, SortedBatchSampler, make_loader
-from cxr14.images import load_gray
-from cxr14.nih import CLASSES
+from cxr14.data.arrays import write_array
+from cxr14.data.images import load_gray
+from cxr14.data.loader import PreparedImages, SortedBatchSampler, make_loader
+from cxr14.data.nih import CLASSES
 from cxr14.params import Data, Prepare, load_section
+from cxr14.runtime.errors import PipelineError
+from cxr14.runtime.outputs import atomic_path, write_json
+from cxr14.runtime.signals import run_main
 from stages import prepare, split
 
 SPLITS = ("train", "val", "test")
@@ -234,7 +236,7 @@ def test_a_pool_broken_between_chunks_is_the_same_error(tmp_path, monkeypatch):
     from concurrent.futures import Future
     from concurrent.futures.process import BrokenProcessPool
 
-    import cxr14.arrays as arrays
+    import cxr14.data.arrays as arrays
 
     class PoolBrokenAfterFirstResult:  # decodes in-process; breaks once the first result has been taken
         def __init__(self, *args, **kwargs) -> None:
@@ -307,7 +309,7 @@ def test_prepare_without_split_tables(tiny_split):
     assert files_under(tiny_split["out"]) == []
 
 
-# ---------------------------------------------------------------- reading prepared arrays (cxr14.data)
+# ---------------------------------------------------------------- reading prepared arrays (cxr14.data.loader)
 
 
 def numbered_array(tmp_path: Path, n: int, size: int = 8) -> tuple[Path, np.ndarray, np.ndarray]:

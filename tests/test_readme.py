@@ -40,7 +40,7 @@ def test_nih_recipe_command_gives_valid_train_params() -> None:
     """The README's one-command NIH recipe parses as DVC parses -S (Hydra grammar) and builds the seed's model."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from cxr14.model import build_model, freeze, param_groups
+    from cxr14.model.factory import build_model, freeze, param_groups
     from cxr14.params import Train, build
 
     readme = (ROOT / "README.md").read_text()

@@ -1,4 +1,4 @@
-"""cxr14.splits and stages.split: patient-disjoint stratified split on the real 112,120-row table, the CLI, and
+"""cxr14.data.splits and stages.split: patient-disjoint stratified split on the real 112,120-row table, the CLI, and
 bad inputs."""
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from conftest import (
     write_params,
 )
 
-from cxr14.common import PipelineError, run_main
-from cxr14.nih import CLASSES, META_COLUMNS
-from cxr14.splits import build_splits, stratified_patient_split
+from cxr14.data.nih import CLASSES, META_COLUMNS
+from cxr14.data.splits import build_splits, stratified_patient_split
+from cxr14.runtime.errors import PipelineError
+from cxr14.runtime.signals import run_main
 from stages import split
 
 SPLITS = ("train", "val", "test")

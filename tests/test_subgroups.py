@@ -1,4 +1,4 @@
-"""Who the model fails (cxr14.subgroups): age bands, bad values counted, a planted subgroup failure shows up."""
+"""Who the model fails (evaluation/subgroups.py): age bands, bad values counted, a planted subgroup failure shows up."""
 
 from __future__ import annotations
 
@@ -6,10 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr14.metrics import auc
-from cxr14.nih import CLASSES
-from cxr14.predictions import PROB_PREFIX
-from cxr14.subgroups import age_band, assign, auc_by_subgroup, decisions_by_subgroup, plot_rows, summary
+from cxr14.data.nih import CLASSES
+from cxr14.evaluation.metrics import auc
+from cxr14.evaluation.predictions import PROB_PREFIX
+from cxr14.evaluation.subgroups import (
+    age_band,
+    assign,
+    auc_by_subgroup,
+    decisions_by_subgroup,
+    plot_rows,
+    summary,
+)
 
 
 def test_age_bands_and_what_is_not_an_age() -> None:

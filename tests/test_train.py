@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import outputs, write_train_params
 
-from cxr14 import training
-from cxr14.common import PipelineError
-from cxr14.nih import CLASSES
+from cxr14.data.nih import CLASSES
+from cxr14.runtime.errors import PipelineError
+from cxr14.training import loop as training
 from stages import train
 
 

@@ -2,9 +2,9 @@
 
 The demo dataset must look like ChestX-ray14 (label frequencies, co-occurrence, follow-ups, age,
 sex, view) without shipping the 112,120-row table. This tool boils the table down to a few KB of
-counts, committed as `cxr14/demo_stats.json`; rerun it only if NIH publishes a new table.
+counts, committed as `cxr14/data/demo_stats.json`; rerun it only if NIH publishes a new table.
 
-    python tools/derive_demo_stats.py [--nih ../shared/nih] [--out cxr14/demo_stats.json]
+    python tools/derive_demo_stats.py [--nih ../shared/nih] [--out cxr14/data/demo_stats.json]
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr14.common import PipelineError, run_main, write_json
-from cxr14.demo import STATS_FILE
-from cxr14.nih import CLASSES, NO_FINDING, find_label_table, read_label_table
+from cxr14.data.demo import STATS_FILE
+from cxr14.data.nih import CLASSES, NO_FINDING, find_label_table, read_label_table
+from cxr14.runtime.errors import PipelineError
+from cxr14.runtime.outputs import write_json
+from cxr14.runtime.signals import run_main
 
 IMAGES_PER_PATIENT_CAP = 30  # the last bucket counts patients with >= this many images
 AGE_BIN = 5  # years per age bucket

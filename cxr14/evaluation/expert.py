@@ -1,0 +1,162 @@
+"""Google's radiologist-adjudicated labels (Majkowska et al., Radiology 2020) for four findings on NIH images.
+
+Every other number this pipeline reports is measured against NIH's report-mined labels, which are noisy.
+Google's file gives expert truth for 4,376 images (1,962 of them in NIH's official test list), so evaluate
+scores the model against it, and scores NIH's own labels against it: how noisy the training labels are.
+
+Three of the four findings map onto NIH classes; a finding's model score is the largest probability among
+its classes (the model's strongest evidence for any of them), its NIH label is any of them:
+- Pneumothorax: Pneumothorax.
+- Nodule or mass: Nodule, Mass (the expert finding merges the two sizes of one lesion).
+- Airspace opacity: Infiltration, Consolidation, Pneumonia, Edema: the NIH classes that denote airspace
+  filling (by pus, fluid or cells). Atelectasis (collapse, volume loss) is not airspace disease, and Nodule
+  and Mass are scored on their own. Measured on Google's 4,376 images, adding Atelectasis would raise the NIH
+  labels' sensitivity against the experts from 0.44 to 0.51 and lower their specificity from 0.86 to 0.81.
+- Fracture: no NIH class; reported as not scored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxr14.data.nih import CLASSES, EXPERT_FILES, FINDINGS
+from cxr14.evaluation.metrics import PatientBootstrap, auc, auc_with_interval, has_both
+from cxr14.evaluation.predictions import EXPERT_PREFIX, PROB_PREFIX
+from cxr14.runtime.errors import PipelineError
+from cxr14.runtime.outputs import rounded
+
+MAPPED = tuple(f for f, classes in FINDINGS.items() if classes)
+VALUES = {"YES": 1, "NO": 0}
+
+
+def find_expert_file(root: Path | str) -> Path | None:
+    """The expert-label file in the data root, or None (then evaluate has no expert section)."""
+    for name in EXPERT_FILES:
+        if (Path(root) / name).is_file():
+            return Path(root) / name
+    return None
+
+
+def read_expert_labels(path: Path | str) -> pd.DataFrame:
+    """One row per adjudicated image, indexed by Image Index: a 0/1 column per finding and `Set Id`.
+
+    Every cell of the four finding columns must read YES or NO; anything else stops with file, line and column.
+    """
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, EOFError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise PipelineError(f"{path}: cannot read the expert labels ({' '.join(str(exc).split())})") from None
+    missing = [c for c in ("Image Index", *FINDINGS) if c not in table.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; expected Image Index and "
+                            f"{', '.join(FINDINGS)} (YES/NO)")
+    dup = table["Image Index"].duplicated()
+    if dup.any():
+        i = int(np.flatnonzero(dup.to_numpy())[0])
+        raise PipelineError(f"{path} line {i + 2}: image {table['Image Index'].iloc[i]} appears twice")
+    out = pd.DataFrame(index=pd.Index(table["Image Index"].str.strip(), name="Image Index"))
+    for finding in FINDINGS:
+        cells = table[finding].str.strip().str.upper()
+        bad = ~cells.isin(list(VALUES))
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise PipelineError(f"{path} line {i + 2}, column {finding}: {table[finding].iloc[i]!r}; "
+                                "expected YES or NO")
+        out[finding] = cells.map(VALUES).to_numpy(dtype=np.int64)
+    out["Set Id"] = table["Set Id"].to_numpy() if "Set Id" in table.columns else ""
+    return out
+
+
+def expert_columns(names: pd.Series, experts: pd.DataFrame) -> pd.DataFrame:
+    """expert_<finding> per mapped finding for these images: 1/0, NaN where the image was not adjudicated."""
+    found = experts.reindex(names.to_numpy())
+    return pd.DataFrame({EXPERT_PREFIX + f: found[f].to_numpy(dtype=np.float64) for f in MAPPED})
+
+
+def finding_scores(pred: pd.DataFrame, finding: str, prefix: str = PROB_PREFIX) -> np.ndarray:
+    """The model's score for a mapped finding: the largest probability among its NIH classes."""
+    return pred[[prefix + c for c in FINDINGS[finding]]].to_numpy(dtype=np.float64).max(axis=1)
+
+
+def nih_label(pred: pd.DataFrame, finding: str) -> np.ndarray:
+    """NIH's report-mined label for a mapped finding: any of its classes."""
+    return pred[list(FINDINGS[finding])].to_numpy().max(axis=1).astype(np.int64)
+
+
+def agreement(truth: np.ndarray, called: np.ndarray) -> dict[str, float | int | None]:
+    """Sensitivity, specificity, precision and F1 of 0/1 calls against 0/1 truth (None where undefined)."""
+    truth, called = np.asarray(truth).astype(bool), np.asarray(called).astype(bool)
+    tp, fp = int((truth & called).sum()), int((~truth & called).sum())
+    fn, tn = int((truth & ~called).sum()), int((~truth & ~called).sum())
+    sens = tp / (tp + fn) if tp + fn else None
+    prec = tp / (tp + fp) if tp + fp else None
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+    return {"sensitivity": sens, "specificity": tn / (tn + fp) if tn + fp else None, "precision": prec, "f1": f1,
+            "true_positives": tp, "false_positives": fp, "false_negatives": fn, "true_negatives": tn}
+
+
+def covered(pred: pd.DataFrame, finding: str) -> np.ndarray:
+    """Rows of `pred` that the experts adjudicated for this finding."""
+    column = EXPERT_PREFIX + finding
+    return pred[column].notna().to_numpy() if column in pred.columns else np.zeros(len(pred), dtype=bool)
+
+
+def expert_section(pred: pd.DataFrame, source: str, resamples: int, seed: int) -> dict:
+    """metrics/evaluate.json's `expert` section from test predictions carrying expert_<finding> columns.
+
+    Per mapped finding: the model's AUC (patient-bootstrap 95% interval) against the experts, its AUC against
+    NIH's labels on the same images, and NIH's labels scored against the experts.
+    """
+    out: dict = {"source": source, "findings": {}}
+    for finding, classes in FINDINGS.items():
+        if not classes:
+            out["findings"][finding] = {"nih_classes": [], "note": "no NIH class: the model cannot be scored on it"}
+            continue
+        rows = covered(pred, finding)
+        sub = pred[rows].reset_index(drop=True)
+        truth = sub[EXPERT_PREFIX + finding].to_numpy().astype(np.int64)
+        scores, noisy = finding_scores(sub, finding), nih_label(sub, finding)
+        entry: dict = {"nih_classes": list(classes), "score": "max" if len(classes) > 1 else "probability",
+                       "images": int(rows.sum()), "patients": int(sub["Patient ID"].nunique()),
+                       "expert_positives": int(truth.sum())}
+        if has_both(truth):
+            point, low, high = auc_with_interval(scores, truth, PatientBootstrap(sub["Patient ID"].to_numpy(),
+                                                                               resamples, seed))
+            entry.update(auc=point, auc_ci_low=low, auc_ci_high=high)
+        else:
+            entry.update(auc=None, auc_ci_low=None, auc_ci_high=None,
+                         note="the adjudicated test images lack positives or negatives: no AUC")
+        entry["auc_against_nih_labels"] = auc(scores, noisy) if len(sub) else None
+        entry["nih_labels_vs_expert"] = agreement(truth, noisy)
+        out["findings"][finding] = rounded(entry)
+    out["images"] = int(np.any([covered(pred, f) for f in MAPPED], axis=0).sum())
+    return out
+
+
+def prf(truth: np.ndarray, called: np.ndarray) -> dict[str, float | None]:
+    """Precision, recall and F1 (calibrate's names) of 0/1 calls."""
+    a = agreement(truth, called)
+    return {"precision": a["precision"], "recall": a["sensitivity"], "f1": a["f1"]}
+
+
+def decisions_section(pred: pd.DataFrame, called: np.ndarray) -> dict:
+    """metrics/calibrate.json's `expert`: precision, recall and F1 of the thresholded decisions (a finding is
+    called when any of its classes is) against the expert labels and against NIH's, on the same images."""
+    out: dict = {}
+    for finding, classes in FINDINGS.items():
+        if not classes:
+            out[finding] = {"note": "no NIH class: not scored"}
+            continue
+        rows = covered(pred, finding)
+        columns = [CLASSES.index(c) for c in classes]
+        call = called[rows][:, columns].any(axis=1)
+        sub = pred[rows]
+        truth = sub[EXPERT_PREFIX + finding].to_numpy().astype(np.int64)
+        out[finding] = rounded({"images": int(rows.sum()), "expert_positives": int(truth.sum()),
+                                "against_expert": prf(truth, call),
+                                "against_nih_labels": prf(nih_label(sub, finding), call)})
+    return out

@@ -1,0 +1,4 @@
+"""The plumbing every stage shares: one-line errors (`errors`), atomic outputs (`outputs`), SIGTERM and Ctrl-C
+that unwind cleanly and the entry-point wrapper (`signals`), progress bars (`progress`), worker processes
+that die with their stage (`processes`), and cores and devices (`devices`).
+"""

@@ -1,0 +1,279 @@
+"""The training loop: epochs, validation, early stopping, one resume point, exact resume.
+
+A killed run continues from its resume point with the same result as an uninterrupted one: each epoch
+reseeds its shuffle and augmentation from (seed, epoch), so nothing but the saved states carries over.
+
+During training only the resume point is written: one file (`save_checkpoint`, atomic) holding the latest
+weights and optimizer, the best epoch's weights, the per-epoch log and what the run trained on. The stage's
+outputs (model.pt, dvclive/, metrics/train.json) are derived from it when the run ends, so they cannot
+disagree with each other, and a run killed at any moment leaves the previous outputs as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxr14.data.loader import IMAGENET_MEAN, IMAGENET_STD, PreparedImages, make_loader
+from cxr14.data.nih import CLASSES
+from cxr14.evaluation.metrics import has_both
+from cxr14.model.checkpoint import read_checkpoint, save_checkpoint
+from cxr14.model.factory import param_groups
+from cxr14.model.inference import Batches, evaluate, infer, scores
+from cxr14.params import Train
+from cxr14.runtime.errors import PipelineError, warn
+from cxr14.runtime.outputs import ensure_space, replace_dir
+from cxr14.training.distributed import World, agree, all_sum, blocks, gather_rows, peers_watched, same_buffers
+from cxr14.training.loss import loss_function
+from cxr14.training.schedules import make_scheduler
+from cxr14.training.steps import train_one_epoch
+
+
+def fresh_state() -> dict[str, Any]:
+    return {"epoch": 0, "best_auc": -1.0, "best_epoch": 0, "bad_epochs": 0, "seconds": 0.0, "images": 0,
+            "history": []}
+
+
+def fingerprint(files: list[Path]) -> dict[str, str]:
+    """MD5 of each file a run trains on (prepared arrays, split tables): what a resume point must match.
+
+    Read in 8 MB chunks; the real dataset's 5.6 GB of 224 px arrays take seconds, once per run.
+    """
+    out = {}
+    for path in files:
+        digest = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)
+        out[str(path)] = digest.hexdigest()
+    return out
+
+
+def check_resume_point(path: Path, point: dict[str, Any], t: Train, data: dict[str, str]) -> None:
+    """The recipe and the data must be what the resume point was made with: one from other data (another
+    split seed, another image size) would hand back a model trained on something else."""
+    if point.get("recipe") != t.recipe():
+        raise PipelineError(f"{path} was made with other train params; set train.resume: false")
+    changed = [f for f, digest in data.items() if point.get("data", {}).get(f) != digest]
+    if changed:
+        raise PipelineError(f"{path} was trained on other data ({changed[0]} differs, {len(changed)} file(s) in all); "
+                            "set train.resume: false")
+
+
+def check_val_labels(val: PreparedImages) -> None:
+    """Early stopping and the best checkpoint need a val mean AUC: at least one class with both outcomes."""
+    labels = val.labels
+    if labels is None or not any(has_both(labels[:, k]) for k in range(labels.shape[1])):
+        raise PipelineError(f"{val.path}: no class has both positive and negative labels among these {len(val)} val "
+                            "images, so the val mean ROC-AUC that picks the best epoch is undefined; raise "
+                            "split.val_fraction")
+
+
+def tensor_bytes(tensors: Any) -> int:
+    """Bytes of these tensors: what a checkpoint of them takes on disk, within a few KB."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def check_world(train_set: PreparedImages, t: Train, size: int) -> None:
+    """Several processes split every batch equally (`train.batch_size` is global): each batch must be whole."""
+    if t.batch_size % size:  # train.nproc is checked with the params; torchrun's WORLD_SIZE here
+        raise PipelineError(f"train.batch_size: {t.batch_size}; expected a multiple of the {size} processes "
+                            "torchrun started: the batch is global, each process takes an equal share")
+    if size > 1 and len(train_set) < t.batch_size:
+        raise PipelineError(f"{train_set.path}: {len(train_set)} training images, fewer than train.batch_size "
+                            f"({t.batch_size}), which {size} processes share; lower train.batch_size or use "
+                            "train.nproc: 1")
+
+
+def validate(model: nn.Module, val_set: PreparedImages, criterion: nn.Module, batches: Batches, t: Train,
+             world: World) -> dict[str, Any]:
+    """Val loss and AUCs, once per epoch: one process scores the whole split; several score a contiguous block
+    each and gather the probabilities, so every rank computes the same AUC and takes the same decisions."""
+    if world.size == 1:
+        return evaluate(model, make_loader(val_set, t.batch_size, shuffle=False, workers=t.workers), criterion,
+                        batches)
+    rows = blocks(len(val_set), world.size)[world.rank]
+    loader = make_loader(val_set, t.batch_size, shuffle=False, workers=t.workers, rows=rows)
+    probs, _, loss = infer(model, loader, criterion, batches)
+    if len(probs) == 0:
+        probs = np.zeros((0, val_set.labels.shape[1]), np.float32)
+    probs = gather_rows(torch.from_numpy(probs), len(val_set), world).numpy()
+    return scores(probs, val_set.labels, all_sum([loss], world)[0])
+
+
+def wrap(model: nn.Module, t: Train, device: torch.device, world: World) -> nn.Module:
+    """What the training steps run: the model itself, in DDP with several processes, compiled with train.compile.
+
+    Trainable BatchNorm is synchronised across GPUs (SyncBatchNorm); PyTorch has it for CUDA only, so on the
+    CPU each process normalises over its own share of the batch. Frozen BatchNorm is in eval mode either way.
+    """
+    runner = model
+    if world.size > 1:
+        if device.type == "cuda":
+            runner = nn.SyncBatchNorm.convert_sync_batchnorm(runner)
+        runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda"
+                                                     else None)
+    if t.compile:
+        runner = torch.compile(runner)
+    return runner
+
+
+def fit(model: nn.Module, frozen: list[str], train_set: PreparedImages, val_set: PreparedImages, t: Train,
+        device: torch.device, resume_file: Path, data: dict[str, str] | None = None,
+        world: World | None = None) -> dict[str, Any]:
+    """Train per `t`, writing the resume point `resume_file` after every epoch; return the final one.
+
+    With several processes (`world`), each runs this with the same arguments; rank 0 alone writes.
+    The resume point holds `model`, `optimizer`, `scheduler` (latest epoch), `best_model` (the best epoch's
+    weights, or None when that is the latest), `state` (epochs run, best epoch and AUC, patience count,
+    seconds, images, and `history`: each epoch's logged metrics), `recipe` and `data` (file -> MD5,
+    `fingerprint`). With `t.resume`, training continues from an existing one after checking both.
+    """
+    data, world = data or {}, world or World()
+    check_val_labels(val_set)
+    check_world(train_set, t, world.size)
+    # channels_last (NHWC): cuDNN's and oneDNN's fastest layout; the model here, every batch below (Batches)
+    model.to(memory_format=torch.channels_last)
+    criterion = loss_function(train_set.labels, t.pos_weight_cap, t.label_smoothing).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, t.arch, t.lr_head, t.lr_backbone), weight_decay=t.weight_decay)
+    part = (world.rank, world.size)
+    steps = len(make_loader(train_set, t.batch_size, shuffle=True, seed=0, workers=0,
+                            drop_last=len(train_set) > t.batch_size, part=part))
+    scheduler = make_scheduler(optimizer, t.scheduler, t.epochs, steps)
+    per_step = isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
+    state, best = fresh_state(), None
+    ema = moving_average(model, t.ema)
+    scored = ema.module if ema is not None else model  # what is validated and saved
+    if t.resume and resume_file.is_file():
+        point = read_checkpoint(resume_file, device)
+        check_resume_point(resume_file, point, t, data)
+        model.load_state_dict(point["model"])
+        if ema is not None:
+            ema.load_state_dict(point["ema"])
+        optimizer.load_state_dict(point["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(point["scheduler"])
+        state = point["state"]
+        best = ({k: v.to("cpu") for k, v in point["best_model"].items()} if point["best_model"] is not None
+                else cpu_copy(scored))  # on the CPU, as an uninterrupted run keeps it: model.pt's bytes are equal
+        if world.main:
+            print(f"train: resuming from {resume_file} after epoch {state['epoch']} of {t.epochs}")
+    elif t.resume and world.main:
+        warn(f"train.resume: no resume point {resume_file} (a run writes it after its first epoch, in the folder "
+             "it runs in); training from the first epoch")
+    # A resume point holds up to two sets of weights (latest, best) and AdamW's two moments; each new one is
+    # written beside the old before replacing it, and model.pt (one set) beside its old one at the end: stop
+    # now rather than epochs later.
+    weights = tensor_bytes(model.state_dict().values())
+    trainable = tensor_bytes(p for p in model.parameters() if p.requires_grad)
+    point = (2 + (t.ema > 0)) * weights + 2 * trainable  # latest, best (and the average); AdamW's 2 moments
+    if world.main:
+        ensure_space(resume_file, 2 * point - (resume_file.stat().st_size if resume_file.is_file() else 0) + weights)
+        keep_out_of_git(resume_file.parent)
+    agree("data", data, world)
+    agree("resume point", (state["epoch"], state["best_auc"]), world)
+    batches = Batches(device, t.augment, reuse=True, part=part, channels_last=True)
+    eval_batches = Batches(device, reuse=True, channels_last=True)
+    runner = wrap(model, t, device, world)
+    while state["epoch"] < t.epochs and state["bad_epochs"] < t.patience:
+        epoch = state["epoch"]
+        loader = make_loader(train_set, t.batch_size, shuffle=True, seed=t.seed * 1000 + epoch,
+                             workers=t.workers, drop_last=len(train_set) > t.batch_size, part=part)
+        generator = torch.Generator().manual_seed(t.seed * 1000 + epoch)
+        with peers_watched(world):  # DDP's gradient all-reduce: a rank that died is one line on the others
+            tr = train_one_epoch(runner, loader, criterion, optimizer, batches, frozen, generator,
+                                 desc=f"epoch {epoch + 1}/{t.epochs}", disable=not world.main,
+                                 after_step=lambda: after_step(ema, model, scheduler if per_step else None))
+        if world.size > 1:  # the whole batch's loss and images, as one process counts them
+            loss_sum, images = all_sum([tr["loss"] * tr["images"], tr["images"]], world)
+            tr.update(loss=loss_sum / max(images, 1), images=int(images))
+        same_buffers(scored, world)
+        ev = validate(scored, val_set, criterion, eval_batches, t, world)
+        row = {f"lr/{group['name']}": group["lr"] for group in optimizer.param_groups}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(ev["mean_auc"])
+        elif scheduler is not None and not per_step:
+            scheduler.step()
+        row.update({"train/loss": tr["loss"], "val/loss": ev["loss"], "val/mean_auc": ev["mean_auc"]})
+        row.update({f"val/auc/{name}": auc for name, auc in zip(CLASSES, ev["per_class_auc"], strict=True)
+                    if auc is not None})
+        state["history"].append(row)
+        state["epoch"] += 1
+        state["seconds"] += tr["seconds"]
+        state["images"] += tr["images"]
+        improved = ev["mean_auc"] > state["best_auc"]
+        if improved:
+            state.update(best_auc=ev["mean_auc"], best_epoch=state["epoch"], bad_epochs=0)
+            best = cpu_copy(scored)
+        else:
+            state["bad_epochs"] += 1
+        if not world.main:
+            continue
+        save_checkpoint(resume_file, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "ema": ema.state_dict() if ema is not None else None,
+                                      "scheduler": scheduler.state_dict() if scheduler else {},
+                                      "best_model": None if improved else best, "state": state,
+                                      "recipe": t.recipe(), "data": data})
+        print(f"epoch {state['epoch']}: train loss {tr['loss']:.4f}, val loss {ev['loss']:.4f}, "
+              f"val mean AUC {ev['mean_auc']:.4f}{' (best)' if improved else ''}, "
+              f"{tr['images'] / tr['seconds']:.0f} images/s")
+    return {"state": state, "best_model": best}
+
+
+def after_step(ema: torch.optim.swa_utils.AveragedModel | None, model: nn.Module,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> None:
+    """What follows every optimizer step: the weights' moving average, a per-step schedule."""
+    if ema is not None:
+        ema.update_parameters(model)
+    if scheduler is not None:
+        scheduler.step()
+
+
+def moving_average(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of the weights and BatchNorm statistics (None when `decay` is 0): on small,
+    noisy data it smooths out the last steps' noise, and it is what gets validated and saved."""
+    if decay == 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def keep_out_of_git(folder: Path) -> None:
+    """The resume point is scratch, hundreds of MB: a `.gitignore` of `*` keeps it out of any commit, and so out of
+    what `dvc exp run` records, whatever the project's own .gitignore says."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / ".gitignore").is_file():
+        (folder / ".gitignore").write_text("# written by the train stage: the resume point is not versioned\n*\n")
+
+
+def best_checkpoint(best_model: dict[str, torch.Tensor], state: dict[str, Any], t: Train, image_size: int,
+                    pretrained: str | None, data: dict[str, str]) -> dict[str, Any]:
+    """models/model.pt: the weights with everything predict needs to use them (classes, input size, normalisation)
+    and what made them (recipe, pretrained weights, data)."""
+    return {"state_dict": best_model, "arch": t.arch, "output_stride": t.output_stride,
+            "classes": list(CLASSES), "image_size": image_size, "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD), "pretrained": pretrained, "params": t.recipe(), "data": data,
+            "epoch": state["best_epoch"], "val_mean_auc": state["best_auc"]}
+
+
+def write_log(history: list[dict[str, float]], folder: Path) -> None:
+    """The per-epoch log as dvclive writes it (plots/metrics/<name>.tsv, metrics.json), replayed from the resume
+    point into a new folder that replaces `folder` whole: a resumed run's log has each epoch once."""
+    from dvclive import Live  # imported here: it takes seconds to import
+
+    with replace_dir(folder) as tmp:
+        with Live(dir=str(tmp), save_dvc_exp=False, dvcyaml=None) as live:
+            for row in history:
+                for name, value in row.items():
+                    live.log_metric(name, value)
+                live.next_step()
