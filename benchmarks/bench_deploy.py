@@ -8,8 +8,8 @@ Two figures, both from fresh processes as a user runs them (`python -m stages.pr
   - the whole NIH sample folder (308 images) with `--csv`, int8 and float32: predict's throughput against what
     decoding alone allows (predict's own decoder, `cxr14.deployment.predict.decoded`, with the same
     threads, timed inside its process); target >= 0.8x. Throughput is the rate past start-up: (N - 1) images
-    over the folder run's time less the one-image run's (what a folder of thousands sees); the whole run's ratio, start-up included
-    (interpreter, imports and model load count against predict only), is printed beside it;
+    over the folder run's time less the one-image run's (what a folder of thousands sees); the whole run's
+    ratio, start-up included (interpreter, imports and model load count against predict only), is printed beside it;
   - thousands of images, start-up included: the folder `--repeat` times over (symlinks in a scratch folder, so
     3,080 files by default), the default int8 model's whole run against decoding alone over the same files
     (median of 2 each).
