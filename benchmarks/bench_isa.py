@@ -1,4 +1,4 @@
-"""Benchmark: what capping oneDNN at AVX2 (train.cpu_kernels: avx2, cxr14.common.cpu_kernels) costs in training speed.
+"""Benchmark: what capping oneDNN at AVX2 (train.cpu_kernels: avx2, runtime.devices.cpu_kernels) costs in speed.
 
 Trains resnet18 (96 px, batch 32, synthetic batches; the demo's model when measured) for a few steps in fresh processes,
 alternating oneDNN's own choice of kernels and the AVX2 cap, and prints the median step time of each and

@@ -6,7 +6,7 @@ data is not rebuilt), in one run:
      using every core (OMP_NUM_THREADS unset);
   2. side by side: the same two recipes with other seeds (so DVC's run cache cannot answer them),
      `dvc exp run --queue` twice, then `OMP_NUM_THREADS=<cores / 2> dvc queue start -j 2`, timed until both
-     have finished; each stage sizes its threads and workers from OMP_NUM_THREADS (cxr14.common.cpu_count).
+     have finished; each stage sizes its threads and workers from OMP_NUM_THREADS (cxr14.runtime.devices.cpu_count).
 Prints both wall times and their ratio (issue 12's target: side by side <= 1.1x one after the other).
 
     python benchmarks/bench_queue.py [--epochs 2] [--json out.json]

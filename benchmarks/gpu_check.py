@@ -168,7 +168,7 @@ def random_labels(images: int) -> np.ndarray:
 
 def train_run(arch: str, prefixes: list[str], data: PreparedImages, device: torch.device, batch: int, variant: str,
               warmup: int, steps: int, seconds: float, backend: str = "inductor") -> dict[str, Any]:
-    """The training loop of `cxr14.engine.train_one_epoch` (augmentation, bf16 autocast on CUDA, `.item()` each
+    """The training loop of `cxr14.training.steps.train_one_epoch` (augmentation, bf16 autocast on CUDA, `.item()` each
     step) from seed 0, with workers 0 as params.yaml has it; variant fp32, bf16_channels_last or compile (bf16 +
     channels_last + `torch.compile(model)`, as `train.compile: true` wraps it). Losses of every step, images/s of
     the timed ones, and the warm-up's seconds (compilation included)."""
@@ -226,7 +226,7 @@ def train_run(arch: str, prefixes: list[str], data: PreparedImages, device: torc
 def loader_run(data: PreparedImages, device: torch.device, batch: int, workers: int, warmup: int, steps: int,
                seconds: float) -> dict[str, Any]:
     """The loader alone: memory map -> batches (pinned on CUDA) -> device, augmented and normalised as training
-    does (`cxr14.engine.Batches` with the recipe's Augment), nothing else."""
+    does (`cxr14.model.inference.Batches` with the recipe's Augment), nothing else."""
     loader = make_loader(data, batch, shuffle=True, seed=0, workers=workers, drop_last=True)
     batches = Batches(device, NIH_AUGMENT, reuse=True)
     generator = torch.Generator().manual_seed(0)

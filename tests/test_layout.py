@@ -25,7 +25,8 @@ def long_functions(paths: list[Path], limit: int = MAX_FUNCTION_LINES) -> list[s
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
                 if lines > limit:
-                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+                    where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+                    found.append(f"{where}:{node.lineno} {node.name} ({lines} lines)")
     return found
 
 

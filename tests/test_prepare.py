@@ -368,7 +368,7 @@ def test_shuffled_loader_batches_come_out_sorted(tmp_path):
     assert plain == [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
 
 
-# ---------------------------------------------------------------- atomic outputs (cxr14.common), params (cxr14.params)
+# ------------------------------------------------------- atomic outputs (cxr14.runtime.outputs), params (cxr14.params)
 
 
 def test_atomic_path_keeps_old_file_when_the_block_raises(tmp_path):
