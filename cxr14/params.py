@@ -28,9 +28,12 @@ PARAMS_FILE = Path("params.yaml")
 
 
 def rule(low: float | None = None, high: float | None = None, *, open_low: bool = False,
-         open_high: bool = False, length: int | None = None, doc: str = "") -> dict[str, Any]:
-    """Field metadata: an inclusive range (or exclusive where `open_*`), a list's length, words for the message."""
-    return {"low": low, "high": high, "open_low": open_low, "open_high": open_high, "length": length, "doc": doc}
+         open_high: bool = False, length: int | None = None, doc: str = "", help: str = "") -> dict[str, Any]:
+    """Field metadata: an inclusive range (or exclusive where `open_*`), a list's length, `doc` (what the key
+    expects, in the words of the error messages) and `help` (what the key means: the column of docs/params.md
+    that tools/params_doc.py generates; never part of a message)."""
+    return {"low": low, "high": high, "open_low": open_low, "open_high": open_high, "length": length, "doc": doc,
+            "help": help}
 
 
 def field(**kwargs: Any) -> Any:
@@ -49,20 +52,26 @@ class Section:
 @dataclasses.dataclass(frozen=True)
 class Data(Section):
     SECTION: ClassVar[str] = "data"
-    root: str = field(doc="a folder in NIH layout (the demo: data/demo)")
-    missing: Literal["error", "skip"] = field()
+    root: str = field(doc="a folder in NIH layout (the demo: data/demo)",
+        help="dataset root in NIH layout (label table, split lists, images); the real download e.g. `/mnt/nih`")
+    missing: Literal["error", "skip"] = field(
+        help="images in the split lists but not on disk: `error` names them, `skip` leaves them out and counts them "
+             "in `metrics/split.json`")
 
 
 @dataclasses.dataclass(frozen=True)
 class Demo(Section):
     SECTION: ClassVar[str] = "demo"
-    patients: int = field(low=2, high=10**6)
-    images: int = field(low=2, high=10**7)
-    image_size: int = field(low=64, high=2048)
-    label_noise: float = field(low=0.0, high=0.5)
-    class_floor: float = field(low=0.0, high=0.2)
-    test_fraction: float = field(low=0.01, high=0.99)
-    seed: int = field(low=0, high=2**32 - 1)
+    patients: int = field(low=2, high=10**6,
+        help="patients in the phantom dataset (used while `data.root` is `data/demo`)")
+    images: int = field(low=2, high=10**7, help="images in the phantom dataset, follow-ups included")
+    image_size: int = field(low=64, high=2048, help="side of the phantom PNGs in pixels")
+    label_noise: float = field(low=0.0, high=0.5,
+        help="rate at which a planted finding is missing from the report-mined label (and, scaled by prevalence, a "
+             "spurious one added)")
+    class_floor: float = field(low=0.0, high=0.2, help="every finding on at least this fraction of phantom images")
+    test_fraction: float = field(low=0.01, high=0.99, help="share of patients in the demo's official test list")
+    seed: int = field(low=0, high=2**32 - 1, help="seed of the phantom generator")
 
     def check(self, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
         if self.images < self.patients:
@@ -72,24 +81,28 @@ class Demo(Section):
 @dataclasses.dataclass(frozen=True)
 class Split(Section):
     SECTION: ClassVar[str] = "split"
-    val_fraction: float = field(low=0.0, high=1.0, open_low=True, open_high=True)
-    seed: int = field(low=0, high=2**32 - 1)
+    val_fraction: float = field(low=0.0, high=1.0, open_low=True, open_high=True,
+        help="share of train_val (by images and per class) in the patient-disjoint val split")
+    seed: int = field(low=0, high=2**32 - 1, help="seed of the train/val split")
 
 
 @dataclasses.dataclass(frozen=True)
 class Prepare(Section):
     SECTION: ClassVar[str] = "prepare"
-    image_size: int = field(low=8, high=4096)
-    workers: int = field(low=0, doc="0 (all cores) or a positive integer")
+    image_size: int = field(low=8, high=4096, help="side of the prepared square images (224 for the NIH recipe)")
+    workers: int = field(low=0, doc="0 (all cores) or a positive integer",
+        help="decoding processes; 0 = all cores (or `OMP_NUM_THREADS`); does not change the arrays")
 
 
 @dataclasses.dataclass(frozen=True)
 class Augment(Section):
     SECTION: ClassVar[str] = "train.augment"
-    hflip: float = field(low=0.0, high=1.0, doc="a probability in [0, 1]")
-    rotate: float = field(low=0.0, high=180.0, doc="degrees in [0, 180]")
+    hflip: float = field(low=0.0, high=1.0, doc="a probability in [0, 1]", help="probability of a horizontal flip")
+    rotate: float = field(low=0.0, high=180.0, doc="degrees in [0, 180]",
+        help="largest random rotation in degrees (the NIH recipe: 5)")
     crop_scale: tuple[float, float] = field(low=0.0, high=1.0, open_low=True, length=2,
-                                           doc="[low, high]: area fractions in (0, 1], low <= high")
+                                           doc="[low, high]: area fractions in (0, 1], low <= high",
+        help="random resized crop: range of the area kept; `[1.0, 1.0]` = off (e.g. `[0.85, 1.0]`)")
 
     def check(self, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
         if self.crop_scale[0] > self.crop_scale[1]:
@@ -99,28 +112,55 @@ class Augment(Section):
 @dataclasses.dataclass(frozen=True)
 class Train(Section):
     SECTION: ClassVar[str] = "train"
-    arch: Literal["resnet10", "resnet18", "resnet34", "resnet50", "densenet121"] = field()
-    output_stride: Literal[32, 16, 8] = field()
-    weights: Literal["none", "imagenet", "IMAGENET1K_V1", "IMAGENET1K_V2"] = field()
-    freeze: list[str] = field(doc="a list of module-name prefixes, e.g. [conv1, bn1, layer1]")
-    epochs: int = field(low=1)
-    batch_size: int = field(low=1)
-    lr_head: float = field(low=0.0, open_low=True)
-    lr_backbone: float = field(low=0.0, open_low=True)
-    weight_decay: float = field(low=0.0)
-    scheduler: Literal["none", "cosine", "plateau", "onecycle"] = field()
-    pos_weight_cap: float | None = field(low=1.0, doc="null (no cap) or a number >= 1")
-    label_smoothing: float = field(low=0.0, high=0.5, open_high=True)
-    patience: int = field(low=1)
-    ema: float = field(low=0.0, high=1.0, open_high=True, doc="0 (off) or a decay in (0, 1), e.g. 0.99")
-    augment: Augment = field()
-    device: str = field(doc="auto, cpu, cuda, cuda:N (one GPU of several) or mps")
-    nproc: int = field(low=1, high=1024, doc="processes on this machine (DDP): 1, or one per GPU")
-    compile: bool = field()
-    cpu_kernels: Literal["avx2", "native"] = field()
-    workers: int = field(low=0)
-    seed: int = field(low=0, high=2**32 - 1)
-    resume: bool = field()
+    arch: Literal["resnet10", "resnet18", "resnet34", "resnet50", "densenet121"] = field(
+        help="network: `resnet10` (ResNet18 with one block per stage, no ImageNet weights: the demo's), `resnet18`, "
+             "`resnet34`, `resnet50` (the seed's), `densenet121` (CheXNet)")
+    output_stride: Literal[32, 16, 8] = field(
+        help="ResNets: 16 dilates `layer4`, 8 also `layer3` (same weights), for a Grad-CAM map 2x or 4x finer; "
+             "`layer4` then costs 4x (16)")
+    weights: Literal["none", "imagenet", "IMAGENET1K_V1", "IMAGENET1K_V2"] = field(
+        help="`none`; `imagenet` = torchvision's best for the arch (ResNet50: `IMAGENET1K_V2`, as the seed); or a "
+             "named set; downloaded by torchvision into `TORCH_HOME` on first use")
+    freeze: list[str] = field(doc="a list of module-name prefixes, e.g. [conv1, bn1, layer1]",
+        help="module-name prefixes to freeze (their BatchNorm stays in eval mode); NIH recipe `[conv1, bn1, layer1, "
+             "layer2, layer3]`")
+    epochs: int = field(low=1, help="most epochs")
+    batch_size: int = field(low=1,
+        help="images per optimisation step, over all processes (`train.nproc` must divide it)")
+    lr_head: float = field(low=0.0, open_low=True, help="AdamW learning rate of the new classification head")
+    lr_backbone: float = field(low=0.0, open_low=True,
+        help="AdamW learning rate of the rest of the network (the NIH recipe: 1e-4)")
+    weight_decay: float = field(low=0.0, help="AdamW weight decay")
+    scheduler: Literal["none", "cosine", "plateau", "onecycle"] = field(
+        help="`none`, `cosine` (over `train.epochs`), `plateau` (x0.1 when val AUC stalls), `onecycle` (stepped "
+             "every batch: warm up over the first quarter, then anneal)")
+    pos_weight_cap: float | None = field(low=1.0, doc="null (no cap) or a number >= 1",
+        help="cap on negatives/positives per class in the loss's `pos_weight`; `null` = no cap")
+    label_smoothing: float = field(low=0.0, high=0.5, open_high=True,
+        help="BCE targets pulled this / 2 toward 0.5 (1 -> 0.95, 0 -> 0.05): less trust in report-mined labels; 0 = "
+             "plain BCE, as the seed")
+    patience: int = field(low=1, help="stop after this many epochs without a better val mean AUC")
+    ema: float = field(low=0.0, high=1.0, open_high=True, doc="0 (off) or a decay in (0, 1), e.g. 0.99",
+        help="decay of an exponential moving average of the weights (and BatchNorm statistics), updated every step; "
+             "the average is validated and saved; 0 = off")
+    augment: Augment = field(
+        help="augmentation, applied to whole batches as one affine resampling (the demo trains best with flips only: "
+             "measured)")
+    device: str = field(doc="auto, cpu, cuda, cuda:N (one GPU of several) or mps",
+        help="`auto` (CUDA, then MPS, then CPU), `cpu`, `cuda`, `cuda:N` (one GPU of several, e.g. one per queued "
+             "experiment), `mps`; evaluate, explain and predict follow it")
+    nproc: int = field(low=1, high=1024, doc="processes on this machine (DDP): 1, or one per GPU",
+        help="training processes on this machine (DDP through torchrun's engine, one per GPU; gloo processes on a "
+             "CPU)")
+    compile: bool = field(
+        help="`torch.compile` the model for training (GPUs: faster steps after the first ones compile)")
+    cpu_kernels: Literal["avx2", "native"] = field(
+        help="`avx2`: oneDNN's CPU convolutions capped at AVX2, the same numbers on every x86-64 CPU with AVX2; "
+             "`native`: its best kernels for this CPU (faster on AVX-512, numbers vary by machine)")
+    workers: int = field(low=0, help="DataLoader processes (batches come from a memory map: 0 is usually fastest)")
+    seed: int = field(low=0, high=2**32 - 1, help="seeds initialisation, shuffling and augmentation")
+    resume: bool = field(
+        help="continue from `models/resume/last.pt` after a killed run (refused if the params or the data differ)")
 
     def check(self, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
         if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", self.device):
@@ -148,34 +188,49 @@ class Train(Section):
 @dataclasses.dataclass(frozen=True)
 class Evaluate(Section):
     SECTION: ClassVar[str] = "evaluate"
-    bootstrap: int = field(low=10)
-    seed: int = field(low=0, high=2**32 - 1)
-    batch_size: int = field(low=1)
-    subgroup_min_images: int = field(low=1)
+    bootstrap: int = field(low=10, help="patient resamples for the 95% AUC intervals")
+    seed: int = field(low=0, high=2**32 - 1, help="seed of the bootstrap")
+    batch_size: int = field(low=1, help="inference batch size")
+    subgroup_min_images: int = field(low=1,
+        help="subgroups (sex, age band, view) smaller than this get their size and no number, in evaluate and "
+             "calibrate")
 
 
 @dataclasses.dataclass(frozen=True)
 class Calibrate(Section):
     SECTION: ClassVar[str] = "calibrate"
-    policy: Literal["max_f1", "youden", "target_recall"] = field()
-    target_recall: float = field(low=0.0, high=1.0, open_low=True)
-    method: Literal["none", "temperature", "platt", "isotonic"] = field()
-    ece_bins: int = field(low=1)
+    policy: Literal["max_f1", "youden", "target_recall"] = field(
+        help="per-class threshold policy on val: `max_f1` (the seed's), `youden`, `target_recall`")
+    target_recall: float = field(low=0.0, high=1.0, open_low=True,
+        help="policy `target_recall`: the highest threshold with val recall at least this (screening)")
+    method: Literal["none", "temperature", "platt", "isotonic"] = field(
+        help="probability calibration fitted on val: `none`, `temperature`, `platt`, `isotonic`")
+    ece_bins: int = field(low=1, help="equal-width bins for ECE and the reliability curves")
 
 
 @dataclasses.dataclass(frozen=True)
 class Explain(Section):
     SECTION: ClassVar[str] = "explain"
-    per_class: int = field(low=0)
-    layer: str = field(doc="'auto' or a module name such as layer3")
+    per_class: int = field(low=0,
+        help="overlays per class of each kind: most confident true positive, false positive, false negative")
+    layer: str = field(doc="'auto' or a module name such as layer3",
+        help="Grad-CAM layer: `auto` = the last block (`layer4`, `features.denseblock4`), or a module name such as "
+             "`layer3` (finer map, shallower features)")
     cam_threshold: float = field(low=0.0, high=1.0, open_low=True, open_high=True,
-                                 doc="a number in (0, 1): the fraction of the heatmap's maximum that outlines regions")
-    iobb_thresholds: list[float] = field(low=0.0, high=1.0, open_high=True, doc="a non-empty list of numbers in [0, 1)")
-    batch_size: int = field(low=1)
-    sanity_images: int = field(low=0, doc="0 (no sanity checks) or a positive integer: images per class")
-    deletion_steps: int = field(low=1)
-    deletion_grid: int = field(low=1, high=4096)
-    sanity_seed: int = field(low=0, high=2**32 - 1)
+                                 doc="a number in (0, 1): the fraction of the heatmap's maximum that outlines regions",
+        help="T(IoBB): heatmap regions are where it reaches this fraction of its maximum")
+    iobb_thresholds: list[float] = field(low=0.0, high=1.0, open_high=True, doc="a non-empty list of numbers in [0, 1)",
+        help="the T values of T(IoBB), as in Wang et al. (2017)")
+    batch_size: int = field(low=1, help="images per Grad-CAM pass and per deletion-test forward")
+    sanity_images: int = field(low=0, doc="0 (no sanity checks) or a positive integer: images per class",
+        help="sanity checks (randomised model, deletion) on each class's most confident positive test images; 0 = "
+             "off")
+    deletion_steps: int = field(low=1,
+        help="deletion test: the cells are blanked (most salient first, or in random order) in this many steps")
+    deletion_grid: int = field(low=1, high=4096,
+        help="deletion test: the image is cut into `deletion_grid` x `deletion_grid` cells, blanked to its mean grey")
+    sanity_seed: int = field(low=0, high=2**32 - 1,
+        help="the randomised model's weights and the random deletion orders")
 
     def check(self, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
         if not self.iobb_thresholds:
@@ -188,11 +243,17 @@ class Explain(Section):
 @dataclasses.dataclass(frozen=True)
 class Export(Section):
     SECTION: ClassVar[str] = "export"
-    opset: int = field(low=18, doc="an ONNX opset of at least 18 (the exporter's oldest)")
-    tolerance: float = field(low=0.0, open_low=True, doc="a positive number: the largest |ONNX - PyTorch| accepted")
-    batch_size: int = field(low=1)
-    int8_calibration_images: int = field(low=1)
-    int8_max_auc_drop: float = field(low=0.0, high=1.0)
+    opset: int = field(low=18, doc="an ONNX opset of at least 18 (the exporter's oldest)",
+        help="ONNX opset of `models/model.onnx` (ONNX Runtime 1.17+ runs 20)")
+    tolerance: float = field(low=0.0, open_low=True, doc="a positive number: the largest |ONNX - PyTorch| accepted",
+        help="largest accepted difference between ONNX Runtime's and PyTorch's probabilities over the test array; "
+             "above it export fails and keeps no file")
+    batch_size: int = field(low=1, help="images per batch of export's check")
+    int8_calibration_images: int = field(low=1,
+        help="val images (at most) whose activations set the ranges of `models/model.int8.onnx`")
+    int8_max_auc_drop: float = field(low=0.0, high=1.0,
+        help="the int8 model's val mean AUC may be at most this below float32's; past that, export flags it and "
+             "warns, and predict's default runs `model.onnx`")
 
 
 SECTIONS: tuple[type[Section], ...] = (Data, Demo, Split, Prepare, Train, Evaluate, Calibrate, Explain, Export)

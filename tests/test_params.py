@@ -148,3 +148,61 @@ def test_a_float_is_not_an_integer_choice() -> None:
     with pytest.raises(PipelineError, match=r"x train.output_stride: 32.0; expected one of 32, 16, 8"):
         build(Train, {**values["train"], "output_stride": 32.0}, "x")
     assert type(build(Train, values["train"], "x").output_stride) is int
+
+
+def _params_doc():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("params_doc", REPO / "tools" / "params_doc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_params_page_schema_and_params_yaml_agree() -> None:
+    """docs/params.md is generated from cxr14/params.py and params.yaml: one source of truth, checked."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "tools/params_doc.py", "--check"], cwd=REPO, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    page = (REPO / "docs" / "params.md").read_text()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in params.items():
+        for key in values:
+            assert f"`{section}.{key}`" in page, f"params.yaml {section}.{key} is not in docs/params.md"
+
+
+def test_params_doc_check_names_every_disagreement() -> None:
+    from cxr14.params import Section, field
+
+    doc = _params_doc()
+    text = (REPO / "params.yaml").read_text()
+    params = yaml.safe_load(text)
+    page = doc.render(params)
+    assert doc.problems(params, page, text) == []
+
+    extra = yaml.safe_load(text)
+    extra["train"]["lr_tail"] = 1.0
+    assert "params.yaml train.lr_tail: not in the schema (cxr14/params.py)" in doc.problems(extra, page, text)
+    missing = yaml.safe_load(text)
+    del missing["train"]["augment"]["hflip"]
+    assert "cxr14/params.py train.augment.hflip: not in params.yaml" in doc.problems(missing, page, text)
+    changed = yaml.safe_load(text)
+    changed["train"]["epochs"] = 5  # a new default: the page is stale
+    assert doc.problems(changed, page, text) == ["docs/params.md: stale or missing; run python tools/params_doc.py"]
+    assert doc.problems(params, None, text)[-1].startswith("docs/params.md: stale")
+    drifted = text.replace("# none | cosine | plateau | onecycle", "# none | cosine | plateau")
+    assert drifted != text
+    (line,) = doc.problems(params, page, drifted)
+    assert line.endswith("train.scheduler lists none | cosine | plateau; the schema has none | cosine | plateau | "
+                         "onecycle")
+
+    @dataclasses.dataclass(frozen=True)
+    class Undocumented(Section):
+        SECTION = "undocumented"
+        size: int = field(low=1)
+
+    assert doc.disagreements(Undocumented, {"size": 1}, "undocumented") == [
+        "cxr14/params.py undocumented.size: no help= text"]
