@@ -80,6 +80,24 @@ def decoded_rows(paths: Sequence[str], size: int, workers: int) -> Iterator[tupl
                 future.cancel()  # leaving early: the pool shuts down after the chunks already running
 
 
+def open_array(path: Path | str) -> np.ndarray:
+    """A prepared array, memory-mapped read-only: (images, size, size) uint8, as `write_array` writes it.
+
+    Checked on opening so that a missing, truncated or foreign file stops a stage with one line naming it,
+    rather than failing later inside a DataLoader worker or silently training on other pixels.
+    """
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as exc:  # a 0-byte file is an EOFError
+        raise PipelineError(f"{path}: cannot open prepared array ({exc or 'empty file'}); run the prepare "
+                            "stage") from None
+    if array.dtype != np.uint8:
+        raise PipelineError(f"{path}: {array.dtype} pixels; expected uint8 from the prepare stage")
+    if array.ndim != 3 or array.shape[1] != array.shape[2]:
+        raise PipelineError(f"{path}: shape {array.shape}; expected (images, size, size) from the prepare stage")
+    return array
+
+
 def write_array(paths: Sequence[str], size: int, workers: int, out: Path, table: Path | str, desc: str = "") -> None:
     """Stream decoded images into `out` as an (N, size, size) uint8 .npy (callers make it atomic)."""
     header = {"descr": "|u1", "fortran_order": False, "shape": (len(paths), size, size)}
