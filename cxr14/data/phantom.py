@@ -29,7 +29,7 @@ def soft(d: np.ndarray, edge: float) -> np.ndarray:
 
 
 def dist(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return np.sqrt(x * x + y * y)  # several times faster than np.hypot on broadcast float32
+    return np.sqrt(x * x + y * y)  # faster than np.hypot on broadcast float32
 
 
 def smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The official test list, and a patient-disjoint, label-stratified train/val split.
 
-The seed split validation by image, so a patient's follow-ups sat in both train and val and
+The original ChestX-ray14 recipe split validation by image, so a patient's follow-ups sat in both train and val and
 inflated val AUC. Here whole patients go to one split, and rare findings (Hernia: 227 of
 112,120 images) are placed first so that val still has positives of every class.
 """

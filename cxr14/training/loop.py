@@ -84,7 +84,7 @@ class Trained:
 def fingerprint(files: list[Path]) -> dict[str, str]:
     """MD5 of each file a run trains on (prepared arrays, split tables): what a resume point must match.
 
-    Read in 8 MB chunks; the real dataset's 5.6 GB of 224 px arrays take seconds, once per run.
+    Read in 8 MB chunks, so memory stays flat whatever the arrays' size; once per run.
     """
     out = {}
     for path in files:
@@ -364,7 +364,7 @@ def best_checkpoint(best_model: dict[str, torch.Tensor], state: TrainState, t: T
 def write_log(history: list[dict[str, float]], folder: Path) -> None:
     """The per-epoch log as dvclive writes it (plots/metrics/<name>.tsv, metrics.json), replayed from the resume
     point into a new folder that replaces `folder` whole: a resumed run's log has each epoch once."""
-    from dvclive import Live  # imported here: it takes seconds to import
+    from dvclive import Live  # imported here: slow to import, and only the run's end needs it
 
     with replace_dir(folder) as tmp:
         with Live(dir=str(tmp), save_dvc_exp=False, dvcyaml=None) as live:
