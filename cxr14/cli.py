@@ -115,7 +115,7 @@ def predict(argv: list[str] | None = None) -> None:
     engine = work.open_engine(args.engine, args.model, args.precision, where)
     thresholds, calibrator = work.calibration(engine, args.thresholds, args.calibrator)
     results = work.predict_images(engine, files, calibrator, thresholds, args.batch_size, args.threads, args.gradcam)
-    failed = len(missing) + show(results, args, f"{engine.file} ({engine.name} engine)", len(files))
+    failed = len(missing) + show(results, args, f"model: {engine.file} ({engine.name} engine)", len(files))
     if args.csv is not None:
         print(f"predict ({engine.name}, {engine.file}): {len(files) - failed + len(missing)} image(s) x "
               f"{len(engine.classes)} classes to {args.csv}; {failed} failed", file=sys.stderr)
@@ -123,16 +123,16 @@ def predict(argv: list[str] | None = None) -> None:
         raise SystemExit(1)
 
 
-def show(results: Iterable[dict | Failed], args: argparse.Namespace, model: str, total: int) -> int:
+def show(results: Iterable[dict | Failed], args: argparse.Namespace, heading: str, total: int) -> int:
     """Tables on stdout, or the CSV file (whole when every image is done, or not at all), or one JSON document;
-    an error line per failed image. Returns the number that failed."""
+    an error line per failed image; the tables under `heading`. Returns the number that failed."""
     from cxr14.deployment.predict import Failed
     from cxr14.runtime.outputs import atomic_path
     from cxr14.runtime.progress import progress
 
     tables = not args.json and args.csv is None
     if tables:
-        print(f"model: {model}")
+        print(heading)
     collected, failed = [], 0
     with contextlib.ExitStack() as stack:
         writer = None
