@@ -4,8 +4,8 @@ One subpackage per phase of the pipeline, in the order the DAG runs them: `data`
 decoding, prepared arrays, the demo dataset), `model` (factory, checkpoints, inference), `training` (loss,
 schedules, the loop, torchrun/DDP), `evaluation` (metrics, bootstrap, calibration, thresholds, subgroups,
 expert labels, compare), `explanation` (Grad-CAM, localisation, sanity checks), `deployment` (ONNX export and
-the predict engine). `runtime` is the plumbing every stage shares; `params` is the one params schema and
-`paths` the pipeline's output locations.
+predict's engines). `runtime` is the plumbing every stage shares; `params` is the one params schema, `paths`
+the pipeline's output locations, and `cli` the console commands (`cxr14-predict`, `cxr14-compare`).
 """
 
 __version__ = "0.2.0"

@@ -26,7 +26,7 @@ from cxr14.runtime.errors import PipelineError
 from cxr14.runtime.outputs import remove_leftovers, rounded, write_json
 from cxr14.runtime.signals import Terminated, run_main
 from cxr14.training.distributed import LAUNCHER, QUIET_EXIT, PeerLost, launch, start, stop, world_from_env
-from cxr14.training.loop import best_checkpoint, check_world, fingerprint, fit, write_log
+from cxr14.training.loop import TrainingData, best_checkpoint, check_world, fingerprint, fit, write_log
 
 TRAIN_METRICS = paths.METRICS / "train.json"
 
@@ -63,17 +63,17 @@ def main(argv: list[str] | None = None) -> None:
     val_set = PreparedImages(paths.PREPARED / "val.npy", read_labels(paths.SPLIT / "val.csv"))
     data = fingerprint([paths.PREPARED / "train.npy", paths.PREPARED / "val.npy", paths.SPLIT / "train.csv",
                         paths.SPLIT / "val.csv"])
-    final = fit(model, frozen, train_set, val_set, t, device, paths.RESUME_POINT, data, world)
+    final = fit(model, frozen, TrainingData(train_set, val_set, data), t, device, paths.RESUME_POINT, world)
     if not world.main:
         return
-    state = final["state"]
+    state = final.state
     # Derived from the resume point in this order; a kill between two of them is undone by any re-run.
-    save_checkpoint(paths.MODEL, best_checkpoint(final["best_model"], state, t, train_set.image_size, pretrained, data))
-    write_log(state["history"], paths.DVCLIVE)
+    save_checkpoint(paths.MODEL, best_checkpoint(final.best_model, state, t, train_set.image_size, pretrained, data))
+    write_log(state.history, paths.DVCLIVE)
     write_json(TRAIN_METRICS, {
-        "best_epoch": state["best_epoch"], "best_val_mean_auc": rounded(state["best_auc"]),
-        "epochs_run": state["epoch"], "seconds": rounded(state["seconds"], 1),
-        "images_per_second": rounded(state["images"] / max(state["seconds"], 1e-9), 1),
+        "best_epoch": state.best_epoch, "best_val_mean_auc": rounded(state.best_auc),
+        "epochs_run": state.epoch, "seconds": rounded(state.seconds, 1),
+        "images_per_second": rounded(state.images / max(state.seconds, 1e-9), 1),
     })
 
 

@@ -1,5 +1,5 @@
-"""`stages.compare`: DeLong against a reference written from the 1988 paper, the paired bootstrap's verdicts,
-and runs named as git revisions, experiments and the workspace, read through DVC."""
+"""`cxr14-compare` and its statistics: DeLong against a reference written from the 1988 paper, the paired
+bootstrap's verdicts, and runs named as git revisions, experiments and the workspace, read through DVC."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cxr14 import cli
 from cxr14.data.nih import CLASSES
 from cxr14.evaluation.compare import bootstrap_p, compare, delong, midranks, paired, read_run, resolve
 from cxr14.evaluation.predictions import PROB_PREFIX
 from cxr14.runtime.errors import PipelineError
-from stages import compare as compare_stage
 
 
 def delong_by_definition(y: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> tuple[float, float]:
@@ -160,13 +160,22 @@ def test_bad_runs_are_one_line(repo: Path) -> None:
 
 
 def test_command_prints_a_table_and_json(repo: Path, capsys: pytest.CaptureFixture) -> None:
-    compare_stage.main(["HEAD", "seed-one", "--repo", str(repo), "--bootstrap", "50", "--seed", "0",
-                        "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")])
+    cli.compare(["HEAD", "seed-one", "--repo", str(repo), "--bootstrap", "50", "--seed", "0",
+                "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")])
     text = capsys.readouterr().out
     assert text.startswith("A = HEAD, B = seed-one: test ROC-AUC on 90 images, 30 patients, 50 paired")
     assert "mean difference: the interval" in text
-    compare_stage.main(["HEAD", "workspace", "--json", "--repo", str(repo), "--bootstrap", "50",
-                        "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")])
+    cli.compare(["HEAD", "workspace", "--json", "--repo", str(repo), "--bootstrap", "50",
+                "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")])
     out = json.loads(capsys.readouterr().out)
     assert out["a"] == "HEAD" and out["images"] == 90 and len(out["per_class"]) == len(CLASSES)
     assert out["ci_low"] <= out["difference"] <= out["ci_high"]
+
+
+def test_command_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.compare_main(["--repo", str(tmp_path)])  # no params.yaml there for the defaults
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "params.yaml" in err
+

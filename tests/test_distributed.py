@@ -66,10 +66,10 @@ def fit_here(folder: Path, world: distributed.World, out: Path) -> None:
     frozen = freeze(model, t.freeze)
     train_set = PreparedImages("data/prepared/train.npy", read_labels("data/split/train.csv"))
     val_set = PreparedImages("data/prepared/val.npy", read_labels("data/split/val.csv"))
-    final = training.fit(model, frozen, train_set, val_set, t, device, out.with_suffix(f".{world.rank}.pt"), {},
-                         world)
+    final = training.fit(model, frozen, training.TrainingData(train_set, val_set), t, device,
+                         out.with_suffix(f".{world.rank}.pt"), world)
     if world.main:
-        torch.save({"weights": model.state_dict(), "history": final["state"]["history"]}, out)
+        torch.save({"weights": model.state_dict(), "history": final.state.history}, out)
     distributed.stop()
 
 

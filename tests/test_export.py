@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cxr14 import cli
 from cxr14.data.loader import to_model_input
 from cxr14.data.nih import CLASSES
 from cxr14.deployment import predict
@@ -110,7 +111,7 @@ def test_both_engines_give_the_same_table(deployed: Path, capsys: pytest.Capture
     files = sorted(str(p) for p in (deployed / "images").rglob("*.*"))
     tables = {}
     for engine, onnx in (("onnx", True), ("torch", False)):
-        predict.main([*files, *own(deployed, onnx), "--engine", engine, "--json", "--batch-size", "4"])
+        cli.predict_main([*files, *own(deployed, onnx), "--engine", engine, "--json", "--batch-size", "4"])
         tables[engine] = json.loads(capsys.readouterr().out)
     assert [r["image"] for r in tables["onnx"]] == files
     for a, b in zip(tables["onnx"], tables["torch"], strict=True):
@@ -135,7 +136,7 @@ def test_csv_rows_and_a_broken_file(deployed: Path, tmp_path: Path, capsys: pyte
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "out" / "predictions.csv"
     with pytest.raises(SystemExit) as exit_info:
-        predict.main([str(deployed / "images"), str(tmp_path / "broken.png"), *own(deployed), "--csv", str(out),
+        cli.predict_main([str(deployed / "images"), str(tmp_path / "broken.png"), *own(deployed), "--csv", str(out),
                       "--batch-size", "4"])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
@@ -143,7 +144,7 @@ def test_csv_rows_and_a_broken_file(deployed: Path, tmp_path: Path, capsys: pyte
     assert f"predict (onnx, {deployed / 'model.onnx'}): 6 image(s) x 14 classes" in err and "1 failed" in err
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6 * len(CLASSES) and list(rows[0]) == list(predict.CSV_COLUMNS)
+    assert len(rows) == 6 * len(CLASSES) and list(rows[0]) == list(cli.CSV_COLUMNS)
     for r in rows:
         t = json.loads((deployed / "thresholds.json").read_text())["thresholds"][r["class"]]
         if t is None:
@@ -167,7 +168,7 @@ def test_real_nih_images_in_a_folder_with_a_corrupt_one(deployed: Path, tmp_path
     (folder / "00000000_000.png").write_bytes(open(real[0], "rb").read()[:5000])  # truncated
     out = tmp_path / "out.csv"
     with pytest.raises(SystemExit) as exit_info:
-        predict.main([str(folder), *own(deployed), "--csv", str(out)])
+        cli.predict_main([str(folder), *own(deployed), "--csv", str(out)])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert f"error: {folder / '00000000_000.png'}: cannot decode image" in err
@@ -177,7 +178,7 @@ def test_real_nih_images_in_a_folder_with_a_corrupt_one(deployed: Path, tmp_path
 
 
 def test_onnx_engine_never_imports_torch(deployed: Path) -> None:
-    code = ("import sys; from cxr14.deployment.predict import main\n"
+    code = ("import sys; from cxr14.cli import predict_main as main\n"
             "try:\n    main(sys.argv[1:])\nfinally:\n"
             "    assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'pandas', "
             "'sklearn')], 'heavy imports'\n")
@@ -191,27 +192,27 @@ def test_onnx_engine_never_imports_torch(deployed: Path) -> None:
 def test_engine_errors_are_one_line(deployed: Path, tmp_path: Path) -> None:
     image = str(deployed / "images" / "colour.jpg")
     with pytest.raises(SystemExit):  # argparse: two lines of usage, then the reason
-        predict.parse_args([image, "--engine", "onnx", "--gradcam", str(tmp_path)])
+        cli.parse_predict_args([image, "--engine", "onnx", "--gradcam", str(tmp_path)])
     with pytest.raises(PipelineError, match=r"nowhere.onnx: not found; run the export stage"):
-        predict.run([image, "--model", str(tmp_path / "nowhere.onnx")])
+        cli.predict([image, "--model", str(tmp_path / "nowhere.onnx")])
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(PipelineError, match=r"junk.onnx: not a readable ONNX model"):
-        predict.run([image, "--model", str(tmp_path / "junk.onnx")])
+        cli.predict([image, "--model", str(tmp_path / "junk.onnx")])
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         with pytest.raises(PipelineError, match=r"--device cuda: this ONNX Runtime has no CUDA provider"):
-            predict.run([image, *own(deployed), "--device", "cuda"])
+            cli.predict([image, *own(deployed), "--device", "cuda"])
     temperature = {"method": "temperature", "split": "val", "params": dict.fromkeys(CLASSES, 1.5)}
     (tmp_path / "temperature.json").write_text(json.dumps(temperature))
     with pytest.raises(PipelineError, match=r"model.onnx metadata: these thresholds apply to platt-calibrated "
                        r"probabilities, but .*temperature.json is temperature"):
-        predict.run([image, *own(deployed), "--calibrator", str(tmp_path / "temperature.json")])
-    assert predict.parse_args([image, "--model", "m.pt"]).engine == "torch"
-    assert predict.parse_args([image]).engine == "onnx" and predict.parse_args([image]).model is None  # see run
+        cli.predict([image, *own(deployed), "--calibrator", str(tmp_path / "temperature.json")])
+    assert cli.parse_predict_args([image, "--model", "m.pt"]).engine == "torch"
+    assert cli.parse_predict_args([image]).engine == "onnx" and cli.parse_predict_args([image]).model is None  # see run
     for wrong in (["--precision", "int8", "--model", "m.onnx"], ["--precision", "fp32", "--engine", "torch"]):
         with pytest.raises(SystemExit):
-            predict.parse_args([image, *wrong])
+            cli.parse_predict_args([image, *wrong])
 
 
 def test_export_stage_keeps_no_model_that_fails_its_check(deployed: Path, tmp_path: Path,
@@ -340,28 +341,28 @@ def test_cpu_default_is_the_int8_model_and_fp32_on_request(deployed: Path, tmp_p
     image, out = str(deployed / "images" / "colour.jpg"), str(tmp_path / "out.csv")
     for extra, used in (([], "models/model.int8.onnx"), (["--precision", "fp32"], "models/model.onnx"),
                         (["--precision", "int8"], "models/model.int8.onnx")):
-        predict.main([image, "--csv", out, *extra])
+        cli.predict_main([image, "--csv", out, *extra])
         assert f"predict (onnx, {used}): 1 image(s)" in capsys.readouterr().err
     monkeypatch.setattr(predict, "int8_is_fast", lambda: False)  # x86 without VNNI: 8-bit products saturate
-    predict.main([image, "--csv", out])
+    cli.predict_main([image, "--csv", out])
     assert "predict (onnx, models/model.onnx): 1 image(s)" in capsys.readouterr().err
-    predict.main([image, "--json"])
+    cli.predict_main([image, "--json"])
     assert json.loads(capsys.readouterr().out)[0]["model"] == "models/model.onnx"
     monkeypatch.setattr(predict, "int8_is_fast", lambda: True)
-    predict.main([image])
+    cli.predict_main([image])
     assert capsys.readouterr().out.startswith("model: models/model.int8.onnx (onnx engine)\n")
     with pytest.raises(PipelineError, match=r"--precision int8 with --device cuda: the int8 model is for the CPU"):
-        predict.run([image, "--precision", "int8", "--device", "cuda"])
+        cli.predict([image, "--precision", "int8", "--device", "cuda"])
     (tmp_path / "models" / "model.int8.onnx").unlink()  # the export stage did not write one: float32
-    predict.main([image, "--csv", out])
+    cli.predict_main([image, "--csv", out])
     assert "predict (onnx, models/model.onnx): 1 image(s)" in capsys.readouterr().err
     with pytest.raises(PipelineError, match=r"models/model.int8.onnx: not found; run the export stage"):
-        predict.run([image, "--precision", "int8"])
+        cli.predict([image, "--precision", "int8"])
     quantize_int8(deployed / "model.onnx", tmp_path / "models" / "model.int8.onnx", images, batch_size=8)
     update_metadata(tmp_path / "models" / "model.int8.onnx", int8_within_limit=False)  # export found it lossy
-    predict.main([image, "--csv", out])
+    cli.predict_main([image, "--csv", out])
     err = capsys.readouterr().err
     assert "note: models/model.int8.onnx scored more than export.int8_max_auc_drop below float32" in err
     assert "predict (onnx, models/model.onnx): 1 image(s)" in err
-    predict.main([image, "--csv", out, "--precision", "int8"])  # asked for by name: it runs
+    cli.predict_main([image, "--csv", out, "--precision", "int8"])  # asked for by name: it runs
     assert "predict (onnx, models/model.int8.onnx): 1 image(s)" in capsys.readouterr().err

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +15,7 @@ import torch
 from conftest import project_params
 from PIL import Image
 
+from cxr14 import cli
 from cxr14.data.nih import CLASSES
 from cxr14.deployment import predict
 from cxr14.explanation.gradcam import GradCAM, resample
@@ -18,7 +23,8 @@ from cxr14.explanation.localisation import peak
 from cxr14.model.factory import build_model, gradcam_layer
 from cxr14.runtime.errors import PipelineError
 
-NIH_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "nih" / "images"
+REPO = Path(__file__).resolve().parents[1]
+NIH_IMAGES = REPO.parent / "shared" / "nih" / "images"
 
 
 def test_heatmaps_have_input_shape_and_unit_range() -> None:
@@ -130,8 +136,9 @@ def artifacts(tmp_path: Path) -> Path:
 def test_predict_json_gradcam_and_a_broken_file(artifacts: Path, capsys) -> None:
     args = [str(artifacts / n) for n in ("a.png", "broken.png", "b.png")]
     with pytest.raises(SystemExit) as exit_info:
-        predict.main([*args, "--model", str(artifacts / "model.pt"), "--thresholds", str(artifacts / "thresholds.json"),
-                      "--calibrator", str(artifacts / "none.json"), "--json", "--gradcam", str(artifacts / "cam")])
+        cli.predict_main([*args, "--model", str(artifacts / "model.pt"), "--thresholds",
+                          str(artifacts / "thresholds.json"), "--calibrator", str(artifacts / "none.json"), "--json",
+                          "--gradcam", str(artifacts / "cam")])
     assert exit_info.value.code == 1
     out = capsys.readouterr()
     results = json.loads(out.out)
@@ -161,7 +168,7 @@ def test_predict_with_thresholds_of_one_and_zero(artifacts: Path, capsys) -> Non
     params = dict.fromkeys(CLASSES) | {"Mass": top}
     (artifacts / "calibrator.json").write_text(json.dumps({"method": "isotonic", "split": "val", "params": params}))
     params_file = project_params(artifacts / "params.yaml", {"train": {"device": "cpu"}})
-    predict.main([str(artifacts / "a.png"), "--model", str(artifacts / "model.pt"), "--params",
+    cli.predict_main([str(artifacts / "a.png"), "--model", str(artifacts / "model.pt"), "--params",
                   str(params_file), "--thresholds", str(artifacts / "thresholds.json"),
                   "--calibrator", str(artifacts / "calibrator.json"), "--json"])  # returns: exit code 0
     out = capsys.readouterr()
@@ -177,8 +184,8 @@ def test_predict_with_thresholds_of_one_and_zero(artifacts: Path, capsys) -> Non
 @pytest.mark.skipif(not NIH_IMAGES.is_dir(), reason="needs ../shared/nih")
 def test_predict_reads_real_rgba_nih_images(artifacts: Path, capsys) -> None:
     files = [str(NIH_IMAGES / n) for n in ("00000004_000.png", "00000100_000.png")]  # RGBA in NIH
-    predict.main([*files, "--model", str(artifacts / "model.pt"), "--thresholds", str(artifacts / "thresholds.json"),
-                  "--calibrator", str(artifacts / "none.json")])
+    cli.predict_main([*files, "--model", str(artifacts / "model.pt"), "--thresholds",
+                      str(artifacts / "thresholds.json"), "--calibrator", str(artifacts / "none.json")])
     out = capsys.readouterr().out
     assert out.count("Atelectasis") == 2 and "00000100_000.png" in out
 
@@ -242,15 +249,15 @@ def test_overlay_draws_heat_box_and_legend(tmp_path: Path) -> None:
 
 def test_predict_params_named_but_missing_is_an_error(artifacts: Path) -> None:
     with pytest.raises(PipelineError, match=r"nowhere.yaml: not found"):
-        predict.run([str(artifacts / "a.png"), *own_files(artifacts), "--params", str(artifacts / "nowhere.yaml")])
+        cli.predict([str(artifacts / "a.png"), *own_files(artifacts), "--params", str(artifacts / "nowhere.yaml")])
 
 
 def test_predict_bad_layer_names_where_it_came_from(artifacts: Path) -> None:
     params_file = project_params(artifacts / "layer.yaml", {"explain": {"layer": "layer9"}})
     with pytest.raises(PipelineError, match=r"layer.yaml explain.layer: Grad-CAM layer 'layer9' is no module"):
-        predict.run([str(artifacts / "a.png"), *own_files(artifacts), "--params", str(params_file)])
+        cli.predict([str(artifacts / "a.png"), *own_files(artifacts), "--params", str(params_file)])
     with pytest.raises(PipelineError, match=r"^--layer: Grad-CAM layer 'layer7'"):
-        predict.run([str(artifacts / "a.png"), *own_files(artifacts), "--params", str(params_file),
+        cli.predict([str(artifacts / "a.png"), *own_files(artifacts), "--params", str(params_file),
                      "--layer", "layer7"])
 
 
@@ -258,3 +265,29 @@ def own_files(artifacts: Path) -> list[str]:
     """The test's model and thresholds, never the repo's models/ (absent on a fresh clone)."""
     return ["--model", str(artifacts / "model.pt"), "--thresholds", str(artifacts / "thresholds.json"),
             "--calibrator", str(artifacts / "none.json")]
+
+
+def test_console_commands_print_their_help(capsys: pytest.CaptureFixture) -> None:
+    """Each `[project.scripts]` entry names a function that parses its own arguments under its own name."""
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"cxr14-predict", "cxr14-compare"}
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        with pytest.raises(SystemExit) as exit_info:
+            getattr(importlib.import_module(module), function)(["--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: {name} ")
+        assert ("--gradcam" if name == "cxr14-predict" else "--bootstrap") in out
+
+
+@pytest.mark.parametrize(("alias", "command"), [("stages.predict", "cxr14-predict"),
+                                                ("stages.compare", "cxr14-compare")])
+def test_stage_aliases_run_the_console_commands(alias: str, command: str) -> None:
+    done = subprocess.run([sys.executable, "-m", alias, "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith(f"usage: {command} "), done.stderr
+    wrong = subprocess.run([sys.executable, "-m", alias, "x.png", "--no-such-option"], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and f"{command}: error: unrecognized arguments: --no-such-option" in wrong.stderr
+

@@ -75,6 +75,23 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(workdir: Path, monke
     assert [line.split("\t")[0] for line in steps] == ["step", "0", "1"]
 
 
+def test_train_state_round_trips_through_the_resume_point(tmp_path: Path) -> None:
+    """fit's typed state is stored as the plain dict resume points have always held (same keys, same order),
+    loads back with weights_only=True into an equal state, and a foreign one is refused in one line."""
+    state = training.TrainState(epoch=3, best_auc=0.75, best_epoch=2, bad_epochs=1, seconds=12.5, images=96,
+                                history=[{"train/loss": 0.5, "val/mean_auc": 0.75}, {"train/loss": 0.4}])
+    training.save_checkpoint(tmp_path / "last.pt", {"state": state.to_dict()})
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)["state"]
+    assert list(saved) == ["epoch", "best_auc", "best_epoch", "bad_epochs", "seconds", "images", "history"]
+    assert saved["history"][1] == {"train/loss": 0.4} and saved["best_auc"] == 0.75
+    restored = training.TrainState.from_dict(saved, tmp_path / "last.pt")
+    assert restored == state and restored.history is not state.history
+    assert training.TrainState().to_dict() == {"epoch": 0, "best_auc": -1.0, "best_epoch": 0, "bad_epochs": 0,
+                                               "seconds": 0.0, "images": 0, "history": []}
+    with pytest.raises(PipelineError, match=r"last.pt: state holds \['epoch'\]; expected the keys .* train.resume"):
+        training.TrainState.from_dict({"epoch": 1}, tmp_path / "last.pt")
+
+
 def test_resume_with_other_params_is_refused(workdir: Path) -> None:
     write_train_params(workdir)
     train.main([])

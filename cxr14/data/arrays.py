@@ -1,8 +1,9 @@
 """Prepared arrays: every image decoded once into one memory-mappable uint8 .npy per split.
 
-The seed decoded a 1024x1024 PNG per sample per epoch (~50 images/s per core); training from
-`data/prepared/<split>.npy` reads thousands of images/s. Decoding runs in worker processes and
-streams rows straight to disk in split-table order, so memory stays flat whatever the dataset size.
+The original ChestX-ray14 recipe decoded a 1024x1024 PNG per sample per epoch, so decoding, not the model,
+set the pace of training; training from `data/prepared/<split>.npy` reads whole batches from a memory map
+instead. Decoding runs in worker processes and streams rows straight to disk in split-table order, so
+memory stays flat whatever the dataset size.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def decoded_rows(paths: Sequence[str], size: int, workers: int) -> Iterator[tupl
     stays bounded even if the disk is slower than decoding. A ProcessPoolExecutor rather than
     multiprocessing.Pool: leaving a Pool early (a bad image) goes through Pool.terminate(), which
     can kill a worker holding the result queue's lock and then wait on that lock forever
-    (cpython#96995, the likely cause of a CI run of the test suite that hung for 90 minutes), and a
+    (cpython#96995), and a
     Pool waits forever for a worker the kernel killed where the executor raises BrokenProcessPool.
     """
     jobs = [(i, str(p), size) for i, p in enumerate(paths)]
@@ -78,6 +79,24 @@ def decoded_rows(paths: Sequence[str], size: int, workers: int) -> Iterator[tupl
         finally:
             for _, future in pending:
                 future.cancel()  # leaving early: the pool shuts down after the chunks already running
+
+
+def open_array(path: Path | str) -> np.ndarray:
+    """A prepared array, memory-mapped read-only: (images, size, size) uint8, as `write_array` writes it.
+
+    Checked on opening so that a missing, truncated or foreign file stops a stage with one line naming it,
+    rather than failing later inside a DataLoader worker or silently training on other pixels.
+    """
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as exc:  # a 0-byte file is an EOFError
+        raise PipelineError(f"{path}: cannot open prepared array ({exc or 'empty file'}); run the prepare "
+                            "stage") from None
+    if array.dtype != np.uint8:
+        raise PipelineError(f"{path}: {array.dtype} pixels; expected uint8 from the prepare stage")
+    if array.ndim != 3 or array.shape[1] != array.shape[2]:
+        raise PipelineError(f"{path}: shape {array.shape}; expected (images, size, size) from the prepare stage")
+    return array
 
 
 def write_array(paths: Sequence[str], size: int, workers: int, out: Path, table: Path | str, desc: str = "") -> None:

@@ -19,7 +19,7 @@ from cxr14.runtime.errors import PipelineError
 if TYPE_CHECKING:  # pandas is imported where a table is read: predict's ONNX path imports this module without it
     import pandas as pd
 
-# The seed's order; every array of 14 scores or labels in this project follows it.
+# The original ChestX-ray14 recipe's order; every array of 14 scores or labels in this project follows it.
 CLASSES: tuple[str, ...] = (
     "Atelectasis",
     "Cardiomegaly",

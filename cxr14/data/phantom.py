@@ -29,7 +29,7 @@ def soft(d: np.ndarray, edge: float) -> np.ndarray:
 
 
 def dist(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return np.sqrt(x * x + y * y)  # several times faster than np.hypot on broadcast float32
+    return np.sqrt(x * x + y * y)  # faster than np.hypot on broadcast float32
 
 
 def smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -64,10 +64,19 @@ def band(c: SimpleNamespace, side: int, t: float, centre: float, span: float) ->
     return arc * np.clip((e - 1 + t) / 0.04 + 0.5, 0, 1), arc * np.exp(-0.5 * ((e - 1 + t) * c.la / 0.005) ** 2)
 
 
+FOCAL = ("Nodule", "Mass", "Atelectasis", "Infiltration", "Pneumonia")  # drawn by plant_focal
+
+
 def plant(k: int, c: SimpleNamespace, g: np.random.Generator) -> np.ndarray:
     """Draw finding k into c.img (geometry from g, which is fixed per patient and class); return its footprint."""
-    u, v, name, side = c.u, c.v, CLASSES[k], int(g.integers(2))
-    lx, s, e, lung = c.lungs[side]
+    name, side = CLASSES[k], int(g.integers(2))
+    return plant_focal(name, c, g, side) if name in FOCAL else plant_regional(name, c, g, side)
+
+
+def plant_focal(name: str, c: SimpleNamespace, g: np.random.Generator, side: int) -> np.ndarray:
+    """An opacity at a point inside one lung (`FOCAL`)."""
+    u, v = c.u, c.v
+    s, lung = c.lungs[side][1], c.lungs[side][3]
     if name in ("Nodule", "Mass"):  # a small round opacity; a large, lobulated one
         r = g.uniform(0.018, 0.026) if name == "Nodule" else g.uniform(0.05, 0.07)
         x, y = lung_point(c, g, side, -0.7, 0.45, r)
@@ -83,10 +92,6 @@ def plant(k: int, c: SimpleNamespace, g: np.random.Generator) -> np.ndarray:
         along, across = du * math.cos(a) + dv * math.sin(a), dv * math.cos(a) - du * math.sin(a)
         m = soft(dist(along / g.uniform(0.07, 0.1), across / g.uniform(0.01, 0.014)), 0.2) * lung
         c.img += g.uniform(60, 75) * m
-    elif name == "Effusion":  # fills the costophrenic angle; the meniscus climbs the lateral wall
-        top = c.ly + g.uniform(0.25, 0.5) * c.lb - g.uniform(0.06, 0.11) * np.clip(s * (u - lx) / c.la, 0, 1) ** 2
-        m = lung * (1 - c.heart) * np.clip((v - top) * c.size / 2 + 0.5, 0, 1)
-        c.img += (c.dark + 10) * m
     elif name == "Infiltration":  # patchy, ill-defined
         x, y = lung_point(c, g, side, -0.6, 0.5)
         m = np.zeros_like(c.img)
@@ -104,6 +109,17 @@ def plant(k: int, c: SimpleNamespace, g: np.random.Generator) -> np.ndarray:
         ends = [(x1 + s * 0.8 * r * math.cos(a + b), y1 + 0.8 * r * math.sin(a + b)) for b in (0.3, 1.4)]
         d = np.minimum.reduce([segment(c, x0, y0, x1, y1)] + [segment(c, x1, y1, *p) for p in ends])
         c.img += g.uniform(60, 70) * m * (1 - 0.6 * soft(d / 0.007, 0.5))
+    return m
+
+
+def plant_regional(name: str, c: SimpleNamespace, g: np.random.Generator, side: int) -> np.ndarray:
+    """A finding that follows a lung's outline, a lobe, both hila, the diaphragm, or the patient's build."""
+    u, v = c.u, c.v
+    lx, s, _, lung = c.lungs[side]
+    if name == "Effusion":  # fills the costophrenic angle; the meniscus climbs the lateral wall
+        top = c.ly + g.uniform(0.25, 0.5) * c.lb - g.uniform(0.06, 0.11) * np.clip(s * (u - lx) / c.la, 0, 1) ** 2
+        m = lung * (1 - c.heart) * np.clip((v - top) * c.size / 2 + 0.5, 0, 1)
+        c.img += (c.dark + 10) * m
     elif name == "Pneumothorax":  # the lung edge falls away: dark, no markings, a thin pleural line
         m, line = band(c, side, g.uniform(0.25, 0.4), g.uniform(-1.6, -0.3), g.uniform(0.9, 1.4))
         c.img += 50 * line - m * (c.tex + g.uniform(30, 40))

@@ -1,6 +1,6 @@
 """The official test list, and a patient-disjoint, label-stratified train/val split.
 
-The seed split validation by image, so a patient's follow-ups sat in both train and val and
+The original ChestX-ray14 recipe split validation by image, so a patient's follow-ups sat in both train and val and
 inflated val AUC. Here whole patients go to one split, and rare findings (Hernia: 227 of
 112,120 images) are placed first so that val still has positives of every class.
 """
@@ -137,9 +137,19 @@ def build_splits(root: Path | str, val_fraction: float, seed: int, missing: str)
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         overlap = set(splits[a]["Patient ID"]) & set(splits[b]["Patient ID"])
         assert not overlap, f"patients in both {a} and {b}: {sorted(overlap)[:5]}"
-    metrics = {
+    metrics = split_metrics(root, len(absent), splits)
+    for cls in CLASSES:
+        if metrics["val"]["positives"][cls] == 0:
+            warn(f"no {cls} positives in val; its val AUC will be undefined")
+    return splits, metrics
+
+
+def split_metrics(root: Path, missing_images: int, splits: dict[str, pd.DataFrame]) -> dict:
+    """The split stage's metrics: where the data came from, how many listed images were missing, and per split
+    its images, patients and positives per class."""
+    return {
         "root": str(root),
-        "missing_images": len(absent),
+        "missing_images": missing_images,
         **{
             name: {
                 "images": len(t),
@@ -149,7 +159,3 @@ def build_splits(root: Path | str, val_fraction: float, seed: int, missing: str)
             for name, t in splits.items()
         },
     }
-    for cls in CLASSES:
-        if metrics["val"]["positives"][cls] == 0:
-            warn(f"no {cls} positives in val; its val AUC will be undefined")
-    return splits, metrics

@@ -22,8 +22,7 @@ def session(path: Path | str, providers: list[str] | None = None, threads: int |
             spin: bool = True) -> Any:
     """An ONNX Runtime session on the CPU (or `providers`), with this process's share of the cores. `spin=False`
     where other threads share the cores (predict's decoders): ONNX Runtime's idle workers then sleep instead of
-    spinning between operators, which took the 308 NIH images from 0.80-0.88x to 0.88-0.93x of decoding alone
-    with the int8 model, 0.66 to 0.71-0.76x in float32 (two cores, three runs each)."""
+    spinning between operators, and leave the cores to the threads that feed them."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

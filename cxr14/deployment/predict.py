@@ -1,35 +1,30 @@
-"""Predict: per-image probabilities, calibrated probabilities, thresholds, decisions and margins, plus Grad-CAM.
+"""Predict's work: per-image probabilities, calibrated probabilities, thresholds, decisions and margins, and
+Grad-CAM heatmaps, for the `cxr14-predict` command (`cxr14.cli`, which parses its arguments and prints).
 
-The seed's `inference.py`, done right and for many images: files, folders (searched recursively for PNG and
-JPEG) and globs; images decoded exactly as the prepare stage decodes them (any PNG/JPEG, any size or mode, NIH's
-RGBA files included), in threads, ahead of the model, and run in batches; decisions use the calibrated
-probability against the val thresholds the calibrate stage chose; an unreadable file is reported in one line
-while the other files are still processed (exit code 1 at the end).
+What the original ChestX-ray14 scripts' `inference.py` did for one image, for many: files, folders (searched
+recursively for PNG and JPEG) and globs; images decoded exactly as the prepare stage decodes them (any
+PNG/JPEG, any size or mode, NIH's RGBA files included), in threads, ahead of the model, and run in batches;
+decisions use the calibrated probability against the val thresholds the calibrate stage chose; an unreadable
+file is reported (`Failed`) while the other files are still processed.
 
-Two engines. `onnx` (the default without --gradcam) runs the export stage's model with ONNX Runtime and never
-imports PyTorch: the file carries its classes, image size, calibrator and thresholds. On a CPU that model is
-models/model.int8.onnx (8-bit: about 3x faster than float32 here, at the same test AUC) where the CPU has 8-bit
-dot products; `--precision fp32` for models/model.onnx, what a GPU runs. Which file ran is printed (stderr
-with --csv, stdout before the tables, a `model` field with --json). `torch` runs the
-train stage's checkpoint with calibrate's JSON files, and is the one that draws Grad-CAM heatmaps.
-
-    cxr14-predict IMAGE|FOLDER|GLOB ... [--csv OUT] [--json] [--gradcam DIR] [--engine onnx|torch]
-                  [--precision auto|int8|fp32]
-    (or: python -m stages.predict ...)
+Two engines. `OnnxEngine` runs the export stage's model with ONNX Runtime and never imports PyTorch: the file
+carries its classes, image size, calibrator and thresholds. On a CPU with 8-bit dot products that is
+models/model.int8.onnx, 8-bit for speed, within the test-AUC loss the export stage allowed; elsewhere
+models/model.onnx, what a GPU runs. `TorchEngine` runs the train stage's checkpoint with calibrate's JSON
+files, and is the one that draws Grad-CAM heatmaps.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
-import csv
+import dataclasses
 import glob
-import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +40,12 @@ from cxr14.evaluation.calibration import (
     load_calibrator,
     load_thresholds,
 )
-from cxr14.params import PARAMS_FILE, Explain, Train, load_section
+from cxr14.params import Explain, Train, load_section
 from cxr14.runtime.devices import cpu_count
 from cxr14.runtime.errors import PipelineError
-from cxr14.runtime.outputs import atomic_path
-from cxr14.runtime.progress import progress
-from cxr14.runtime.signals import run_main
 
 ENGINES = ("onnx", "torch")
 PRECISIONS = ("auto", "int8", "fp32")
-CSV_COLUMNS = ("image", "class", "probability", "calibrated", "threshold", "decision", "margin", "relative_margin")
-BAR_AFTER = 8  # a progress bar for more images than this
 
 
 def margins(p: float, t: float | None) -> tuple[str, float | None, float | None]:
@@ -190,7 +180,7 @@ class OnnxEngine:
         if cuda and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise PipelineError(f"{device_key} {device}: ONNX Runtime could not start on that GPU (see above); use "
                                 "--device cpu or --engine torch")
-        self.meta = read_metadata(self.session)
+        self.file, self.meta = model, read_metadata(self.session)
         self.input, self.output = INPUT_NAME, OUTPUT_NAME
         self.classes, self.image_size = list(self.meta["classes"]), int(self.meta["image_size"])
         where = f"{model} metadata"
@@ -221,6 +211,7 @@ class TorchEngine:
         if cpu_kernels_kind:
             cpu_kernels(cpu_kernels_kind)  # the kernels evaluate used for the probabilities thresholds were fitted on
         self.device = pick_device(device, device_key)
+        self.file = model
         self.model, self.ckpt = load_checkpoint(model, self.device)
         self.classes, self.image_size = list(self.ckpt["classes"]), int(self.ckpt["image_size"])
         try:
@@ -250,6 +241,151 @@ class TorchEngine:
                 _, m = cam(self.inputs(images[i:i + 1]), classes)
                 maps.append([m[0, j].cpu().numpy() for j in range(len(classes))])
         return maps
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where predict runs and which layer Grad-CAM draws; each `*_key` names the value's source in errors."""
+
+    device: str = "cpu"
+    device_key: str = "--device"
+    cpu_kernels: str | None = None
+    layer: str = "auto"
+    layer_key: str = "--layer"
+
+
+def settings(params: Path | None, device: str | None = None, layer: str | None = None) -> Settings:
+    """train.device, train.cpu_kernels and explain.layer of `params` (none: the CPU and the last block), with
+    `device` and `layer` given on the command line taking precedence: predict then runs as evaluate ran."""
+    found = Settings()
+    if params is not None:
+        train = load_section(params, Train)
+        found = Settings(train.device, f"{params} train.device", train.cpu_kernels,
+                         load_section(params, Explain).layer, f"{params} explain.layer")
+    if device:
+        found = dataclasses.replace(found, device=device, device_key="--device")
+    if layer:
+        found = dataclasses.replace(found, layer=layer, layer_key="--layer")
+    return found
+
+
+def open_engine(kind: str, model: Path | None, precision: str, where: Settings) -> OnnxEngine | TorchEngine:
+    """The `kind` engine (ENGINES) on `model`; for onnx without one, the export stage's model `precision` picks
+    (`open_onnx`); for torch without one, the train stage's checkpoint."""
+    if kind == "torch":
+        return TorchEngine(model or paths.MODEL, where.device, where.device_key, where.cpu_kernels, where.layer,
+                           where.layer_key)
+    return open_onnx(model, precision, where.device, where.device_key)
+
+
+def open_onnx(model: Path | None, precision: str, device: str, device_key: str) -> OnnxEngine:
+    """ONNX Runtime on `model`, else on the export stage's int8 or float32 model per `precision` (PRECISIONS).
+
+    `auto` takes the int8 model only on a CPU where 8-bit products do not saturate (`int8_is_fast`), where the
+    export stage wrote it, and where it found it within export.int8_max_auc_drop; float32 otherwise.
+    """
+    if device == "auto":  # the project's default: a GPU when this ONNX Runtime can use one
+        import onnxruntime as ort
+
+        device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    cuda = device == "cuda" or device.startswith("cuda:")
+    if precision == "int8" and cuda:
+        raise PipelineError(f"--precision int8 with {device_key} {device}: the int8 model is for the CPU (a GPU "
+                            "runs its 8-bit graph no faster than float32); use --precision fp32 or --device cpu")
+    auto = model is None and precision == "auto"
+    if model is None:
+        int8 = precision == "int8" or (auto and not cuda and int8_is_fast() and paths.ONNX_INT8.is_file())
+        model = paths.ONNX_INT8 if int8 else paths.ONNX
+    engine = OnnxEngine(model, device, device_key)
+    if auto and engine.meta.get("int8_within_limit") is False:
+        print(f"note: {model} scored more than export.int8_max_auc_drop below float32 at export; running "
+              f"{paths.ONNX} (--precision int8 to run it anyway)", file=sys.stderr)
+        engine = OnnxEngine(paths.ONNX, device, device_key)
+    return engine
+
+
+def calibration(engine: OnnxEngine | TorchEngine, thresholds_file: Path | None,
+                calibrator_file: Path | None) -> tuple[dict, dict | None]:
+    """The thresholds and calibrator (None: raw probabilities) the engine's decisions use, checked to belong
+    together: thresholds fitted on one calibration's output mean nothing on another's.
+
+    The onnx engine carries both in its metadata, and a file given replaces its part; the torch engine reads
+    the calibrate stage's files (a missing calibrator file means raw probabilities).
+    """
+    if isinstance(engine, OnnxEngine):
+        thresholds, calibrator, calibrator_where = engine.thresholds, engine.calibrator, f"{engine.file} metadata"
+        thresholds_where = calibrator_where
+        applies_to = engine.calibrator["method"] if engine.calibrator else "none"  # what export embedded together
+        if calibrator_file is not None:
+            calibrator = load_calibrator(calibrator_file) if calibrator_file.is_file() else None
+            calibrator_where = str(calibrator_file)
+        if thresholds_file is not None:
+            thresholds, applies_to = load_thresholds(thresholds_file, engine.classes)
+            thresholds_where = str(thresholds_file)
+        check_pairing(thresholds_where, applies_to, calibrator, calibrator_where)
+        return thresholds, calibrator
+    thresholds_file = thresholds_file or paths.THRESHOLDS
+    calibrator_file = calibrator_file or paths.CALIBRATOR
+    thresholds, applies_to = load_thresholds(thresholds_file, engine.classes)
+    calibrator = load_calibrator(calibrator_file) if calibrator_file.is_file() else None
+    check_pairing(thresholds_file, applies_to, calibrator, calibrator_file)
+    return thresholds, calibrator
+
+
+@dataclass(frozen=True)
+class Failed:
+    """An image that could not be predicted, and why (missing, unreadable, not an image, truncated)."""
+
+    image: str
+    reason: str
+
+
+def predict_images(engine: OnnxEngine | TorchEngine, files: Sequence[str], calibrator: dict | None,
+                   thresholds: dict, batch_size: int, threads: int | None = None,
+                   gradcam: Path | None = None) -> Iterator[dict | Failed]:
+    """Each file's result in order, or a `Failed` for it: a result is {"image", "model", "predictions" (rows_for's
+    table)}, and "gradcam" (the heatmap files written into `gradcam`) when asked for (torch engine).
+
+    A failure is yielded as soon as decoding meets it; results come a batch at a time.
+    """
+    stems = heatmap_stems(files)
+    batch: list[tuple[int, str, np.ndarray]] = []
+    with contextlib.closing(decoded(files, engine.image_size, threads or cpu_count(), ahead=2 * batch_size)) as it:
+        for index, (path, image) in enumerate(it):
+            if isinstance(image, str):
+                yield Failed(path, image)
+                continue
+            batch.append((index, path, image))
+            if len(batch) >= batch_size:
+                yield from predict_batch(engine, batch, calibrator, thresholds, gradcam, stems)
+                batch = []
+    if batch:
+        yield from predict_batch(engine, batch, calibrator, thresholds, gradcam, stems)
+
+
+def heatmap_stems(files: Sequence[str]) -> list[str]:
+    """Each file's heatmap name stem: its own, numbered by position where two share one (a/x.png, b/x.png)."""
+    stems = [Path(p).stem for p in files]
+    repeated = {s for s, n in collections.Counter(stems).items() if n > 1}
+    return [f"{i + 1}_{s}" if s in repeated else s for i, s in enumerate(stems)]
+
+
+def predict_batch(engine: OnnxEngine | TorchEngine, batch: list[tuple[int, str, np.ndarray]],
+                  calibrator: dict | None, thresholds: dict, gradcam: Path | None,
+                  stems: list[str]) -> Iterator[dict]:
+    """One forward pass over decoded (position, file, image) rows; their results in order (`predict_images`)."""
+    images = np.stack([g for _, _, g in batch])
+    raw = engine.probabilities(images)
+    cal = apply_calibrator(calibrator, raw, engine.classes) if calibrator else raw
+    tables = [rows_for(raw[i], cal[i], engine.classes, thresholds) for i in range(len(batch))]
+    if gradcam is not None:
+        chosen = [heatmap_classes(rows, cal[i]) for i, rows in enumerate(tables)]
+        maps = engine.gradcam(images, chosen)  # type: ignore[union-attr]
+    for i, (index, path, gray) in enumerate(batch):
+        result = {"image": path, "model": str(engine.file), "predictions": tables[i]}
+        if gradcam is not None:
+            draw_heatmaps(result, gray, maps[i], chosen[i], gradcam, stems[index])
+        yield result
 
 
 def rows_for(raw: np.ndarray, cal: np.ndarray, classes: Sequence[str], thresholds: dict) -> list[dict]:
@@ -312,195 +448,3 @@ def predict_one(path: str, model, ckpt, layer, calibrator, thresholds, gradcam_d
         draw_heatmaps(result, gray, [maps[0, j].cpu().numpy() for j in range(len(chosen))], chosen, gradcam_dir,
                       stem or Path(path).stem)
     return result
-
-
-def print_table(result: dict) -> None:
-    print(f"\n{result['image']}")
-    print(f"{'class':<20}{'prob':>8}{'calib':>8}{'thresh':>8}  {'dec':<4}{'margin':>9}{'rel':>9}")
-    for r in result["predictions"]:
-        t = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
-        m = "-" if r["margin"] is None else f"{r['margin']:+.3f}"
-        rel = "-" if r["relative_margin"] is None else f"{r['relative_margin']:+.3f}"
-        print(f"{r['class']:<20}{r['probability']:8.3f}{r['calibrated']:8.3f}{t:>8}  {r['decision']:<4}{m:>9}{rel:>9}")
-    for path in result.get("gradcam", []):
-        print(f"  Grad-CAM: {path}")
-
-
-def csv_rows(result: dict) -> Iterator[list]:
-    """Long format: one row per image and class; empty cells where a class has no threshold."""
-    for r in result["predictions"]:
-        yield [result["image"], *("" if r[c] is None else r[c] for c in CSV_COLUMNS[1:])]
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="cxr14-predict", description=__doc__.splitlines()[0])
-    parser.add_argument("images", nargs="+", help="PNG or JPEG files (any size or mode), folders (searched "
-                        "recursively) or glob patterns (quote them: '**' crosses folders)")
-    parser.add_argument("--engine", choices=ENGINES, help="onnx: the exported model through ONNX Runtime, no PyTorch "
-                        "(the default); torch: the checkpoint (the default with --gradcam or a .pt --model)")
-    parser.add_argument("--model", type=Path, help="the export stage's .onnx (onnx engine; default: see "
-                        f"--precision) or the train stage's checkpoint (torch engine; default {paths.MODEL})")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=f"onnx engine's default model: "
-                        f"int8 {paths.ONNX_INT8}, fp32 {paths.ONNX}; auto (the default): int8 on a CPU where the "
-                        "export stage wrote it and found it within export.int8_max_auc_drop, and the CPU has 8-bit "
-                        "dot products (VNNI, Arm), else fp32")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: train.device of --params, else cpu; the "
-                        "onnx engine needs onnxruntime-gpu for CUDA)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--threads", type=int, help="decoding threads (default: the cores this process may use)")
-    parser.add_argument("--thresholds", type=Path, help=f"torch engine: calibrate output (default {paths.THRESHOLDS}); "
-                        "onnx engine: replaces the thresholds embedded in the model")
-    parser.add_argument("--calibrator", type=Path, help=f"torch engine: calibrate output (default {paths.CALIBRATOR}; "
-                        "a missing path means raw probabilities); onnx engine: replaces the embedded one")
-    parser.add_argument("--csv", type=Path, metavar="OUT", help="write one row per image and class here (atomically)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-    parser.add_argument("--gradcam", type=Path, metavar="DIR", help="write heatmaps of positive classes here "
-                        "(torch engine)")
-    parser.add_argument("--layer", help="Grad-CAM layer, e.g. layer3 (default: explain.layer of --params, else the "
-                        "last block)")
-    parser.add_argument("--params", type=Path,
-                        help="project params to read train.device, train.cpu_kernels and explain.layer from "
-                        "(default: params.yaml when the working directory has one; else the CPU and the last block)")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size {args.batch_size}: expected a positive integer")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads {args.threads}: expected a positive integer")
-    if args.engine is None:
-        pt = args.model is not None and args.model.suffix in (".pt", ".pth")
-        args.engine = "torch" if args.gradcam is not None or pt else "onnx"
-    if args.engine == "onnx" and args.gradcam is not None:
-        parser.error("--gradcam needs --engine torch (an ONNX graph has no gradients to draw heatmaps from)")
-    if args.precision != "auto" and (args.model is not None or args.engine != "onnx"):
-        parser.error(f"--precision {args.precision} picks the onnx engine's default model; "
-                     f"{'--model names the file' if args.model is not None else 'the torch engine runs float32'}")
-    if args.model is None and args.engine == "torch":
-        args.model = paths.MODEL
-    return args
-
-
-def run(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    params = args.params or (PARAMS_FILE if PARAMS_FILE.is_file() else None)  # a named file must exist
-    device, device_key, kernels, layer_name, layer_key = "cpu", "--device", None, "auto", "--layer"
-    if params is not None:
-        train = load_section(params, Train)
-        device, device_key, kernels = train.device, f"{params} train.device", train.cpu_kernels
-        layer_name, layer_key = load_section(params, Explain).layer, f"{params} explain.layer"
-    if args.device:
-        device, device_key = args.device, "--device"
-    if args.layer:
-        layer_name, layer_key = args.layer, "--layer"
-    if args.gradcam is not None and args.gradcam.exists() and not args.gradcam.is_dir():
-        raise PipelineError(f"--gradcam {args.gradcam}: is a file; expected a folder for the heatmaps")
-    if args.csv is not None and args.csv.is_dir():
-        raise PipelineError(f"--csv {args.csv}: is a folder; expected a file name for the table")
-    files, missing = expand_inputs(args.images)
-    for line in missing:
-        print(f"error: {line}", file=sys.stderr)
-
-    if args.engine == "onnx":
-        if device == "auto":  # the project's default: a GPU when this ONNX Runtime can use one
-            import onnxruntime as ort
-
-            device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-        cuda = device == "cuda" or device.startswith("cuda:")
-        if args.precision == "int8" and cuda:
-            raise PipelineError(f"--precision int8 with {device_key} {device}: the int8 model is for the CPU (a GPU "
-                                "runs its 8-bit graph no faster than float32); use --precision fp32 or --device cpu")
-        auto = args.model is None and args.precision == "auto"
-        if args.model is None:
-            int8 = args.precision == "int8" or (auto and not cuda and int8_is_fast() and paths.ONNX_INT8.is_file())
-            args.model = paths.ONNX_INT8 if int8 else paths.ONNX
-        engine: OnnxEngine | TorchEngine = OnnxEngine(args.model, device, device_key)
-        if auto and engine.meta.get("int8_within_limit") is False:
-            print(f"note: {args.model} scored more than export.int8_max_auc_drop below float32 at export; running "
-                  f"{paths.ONNX} (--precision int8 to run it anyway)", file=sys.stderr)
-            args.model = paths.ONNX
-            engine = OnnxEngine(args.model, device, device_key)
-        thresholds, calibrator, calibrator_where = engine.thresholds, engine.calibrator, f"{args.model} metadata"
-        thresholds_where = calibrator_where
-        applies_to = engine.calibrator["method"] if engine.calibrator else "none"  # what export embedded together
-        if args.calibrator is not None:
-            calibrator = load_calibrator(args.calibrator) if args.calibrator.is_file() else None
-            calibrator_where = str(args.calibrator)
-        if args.thresholds is not None:
-            thresholds, applies_to = load_thresholds(args.thresholds, engine.classes)
-            thresholds_where = str(args.thresholds)
-        check_pairing(thresholds_where, applies_to, calibrator, calibrator_where)
-    else:
-        engine = TorchEngine(args.model, device, device_key, kernels, layer_name, layer_key)
-        thresholds_path = args.thresholds or paths.THRESHOLDS
-        calibrator_path = args.calibrator or paths.CALIBRATOR
-        thresholds, applies_to = load_thresholds(thresholds_path, engine.classes)
-        calibrator = load_calibrator(calibrator_path) if calibrator_path.is_file() else None
-        check_pairing(thresholds_path, applies_to, calibrator, calibrator_path)
-
-    stems = [Path(p).stem for p in files]
-    repeated = {s for s, n in collections.Counter(stems).items() if n > 1}  # a/x.png and b/x.png: numbered overlays
-    tables = not args.json and args.csv is None
-    if tables:
-        print(f"model: {args.model} ({engine.name} engine)")
-    results, failed = [], len(missing)
-    with contextlib.ExitStack() as stack:  # the CSV appears whole when every image is done, or not at all
-        writer = None
-        if args.csv is not None:
-            writer = csv.writer(stack.enter_context(open(stack.enter_context(atomic_path(args.csv)), "w", newline="")))
-            writer.writerow(CSV_COLUMNS)
-        bar = stack.enter_context(progress(total=len(files), unit="image", desc="predict",
-                                           **({"disable": True} if len(files) <= BAR_AFTER else {})))
-        batch: list[tuple[int, str, np.ndarray]] = []
-
-        def flush() -> None:
-            if not batch:
-                return
-            images = np.stack([g for _, _, g in batch])
-            raw = engine.probabilities(images)
-            cal = apply_calibrator(calibrator, raw, engine.classes) if calibrator else raw
-            tables_of = [rows_for(raw[i], cal[i], engine.classes, thresholds) for i in range(len(batch))]
-            if args.gradcam is not None:
-                chosen = [heatmap_classes(rows, cal[i]) for i, rows in enumerate(tables_of)]
-                maps = engine.gradcam(images, chosen)  # type: ignore[union-attr]
-            for i, (index, path, gray) in enumerate(batch):
-                result = {"image": path, "model": str(args.model), "predictions": tables_of[i]}
-                if args.gradcam is not None:
-                    stem = f"{index + 1}_{stems[index]}" if stems[index] in repeated else stems[index]
-                    draw_heatmaps(result, gray, maps[i], chosen[i], args.gradcam, stem)
-                if writer is not None:
-                    writer.writerows(csv_rows(result))
-                if args.json:
-                    results.append(result)
-                elif tables:
-                    bar.clear()
-                    print_table(result)
-            bar.update(len(batch))
-            batch.clear()
-
-        for index, (path, image) in enumerate(decoded(files, engine.image_size, args.threads or cpu_count(),
-                                                            ahead=2 * args.batch_size)):
-            if isinstance(image, str):
-                bar.clear()
-                print(f"error: {path}: {image}", file=sys.stderr)
-                failed += 1
-                bar.update(1)
-                continue
-            batch.append((index, path, image))
-            if len(batch) >= args.batch_size:
-                flush()
-        flush()
-    if args.json:
-        print(json.dumps(results, indent=2))
-    if args.csv is not None:
-        print(f"predict ({engine.name}, {args.model}): {len(files) - failed + len(missing)} image(s) x "
-              f"{len(engine.classes)} classes to {args.csv}; {failed} failed", file=sys.stderr)
-    if failed:
-        raise SystemExit(1)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The `cxr14-predict` console command: one-line errors, exit code 1 when any image failed."""
-    run_main(run, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -43,7 +43,7 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     """Logistic function, accurate in both tails (tiny probabilities stay distinct instead of rounding to 0).
 
     Plain numpy rather than scipy's expit: predict applies calibrators, and importing scipy and
-    scikit-learn there would cost it two seconds (they are imported only where calibrators are fitted).
+    scikit-learn there would slow its start (they are imported only where calibrators are fitted).
     """
     z = np.asarray(z, dtype=np.float64)
     e = np.exp(-np.abs(z))
@@ -171,7 +171,7 @@ def choose_threshold(policy: str, y: np.ndarray, p: np.ndarray, target_recall: f
     if not has_both(y):
         return None
     p = np.asarray(p, dtype=np.float64)
-    if policy == "max_f1":  # the seed's rule: best F1 on the PR curve, without its (P=1, R=0) end point
+    if policy == "max_f1":  # the original recipe's rule: best F1 on the PR curve, without its (P=1, R=0) end point
         precision, recall, thresholds = precision_recall_curve(y, p)
         precision, recall = precision[:-1], recall[:-1]
         denom = precision + recall

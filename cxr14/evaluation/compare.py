@@ -169,29 +169,3 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, resamples: int, seed: int, level: 
                     "level": level, "mean_auc_a": mean_a, "mean_auc_b": mean_b, "difference": mean_b - mean_a,
                     "ci_low": low, "ci_high": high, "p_bootstrap": bootstrap_p(diffs),
                     "classes": len(defined), "per_class": per_class})
-
-
-def table(result: dict, names: tuple[str, str]) -> str:
-    """The comparison as a fixed-width text table, the mean first."""
-    def cell(v: float | None, fmt: str = ".4f") -> str:
-        return "-" if v is None else format(v, fmt)
-
-    head = f"{'class':<20}{'A':>8}{'B':>8}{'B - A':>9}{'95% interval':>20}{'p boot':>8}{'p DeLong':>10}"
-    lines = [f"A = {names[0]}, B = {names[1]}: test ROC-AUC on {result['images']} images, {result['patients']} "
-             f"patients, {result['bootstrap_resamples']} paired patient resamples", head, "-" * len(head)]
-    r = result
-    lines.append(f"{'mean':<20}{cell(r['mean_auc_a']):>8}{cell(r['mean_auc_b']):>8}{cell(r['difference'], '+.4f'):>9}"
-                 f"{'[' + cell(r['ci_low'], '+.4f') + ', ' + cell(r['ci_high'], '+.4f') + ']':>20}"
-                 f"{cell(r['p_bootstrap'], '.3f'):>8}{'':>10}")
-    for name, v in r["per_class"].items():
-        if v["auc_a"] is None:
-            lines.append(f"{name:<20}{'-':>8}{'-':>8}   {v['note']}")
-            continue
-        interval = "[" + cell(v["ci_low"], "+.4f") + ", " + cell(v["ci_high"], "+.4f") + "]"
-        lines.append(f"{name:<20}{cell(v['auc_a']):>8}{cell(v['auc_b']):>8}{cell(v['difference'], '+.4f'):>9}"
-                     f"{interval:>20}{cell(v['p_bootstrap'], '.3f'):>8}{cell(v['p_delong'], '.3f'):>10}")
-    excludes = r["ci_low"] > 0 or r["ci_high"] < 0
-    verdict = ("the interval excludes 0: B differs from A beyond test-sample luck" if excludes
-               else "the interval covers 0: this test set cannot tell A and B apart")
-    lines.append(f"mean difference: {verdict}")
-    return "\n".join(lines)

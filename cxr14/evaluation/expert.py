@@ -10,8 +10,8 @@ its classes (the model's strongest evidence for any of them), its NIH label is a
 - Nodule or mass: Nodule, Mass (the expert finding merges the two sizes of one lesion).
 - Airspace opacity: Infiltration, Consolidation, Pneumonia, Edema: the NIH classes that denote airspace
   filling (by pus, fluid or cells). Atelectasis (collapse, volume loss) is not airspace disease, and Nodule
-  and Mass are scored on their own. Measured on Google's 4,376 images, adding Atelectasis would raise the NIH
-  labels' sensitivity against the experts from 0.44 to 0.51 and lower their specificity from 0.86 to 0.81.
+  and Mass are scored on their own; adding Atelectasis would buy the NIH labels sensitivity against the
+  experts with specificity.
 - Fracture: no NIH class; reported as not scored.
 """
 

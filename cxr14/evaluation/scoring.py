@@ -1,8 +1,8 @@
 """Test-set evaluation: predictions per split, AUC with patient-bootstrap intervals, oracle, curves, score plot.
 
-The seed reported validation numbers only. Here the test split (NIH's official list) gets mean and
-per-class ROC-AUC with patient-bootstrap 95% intervals, average precision and prevalence; on the demo
-the clean labels give the oracle AUC (the best any model can score against the noisy labels).
+The original ChestX-ray14 recipe reported validation numbers only. Here the test split (NIH's official list)
+gets mean and per-class ROC-AUC with patient-bootstrap 95% intervals, average precision and prevalence; on the
+demo the clean labels give the oracle AUC (the best any model can score against the noisy labels).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from cxr14.runtime.errors import warn
 from cxr14.runtime.outputs import atomic_path, rounded
 
 GRID = np.linspace(0, 1, 101)
-TRIM_EVERY = 4  # batches between two malloc_trim calls: resident memory stays flat at <1% of the time
+TRIM_EVERY = 4  # batches between two malloc_trim calls: resident memory stays flat, the calls stay rare
 T = TypeVar("T")
 
 

@@ -34,7 +34,8 @@ DOWNLOAD_TIMEOUT = 5.0  # seconds without an answer before an offline download g
 
 def imagenet_weights(arch: str, name: str) -> torchvision.models.WeightsEnum:
     """torchvision's weights enum member for `name`: `imagenet` is its DEFAULT (ResNet50: IMAGENET1K_V2, 80.9%
-    top-1, what the seed fine-tuned; ResNet18/34 and DenseNet121 have V1 only; resnet10 has none)."""
+    top-1, what the original ChestX-ray14 recipe fine-tuned; ResNet18/34 and DenseNet121 have V1 only; resnet10
+    has none)."""
     if ARCHS[arch][0] is None:
         raise PipelineError(f"train.weights: {name}; {arch} has no ImageNet weights, expected none")
     enum = getattr(torchvision.models, ARCHS[arch][0])
@@ -151,7 +152,7 @@ def set_train_mode(model: nn.Module, frozen: list[str]) -> None:
         modules[name].eval()
 
 def param_groups(model: nn.Module, arch: str, lr_head: float, lr_backbone: float) -> list[dict]:
-    """Two learning rates as in the seed: the new head learns faster than the pretrained backbone."""
+    """Two learning rates as in the original recipe: the new head learns faster than the pretrained backbone."""
     head = ARCHS[arch][1]
     head_params = [p for n, p in model.named_parameters() if _matches(n, head) and p.requires_grad]
     body_params = [p for n, p in model.named_parameters() if not _matches(n, head) and p.requires_grad]

@@ -33,10 +33,9 @@ def cpu_kernels(kind: str) -> None:
     """`avx2`: cap oneDNN (PyTorch's CPU convolutions) at AVX2, so every x86-64 CPU with AVX2 computes the same
     numbers; `native`: leave oneDNN its best kernels for this CPU.
 
-    oneDNN picks AVX-512 kernels where the CPU has them, and they round differently from the AVX2 ones:
-    measured on the demo (2 threads), val mean AUC 0.923421 and test 0.9334 with AVX-512 against 0.923647
-    and 0.9391 with AVX2, while ATen's own capability (ATEN_CPU_CAPABILITY) changed nothing there; the cap
-    made demo training 1.58x slower on that AVX-512 CPU (benchmarks/bench_isa.py). oneDNN reads the cap at
+    oneDNN picks AVX-512 kernels where the CPU has them, and they round differently from the AVX2 ones,
+    enough to move the val and test AUCs, while ATen's own capability (ATEN_CPU_CAPABILITY) does not; the cap
+    costs training speed on an AVX-512 CPU (benchmarks/bench_isa.py measures how much). oneDNN reads the cap at
     its first convolution, so calling this before any forward pass is enough; it needs no torch import. A
     user's own ONEDNN_MAX_CPU_ISA wins. The thread count still changes the numbers (docs/reproducibility.md).
     """

@@ -22,7 +22,7 @@ def progress(iterable: Any = None, **kwargs: Any) -> Any:
 @functools.cache
 def _bar_class() -> type:
     """tqdm, with each step a safe point for a held or swallowed SIGTERM / Ctrl-C (`raise_pending`). Notebook
-    bars in IPython; elsewhere the terminal's, without tqdm.auto's asyncio import (10 ms of predict's start)."""
+    bars in IPython; elsewhere the terminal's, without tqdm.auto's asyncio import (predict starts sooner)."""
     if "IPython" in sys.modules:
         from tqdm.auto import tqdm
     else:

@@ -38,6 +38,6 @@ class SmoothedBCE(torch.nn.BCEWithLogitsLoss):
         return super().forward(logits, target)
 
 def loss_function(labels: np.ndarray, cap: float | None, smoothing: float = 0.0) -> torch.nn.BCEWithLogitsLoss:
-    """The training loss: BCE per class with `pos_weight` = negatives / positives (the seed passed `weight=`,
+    """The training loss: BCE per class with `pos_weight` = negatives / positives (the original recipe passed `weight=`,
     which scales the negatives' loss too and so does not rebalance anything), its targets smoothed by `smoothing`."""
     return SmoothedBCE(positive_weights(labels, cap), smoothing)
