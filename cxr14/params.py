@@ -114,13 +114,13 @@ class Train(Section):
     SECTION: ClassVar[str] = "train"
     arch: Literal["resnet10", "resnet18", "resnet34", "resnet50", "densenet121"] = field(
         help="network: `resnet10` (ResNet18 with one block per stage, no ImageNet weights: the demo's), `resnet18`, "
-             "`resnet34`, `resnet50` (the seed's), `densenet121` (CheXNet)")
+             "`resnet34`, `resnet50` (the original recipe's), `densenet121` (CheXNet)")
     output_stride: Literal[32, 16, 8] = field(
         help="ResNets: 16 dilates `layer4`, 8 also `layer3` (same weights), for a Grad-CAM map 2x or 4x finer; "
              "`layer4` then costs 4x (16)")
     weights: Literal["none", "imagenet", "IMAGENET1K_V1", "IMAGENET1K_V2"] = field(
-        help="`none`; `imagenet` = torchvision's best for the arch (ResNet50: `IMAGENET1K_V2`, as the seed); or a "
-             "named set; downloaded by torchvision into `TORCH_HOME` on first use")
+        help="`none`; `imagenet` = torchvision's best for the arch (ResNet50: `IMAGENET1K_V2`, as the original "
+             "recipe); or a named set; downloaded by torchvision into `TORCH_HOME` on first use")
     freeze: list[str] = field(doc="a list of module-name prefixes, e.g. [conv1, bn1, layer1]",
         help="module-name prefixes to freeze (their BatchNorm stays in eval mode); NIH recipe `[conv1, bn1, layer1, "
              "layer2, layer3]`")
@@ -138,7 +138,7 @@ class Train(Section):
         help="cap on negatives/positives per class in the loss's `pos_weight`; `null` = no cap")
     label_smoothing: float = field(low=0.0, high=0.5, open_high=True,
         help="BCE targets pulled this / 2 toward 0.5 (1 -> 0.95, 0 -> 0.05): less trust in report-mined labels; 0 = "
-             "plain BCE, as the seed")
+             "plain BCE, as the original recipe")
     patience: int = field(low=1, help="stop after this many epochs without a better val mean AUC")
     ema: float = field(low=0.0, high=1.0, open_high=True, doc="0 (off) or a decay in (0, 1), e.g. 0.99",
         help="decay of an exponential moving average of the weights (and BatchNorm statistics), updated every step; "
@@ -200,7 +200,7 @@ class Evaluate(Section):
 class Calibrate(Section):
     SECTION: ClassVar[str] = "calibrate"
     policy: Literal["max_f1", "youden", "target_recall"] = field(
-        help="per-class threshold policy on val: `max_f1` (the seed's), `youden`, `target_recall`")
+        help="per-class threshold policy on val: `max_f1` (the original recipe's), `youden`, `target_recall`")
     target_recall: float = field(low=0.0, high=1.0, open_low=True,
         help="policy `target_recall`: the highest threshold with val recall at least this (screening)")
     method: Literal["none", "temperature", "platt", "isotonic"] = field(

@@ -29,9 +29,9 @@ import yaml
 from conftest import REPO, TinyNIH, project_params, tiny_demo, write_params
 from PIL import Image
 
+from cxr14 import cli
 from cxr14.data.loader import PreparedImages
 from cxr14.data.nih import CLASSES
-from cxr14.deployment import predict
 from cxr14.model.checkpoint import save_checkpoint
 from cxr14.model.factory import build_model
 from cxr14.runtime.errors import PipelineError
@@ -67,7 +67,7 @@ def run_predict(files: Path, capsys: pytest.CaptureFixture, *extra: str, images:
             "--params", str(files / "params.yaml"), "--json", *extra]
     code = 0
     try:
-        predict.main(args)
+        cli.predict_main(args)
     except SystemExit as exc:
         code = int(exc.code or 0)
     err = capsys.readouterr().err
