@@ -4,12 +4,13 @@ The graph takes uint8 grey images (batch, 1, S, S) and returns raw probabilities
 normalisation, calibrator and val thresholds travel inside as metadata (`cxr14/deployment/export.py`). The file is
 written under a temporary name and checked there: when ONNX Runtime's probabilities differ from PyTorch's by
 more than `export.tolerance` anywhere on the test images the stage fails and the file is never put in place.
-metrics/export.json records the difference, the difference from evaluate's own test predictions (what the
+reports/export.json records the difference, the difference from evaluate's own test predictions (what the
 thresholds were chosen on), the file size and the opset. Beside it models/model.int8.onnx, the same model
 quantized to 8 bits (activation ranges from up to `export.int8_calibration_images` val images; classifier and
 sigmoid in float32), scored against the float32 file on val and on test, under `int8`. When its val mean AUC
 is more than `export.int8_max_auc_drop` below float32's its metadata says so (predict then runs float32 by
 default) and the stage warns. The two files are put in place together, once both are checked.
+metrics/export.json holds the headline: the largest ONNX - PyTorch difference and int8's val mean AUC drop.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from cxr14.data.loader import PreparedImages
 from cxr14.data.nih import CLASSES
 from cxr14.deployment.export import (
     export_onnx,
+    headline,
     int8_check,
     metadata,
     ort_probabilities,
@@ -37,7 +39,7 @@ from cxr14.deployment.export import (
 from cxr14.evaluation.calibration import check_pairing, load_calibrator, load_thresholds
 from cxr14.evaluation.predictions import read_predictions
 from cxr14.model.checkpoint import load_checkpoint
-from cxr14.params import PARAMS_FILE, Export, Train, load_section
+from cxr14.params import PARAMS_FILE, Export, load_params
 from cxr14.runtime.devices import cpu_count, cpu_kernels
 from cxr14.runtime.errors import PipelineError
 from cxr14.runtime.outputs import atomic_path, rounded, write_json
@@ -54,72 +56,100 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (sections export, train)")
     args = parser.parse_args(argv)
-    e, t = load_section(args.params, Export), load_section(args.params, Train)
+    params = load_params(args.params)
+    export, train = params.export, params.train
     torch.set_num_threads(cpu_count())
-    cpu_kernels(t.cpu_kernels)  # the reference probabilities: the same kernels evaluate used on the CPU
+    cpu_kernels(train.cpu_kernels)  # the reference probabilities: the same kernels evaluate used on the CPU
     model, ckpt = load_checkpoint(paths.MODEL, "cpu", classes=CLASSES)
     thresholds, applies_to = load_thresholds(paths.THRESHOLDS)
     calibrator = load_calibrator(paths.CALIBRATOR)
     check_pairing(paths.THRESHOLDS, applies_to, calibrator, paths.CALIBRATOR)
-    test = PreparedImages(paths.PREPARED / "test.npy")
-    test.require_size(ckpt["image_size"], paths.MODEL)
-    images = np.load(test.path, mmap_mode="r")
-    val = PreparedImages(paths.PREPARED / "val.npy")
-    val.require_size(ckpt["image_size"], paths.MODEL)
-    val_images = np.load(val.path, mmap_mode="r")
+    images = {split: prepared(split, ckpt["image_size"]) for split in ("test", "val")}
     # evaluate's outputs: the labels, and the probabilities the thresholds were chosen on
     (val_labels, _), (test_labels, evaluated) = (read_predictions(paths.PREDICTIONS / f"{split}.csv")
                                                  for split in ("val", "test"))
-    for split, labels, array in (("val", val_labels, val_images), ("test", test_labels, images)):
-        if len(labels) != len(array):
+    for split, labels in (("val", val_labels), ("test", test_labels)):
+        if len(labels) != len(images[split]):
             raise PipelineError(f"{paths.PREDICTIONS / f'{split}.csv'}: {len(labels)} images; the {split} array has "
-                                f"{len(array)}: run dvc repro")
+                                f"{len(images[split])}: run dvc repro")
     meta = metadata(ckpt, thresholds, calibrator, f"{paths.MODEL} md5 {md5(paths.MODEL)}")
     out, out8 = paths.ONNX, paths.ONNX_INT8
-    classes = list(CLASSES)
     # both files checked under temporary names and put in place together: an unchecked model never sits at `out`,
     # nor a new model.onnx beside an old model.int8.onnx
     with atomic_path(out) as tmp, atomic_path(out8) as tmp8:
-        export_onnx(model, ckpt, meta, tmp, e.opset)
-        check = verify(model, ckpt, tmp, images, e.batch_size)
-        if not check["max_abs_difference"] <= e.tolerance:
-            raise PipelineError(f"{out}: ONNX Runtime's probabilities differ from PyTorch's by up to "
-                                f"{check['max_abs_difference']:.3g} on {paths.PREPARED / 'test.npy'}; expected at most "
-                                f"export.tolerance {e.tolerance:g} (not written; try another export.opset)")
-        ranges_from = val_images[:e.int8_calibration_images]
-        quantize_int8(tmp, tmp8, ranges_from, e.batch_size)
-        val32 = ort_probabilities(tmp, val_images, e.batch_size, "export: val, float32", str(out))
-        on = {}
-        for split, labels, array, float32 in (("val", val_labels, val_images, val32),
-                                              ("test", test_labels, images, check["probabilities"])):
-            int8 = ort_probabilities(tmp8, array, e.batch_size, f"export: {split}, int8", str(out8))
-            on[split] = int8_check(labels, float32, int8, calibrator, thresholds, classes, e.int8_max_auc_drop)
-        within = on["val"]["within_limit"]  # the gate is val's: test is reported, never used to choose
-        update_metadata(tmp8, int8_within_limit=within, int8_val_mean_auc=on["val"]["mean_auc"],
-                        float32_val_mean_auc=on["val"]["mean_auc_float32"])
-    # bf16 autocast on a GPU moves evaluate's probabilities by up to ~0.01 (benchmarks/gpu_check.py): recorded
+        check = export_checked(model, ckpt, meta, tmp, images["test"], export)
+        on = int8_checked(tmp, tmp8, images, {"val": val_labels, "test": test_labels}, check["probabilities"],
+                          calibrator, thresholds, export)
+    # bf16 autocast on a GPU moves evaluate's probabilities (benchmarks/gpu_check.py): recorded
     against_evaluate = float(np.abs(check["probabilities"] - evaluated).max())
+    report = export_report(check, against_evaluate, on, export, min(len(images["val"]), export.int8_calibration_images))
+    write_json(paths.REPORTS / "export.json", report)
+    write_json(paths.METRICS / "export.json", headline(report))
+    print_summary(report, check, against_evaluate, export)
+
+
+def prepared(split: str, size: int) -> np.ndarray:
+    """One split's prepared array, memory-mapped, refused unless its images are the size the model was trained at."""
+    data = PreparedImages(paths.PREPARED / f"{split}.npy")
+    data.require_size(size, paths.MODEL)
+    return np.load(data.path, mmap_mode="r")
+
+
+def export_checked(model: torch.nn.Module, ckpt: dict, meta: dict, tmp: Path, images: np.ndarray,
+                   export: Export) -> dict:
+    """Export to `tmp` and compare ONNX Runtime with PyTorch on the test array; past export.tolerance the stage fails
+    with the file still under its temporary name."""
+    export_onnx(model, ckpt, meta, tmp, export.opset)
+    check = verify(model, ckpt, tmp, images, export.batch_size)
+    if not check["max_abs_difference"] <= export.tolerance:
+        raise PipelineError(f"{paths.ONNX}: ONNX Runtime's probabilities differ from PyTorch's by up to "
+                            f"{check['max_abs_difference']:.3g} on {paths.PREPARED / 'test.npy'}; expected at most "
+                            f"export.tolerance {export.tolerance:g} (not written; try another export.opset)")
+    return check
+
+
+def int8_checked(tmp: Path, tmp8: Path, images: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                 test32: np.ndarray, calibrator: dict | None, thresholds: dict, export: Export) -> dict:
+    """Quantize `tmp` to `tmp8` and score the int8 file against float32 on val (the gate: test is reported, never
+    used to choose) and test; the gate's verdict goes into the int8 file's metadata."""
+    quantize_int8(tmp, tmp8, images["val"][:export.int8_calibration_images], export.batch_size)
+    float32 = {"val": ort_probabilities(tmp, images["val"], export.batch_size, "export: val, float32", str(paths.ONNX)),
+               "test": test32}
+    on = {}
+    for split in ("val", "test"):
+        int8 = ort_probabilities(tmp8, images[split], export.batch_size, f"export: {split}, int8", str(paths.ONNX_INT8))
+        on[split] = int8_check(labels[split], float32[split], int8, calibrator, thresholds, list(CLASSES),
+                               export.int8_max_auc_drop)
+    update_metadata(tmp8, int8_within_limit=on["val"]["within_limit"], int8_val_mean_auc=on["val"]["mean_auc"],
+                    float32_val_mean_auc=on["val"]["mean_auc_float32"])
+    return on
+
+
+def export_report(check: dict, against_evaluate: float, on: dict, export: Export, calibration_images: int) -> dict:
+    """reports/export.json: both files' checks, their sizes, and the versions that made them."""
     import onnxruntime
 
-    metrics = {"images": check["images"], "max_abs_difference": float(f"{check['max_abs_difference']:.3g}"),
-               "tolerance": e.tolerance, "max_abs_difference_to_evaluate": float(f"{against_evaluate:.3g}"),
-               "file_bytes": out.stat().st_size, "opset": e.opset, "onnxruntime": onnxruntime.__version__,
-               "torch": torch.__version__.split("+")[0],
-               "int8": {"file_bytes": out8.stat().st_size, "calibration_images": len(ranges_from),
-                        "max_auc_drop": e.int8_max_auc_drop, "within_limit": within, **on}}
-    write_json(paths.METRICS / "export.json", metrics)
-    speed = check["images_per_s"]
-    print(f"export: {out} ({rounded(out.stat().st_size / 2**20, 1)} MiB, opset {e.opset}); ONNX Runtime vs PyTorch "
-          f"on {check['images']} test images: max |difference| {check['max_abs_difference']:.2g} (tolerance "
-          f"{e.tolerance:g}), vs evaluate's predictions {against_evaluate:.2g}; {speed['onnxruntime']} vs "
+    return {"images": check["images"], "max_abs_difference": float(f"{check['max_abs_difference']:.3g}"),
+            "tolerance": export.tolerance, "max_abs_difference_to_evaluate": float(f"{against_evaluate:.3g}"),
+            "file_bytes": paths.ONNX.stat().st_size, "opset": export.opset, "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__.split("+")[0],
+            "int8": {"file_bytes": paths.ONNX_INT8.stat().st_size, "calibration_images": calibration_images,
+                     "max_auc_drop": export.int8_max_auc_drop, "within_limit": on["val"]["within_limit"], **on}}
+
+
+def print_summary(report: dict, check: dict, against_evaluate: float, export: Export) -> None:
+    out, out8, q, speed = paths.ONNX, paths.ONNX_INT8, report["int8"], check["images_per_s"]
+    print(f"export: {out} ({rounded(report['file_bytes'] / 2**20, 1)} MiB, opset {export.opset}); ONNX Runtime vs "
+          f"PyTorch on {check['images']} test images: max |difference| {check['max_abs_difference']:.2g} (tolerance "
+          f"{export.tolerance:g}), vs evaluate's predictions {against_evaluate:.2g}; {speed['onnxruntime']} vs "
           f"{speed['torch']} images/s here")
-    t8 = on["test"]
-    print(f"export: {out8} ({rounded(out8.stat().st_size / 2**20, 1)} MiB): mean AUC against float32 on val "
-          f"{on['val']['mean_auc']} vs {on['val']['mean_auc_float32']}, on test {t8['mean_auc']} vs "
+    t8 = q["test"]
+    print(f"export: {out8} ({rounded(q['file_bytes'] / 2**20, 1)} MiB): mean AUC against float32 on val "
+          f"{q['val']['mean_auc']} vs {q['val']['mean_auc_float32']}, on test {t8['mean_auc']} vs "
           f"{t8['mean_auc_float32']}; {t8['decisions_changed']} of {t8['decisions']} test decisions changed, max "
           f"|difference| {t8['max_abs_difference_to_float32']:.2g}")
-    if within is False:
-        print(f"export: warning: {out8} loses more than export.int8_max_auc_drop {e.int8_max_auc_drop:g} of val "
+    if q["within_limit"] is False:
+        print(f"export: warning: {out8} loses more than export.int8_max_auc_drop {export.int8_max_auc_drop:g} of val "
               f"mean AUC; predict runs {out} by default", file=sys.stderr)
 
 

@@ -1,7 +1,8 @@
 """Split stage: NIH's official test list, and a patient-disjoint, label-stratified train/val split.
 
-Replaces the folder data/split with {train,val,test}.csv (Image Index, Patient ID, path, one 0/1 column per class)
-and metrics/split.json (images, patients and positives per class in each split).
+Replaces the folder data/split with {train,val,test}.csv (Image Index, Patient ID, path, one 0/1 column per class),
+writes reports/split.json (images, patients and positives per class in each split) and metrics/split.json
+(images per split: the figures an experiment changes only when its data does).
 """
 
 from __future__ import annotations
@@ -11,25 +12,44 @@ from pathlib import Path
 
 from cxr14 import paths
 from cxr14.data.splits import build_splits
-from cxr14.params import PARAMS_FILE, Data, Split, load_section
+from cxr14.params import PARAMS_FILE, load_params
 from cxr14.runtime.outputs import replace_dir, write_json
 from cxr14.runtime.signals import run_main
+
+METRICS = paths.METRICS / "split.json"
+
+
+def headline(report: dict) -> dict[str, int]:
+    """metrics/split.json: images per split; patients and positives per class stay in the report."""
+    return {f"{name}_images": report[name]["images"] for name in paths.SPLITS}
+
+
+def report_path(metrics: Path, report: Path | None) -> Path:
+    """reports/split.json by default; beside a --metrics given elsewhere (as <name>.report.json) so that a run
+    writing its metrics outside the project never replaces the project's report."""
+    if report is not None:
+        return report
+    return paths.REPORTS / METRICS.name if metrics == METRICS else metrics.with_suffix(".report.json")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (sections data, split)")
     parser.add_argument("--out", type=Path, default=paths.SPLIT, help="folder for train.csv, val.csv, test.csv")
-    parser.add_argument("--metrics", type=Path, default=paths.METRICS / "split.json", help="JSON file of split sizes")
+    parser.add_argument("--metrics", type=Path, default=METRICS, help="JSON file of images per split")
+    parser.add_argument("--report", type=Path, help="JSON file of split sizes and positives per class (default: "
+                        "reports/split.json, or <metrics>.report.json beside a --metrics given elsewhere)")
     args = parser.parse_args(argv)
-    data, split = load_section(args.params, Data), load_section(args.params, Split)
-    splits, metrics = build_splits(data.root, split.val_fraction, split.seed, data.missing)
+    params = load_params(args.params)
+    data, split = params.data, params.split
+    splits, report = build_splits(data.root, split.val_fraction, split.seed, data.missing)
     with replace_dir(args.out) as tmp:  # the three tables are replaced together, in one rename, or not at all
         for name, frame in splits.items():
             frame.to_csv(tmp / f"{name}.csv", index=False)
-    write_json(args.metrics, metrics)
-    sizes = ", ".join(f"{n} {metrics[n]['images']} images / {metrics[n]['patients']} patients" for n in paths.SPLITS)
-    skipped = f"; skipped {metrics['missing_images']} missing" if metrics["missing_images"] else ""
+    write_json(report_path(args.metrics, args.report), report)
+    write_json(args.metrics, headline(report))
+    sizes = ", ".join(f"{n} {report[n]['images']} images / {report[n]['patients']} patients" for n in paths.SPLITS)
+    skipped = f"; skipped {report['missing_images']} missing" if report["missing_images"] else ""
     print(f"split: {sizes}{skipped}")
 
 

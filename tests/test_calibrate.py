@@ -275,7 +275,7 @@ def stage_args(tmp_path: Path, **params: object) -> list[str]:
     project_params(tmp_path / "params.yaml", {"calibrate": {**PARAMS, **params}})
     return ["--params", str(tmp_path / "params.yaml"), "--predictions", str(tmp_path / "pred"),
             "--out-models", str(tmp_path / "models"), "--metrics", str(tmp_path / "metrics/calibrate.json"),
-            "--plots", str(tmp_path / "plots")]
+            "--report", str(tmp_path / "reports/calibrate.json"), "--plots", str(tmp_path / "plots")]
 
 
 @pytest.mark.parametrize("method", ["none", "temperature", "platt", "isotonic"])
@@ -302,7 +302,10 @@ def test_stage_writes_seed_schema_and_metrics(method: str, tmp_path: Path, capsy
         expected = decision_metrics(test[name].to_numpy(), cal[:, j], doc["thresholds"][name])
         assert doc["test_metrics"][name] == pytest.approx(expected, abs=1e-6)
 
-    metrics = json.loads((tmp_path / "metrics/calibrate.json").read_text())
+    metrics = json.loads((tmp_path / "reports/calibrate.json").read_text())  # the report: every figure
+    assert json.loads((tmp_path / "metrics/calibrate.json").read_text()) == {  # the headline, picked from it
+        "macro_f1": metrics["test"]["macro"]["f1"], "macro_ece_before": metrics["test"]["macro"]["ece_before"],
+        "macro_ece_after": metrics["test"]["macro"]["ece_after"]}
     keys = {"ece_before", "ece_after", "brier_before", "brier_after", "precision", "recall", "f1"}
     for split in ("val", "test"):
         assert list(metrics[split]) == ["macro", *CLASSES]
@@ -382,7 +385,7 @@ def test_bad_params_are_named(key: str, value: object, expected: str, tmp_path: 
     with pytest.raises(PipelineError) as error:
         calibrate.main(stage_args(tmp_path, **{key: value}))
     assert str(error.value) == f"{tmp_path / 'params.yaml'} calibrate.{key}: {value!r}; expected {expected}"
-    assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()  # refused before any work
+    assert not any((tmp_path / d).exists() for d in ("models", "metrics", "reports"))  # refused before any work
 
 
 def test_unknown_and_missing_params_are_named(tmp_path: Path) -> None:
@@ -431,7 +434,7 @@ def test_command_line_runs_and_prints_the_test_summary(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == ["warning: class Hernia has no positives in val: its threshold and metrics "
                                           "are null, its calibration the identity"]
-    test = json.loads((tmp_path / "metrics/calibrate.json").read_text())["test"]["macro"]
+    test = json.loads((tmp_path / "reports/calibrate.json").read_text())["test"]["macro"]
     assert result.stdout.splitlines() == [
         f"calibrate: isotonic + max_f1: test macro ECE {test['ece_before']} -> {test['ece_after']}, F1 {test['f1']}, "
         f"precision {test['precision']}, recall {test['recall']}",

@@ -116,18 +116,41 @@ def test_no_sys_path_edits() -> None:
         assert not edits, f"{path.relative_to(ROOT)} edits sys.path"
 
 
-SECTIONS_READ = {  # params sections each stage loads through cxr14.params.load_section
+SECTIONS_READ = {  # params sections each stage reads, as `params.<section>` of cxr14.params.load_params
     "demo": {"demo"}, "split": {"data", "split"}, "prepare": {"prepare"}, "train": {"train"},
     "evaluate": {"evaluate", "data", "train"}, "calibrate": {"calibrate", "evaluate"},
     "explain": {"explain", "data", "train"}, "export": {"export", "train"},
 }
 
 
+def sections_read(code: str) -> set[str]:
+    """The params sections a stage's code reads: every `params.<section>` attribute (docstrings and comments
+    aside), where `params = load_params(args.params)`, the stage's one read of the file."""
+    from cxr14.params import Section
+
+    known = {cls.SECTION for cls in Section.__subclasses__() if "." not in cls.SECTION}
+    tree = ast.parse(code)
+    assigned = [node for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                and [getattr(t, "id", None) for t in node.targets] == ["params"]]
+    assert [ast.unparse(node.value) for node in assigned] == ["load_params(args.params)"], \
+        "expected the params file read once, as `params = load_params(args.params)`"
+    return {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id == "params" and node.attr in known}
+
+
 @pytest.mark.parametrize("name", list(stages()))
 def test_stage_params_name_the_sections_it_reads(name: str) -> None:
-    """Every section a stage loads appears in its params (whole, or the keys it uses)."""
+    """Every section a stage reads appears in its params (whole, or the keys it uses)."""
     declared = {str(p).split(".")[0] if isinstance(p, str) else next(iter(p)) for p in stages()[name]["params"]}
     code = stage_module(stages()[name]).read_text()
-    loaded = {s.lower() for s in ("Data", "Demo", "Split", "Prepare", "Train", "Evaluate", "Calibrate", "Explain",
-                                  "Export") if f"load_section(args.params, {s})" in code}
-    assert loaded == SECTIONS_READ[name] == declared
+    assert "load_section(" not in code, "expected params.<section> of load_params, read once"
+    assert sections_read(code) == SECTIONS_READ[name] == declared
+
+
+def test_a_section_read_but_not_declared_is_caught() -> None:
+    """The detection itself: a stage that starts reading `params.train` shows it (and the docstring does not)."""
+    code = '"""Uses params.explain."""\nparams = load_params(args.params)\nsplit = params.split\n'
+    assert sections_read(code) == {"split"}
+    assert sections_read(code + "device = params.train.device\n") == {"split", "train"}
+    with pytest.raises(AssertionError, match="read once"):
+        sections_read(code + "params = load_params(other)\n")

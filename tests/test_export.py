@@ -248,9 +248,12 @@ def test_export_stage_keeps_no_model_that_fails_its_check(deployed: Path, tmp_pa
                        r"by up to .* expected at most export.tolerance 1e-12"):
         stage.main(["--params", str(strict)])
     assert not (tmp_path / "models" / "model.onnx").exists() and not (tmp_path / "metrics").exists()
+    assert not (tmp_path / "reports").exists()
     assert not list((tmp_path / "models").glob(".*.tmp"))  # the checked temporary is gone too
     stage.main(["--params", str(project_params(tmp_path / "params.yaml", {}))])
-    metrics = json.loads((tmp_path / "metrics" / "export.json").read_text())
+    metrics = json.loads((tmp_path / "reports" / "export.json").read_text())
+    assert json.loads((tmp_path / "metrics" / "export.json").read_text()) == {  # headline: no AUC on all-0 labels
+        "max_abs_difference": metrics["max_abs_difference"], "int8_val_auc_drop": None}
     assert metrics["images"] == 10 and 0 <= metrics["max_abs_difference"] <= 1e-4 and metrics["opset"] == 20
     assert abs(metrics["max_abs_difference_to_evaluate"] - 1e-3) < 1e-4
     assert metrics["file_bytes"] == (tmp_path / "models" / "model.onnx").stat().st_size
@@ -270,7 +273,7 @@ def test_export_stage_keeps_no_model_that_fails_its_check(deployed: Path, tmp_pa
     stage.main(["--params", str(project_params(tmp_path / "params.yaml", {}))])
     assert "export: warning: models/model.int8.onnx loses more than export.int8_max_auc_drop" in capsys.readouterr().err
     assert read_metadata(tmp_path / "models" / "model.int8.onnx")["int8_within_limit"] is False
-    assert json.loads((tmp_path / "metrics" / "export.json").read_text())["int8"]["within_limit"] is False
+    assert json.loads((tmp_path / "reports" / "export.json").read_text())["int8"]["within_limit"] is False
 
     # quantizing fails: the old pair stays as it was, never a new model.onnx beside the old model.int8.onnx
     before = {n: (tmp_path / "models" / n).read_bytes() for n in ("model.onnx", "model.int8.onnx")}

@@ -359,7 +359,7 @@ def test_explain_scores_boxes_that_touch_the_image_edges(explained: Path, capsys
     Path("params.yaml").write_text(yaml.safe_dump(params))
     code, err = stage_result(explain.main, [], capsys)
     assert code == 0 and err == []
-    metrics = json.loads(Path("metrics/explain.json").read_text())
+    metrics = json.loads(Path("reports/explain.json").read_text())
     assert metrics["overall"]["boxes"] == scored + 2
 
     sanity, n = metrics["sanity"], params["explain"]["sanity_images"]
@@ -658,7 +658,7 @@ def test_prepare_names_an_input_it_may_not_read_and_keeps_the_old_arrays(unprivi
     assert result.stderr.splitlines() == [expected]
     assert snapshot(work, "prepared") == old
     assert sorted(p.name for p in work.iterdir()) == ["locked", "nih", "params.yaml", "prepared", "readable", "split",
-                                                          "split.json"]
+                                                          "split.json", "split.report.json"]
 
 
 def test_a_signal_handled_by_run_main_is_not_raised_again_later(capsys, tmp_path: Path) -> None:

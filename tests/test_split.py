@@ -214,7 +214,9 @@ def test_split_cli_on_the_nih_sample_skips_missing(nih_sample_split):
     out = nih_sample_split["out"]
     assert files_under(out) == sorted(SPLIT_FILES)
     tables = {name.removesuffix(".csv"): pd.read_csv(out / name) for name in SPLIT_FILES}
-    metrics = json.loads(nih_sample_split["metrics"].read_text())
+    # --metrics given outside the project: the report goes beside it, never over the project's reports/split.json
+    metrics = json.loads(nih_sample_split["metrics"].with_suffix(".report.json").read_text())
+    assert json.loads(nih_sample_split["metrics"].read_text()) == {f"{n}_images": metrics[n]["images"] for n in SPLITS}
     assert metrics["missing_images"] == NIH_ROWS - NIH_IMAGES
     assert len(tables["train"]) + len(tables["val"]) == 257
     assert len(tables["test"]) == 51
@@ -274,7 +276,8 @@ def test_split_main_on_tiny_dataset(request, tmp_path, layout, capsys):
     _, out, argv = run_split(tmp_path, data.root)
     split.main(argv)
     assert "split: train" in capsys.readouterr().out
-    assert files_under(tmp_path / "out") == sorted(["metrics.json", "split", *(f"split/{f}" for f in SPLIT_FILES)])
+    assert files_under(tmp_path / "out") == sorted(["metrics.json", "metrics.report.json", "split",
+                                                    *(f"split/{f}" for f in SPLIT_FILES)])
     tables = {n: pd.read_csv(out / f"{n}.csv") for n in ("train", "val", "test")}
     assert tables["test"]["Image Index"].tolist() == data.test
     assert sorted(pd.concat([tables["train"], tables["val"]])["Image Index"]) == sorted(data.train_val)
@@ -285,7 +288,9 @@ def test_split_main_on_tiny_dataset(request, tmp_path, layout, capsys):
             assert [row[c] for c in CLASSES] == [int(c in names) for c in CLASSES]
             assert Path(row["path"]) == data.paths[row["Image Index"]]
     assert not set(tables["train"]["Patient ID"]) & set(tables["val"]["Patient ID"])
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == {
+        "train_images": len(tables["train"]), "val_images": len(tables["val"]), "test_images": 4}
+    metrics = json.loads((tmp_path / "out" / "metrics.report.json").read_text())
     assert metrics["missing_images"] == 0
     assert metrics["test"] == {
         "images": 4,
@@ -461,3 +466,11 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_split_report_goes_to_reports_or_beside_metrics_given_elsewhere() -> None:
+    """The project's metrics/split.json has its report in reports/; a --metrics elsewhere (a test's, a user's)
+    keeps its report beside it, so such a run never replaces the project's reports/split.json."""
+    assert split.report_path(split.METRICS, None) == Path("reports/split.json")
+    assert split.report_path(Path("/tmp/x/sizes.json"), None) == Path("/tmp/x/sizes.report.json")
+    assert split.report_path(Path("/tmp/x/sizes.json"), Path("r.json")) == Path("r.json")

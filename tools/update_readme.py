@@ -1,7 +1,9 @@
-"""Rewrite the README's results tables from the committed metrics, so the README never drifts from them.
+"""Rewrite the results tables in README.md and docs/*.md from the committed metrics and reports, so no page drifts.
 
-Each table follows a marker `<!-- results:NAME -->` and is replaced whole. `--check` exits 1 when the
-README differs from what the metrics say (the tests run it).
+Each table follows a marker `<!-- results:NAME -->` on any of those pages and is replaced whole; a marker naming
+no table here is an error. The headline table reads metrics/ (the figures `dvc exp show` compares), the others
+reports/ (every figure behind them). `--check` exits 1 when a page differs from what the files say (the tests
+run it).
 
     python tools/update_readme.py [--check]
 """
@@ -16,28 +18,49 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MARKER = re.compile(r"(<!-- results:([\w-]+) -->\n)((?:\|.*\n)*)")
 
 
-def split_table(metrics_dir: Path) -> str:
-    """Images and patients per split, from metrics/split.json."""
-    m = json.loads((metrics_dir / "split.json").read_text())
+def read(folder: Path, stage: str) -> dict:
+    return json.loads((folder / f"{stage}.json").read_text())
+
+
+def headline_table(metrics_dir: Path, reports_dir: Path) -> str:
+    """The README's few lines: test mean AUC with its interval, the demo's oracle, macro F1, ECE before -> after."""
+    e, c = read(metrics_dir, "evaluate"), read(metrics_dir, "calibrate")
+
+    def f(v: float | None, digits: int = 3) -> str:
+        return "n/a" if v is None else f"{v:.{digits}f}"
+
+    rows = ["| test split | |", "| --- | --- |",
+            f"| mean ROC-AUC [95% CI] | {f(e['mean_auc'], 4)} [{f(e.get('mean_auc_ci_low'), 4)}, "
+            f"{f(e.get('mean_auc_ci_high'), 4)}] |",
+            f"| oracle mean ROC-AUC (demo: its clean labels) | {f(e.get('oracle_mean_auc'), 4)} |",
+            f"| macro F1 at the val thresholds | {f(c['macro_f1'])} |",
+            f"| macro ECE before -> after calibration | {f(c['macro_ece_before'])} -> {f(c['macro_ece_after'])} |"]
+    return "\n".join(rows)
+
+
+def split_table(metrics_dir: Path, reports_dir: Path) -> str:
+    """Images and patients per split, from reports/split.json."""
+    m = read(reports_dir, "split")
     rows = ["| split | images | patients |", "| --- | --- | --- |"]
     rows += [f"| {s} | {m[s]['images']:,} | {m[s]['patients']:,} |" for s in ("train", "val", "test")]
     return "\n".join(rows)
 
 
-def train_table(metrics_dir: Path) -> str:
-    """Best validation AUC and when it was reached, from metrics/train.json (timings vary by machine: left out)."""
-    m = json.loads((metrics_dir / "train.json").read_text())
+def train_table(metrics_dir: Path, reports_dir: Path) -> str:
+    """Best validation AUC and when it was reached, from reports/train.json (timings vary by machine: left out)."""
+    m = read(reports_dir, "train")
     rows = ["| best val mean ROC-AUC | best epoch | epochs run |", "| --- | --- | --- |"]
     rows.append(f"| {m['best_val_mean_auc']:.4f} | {m['best_epoch']} | {m['epochs_run']} |")
     return "\n".join(rows)
 
 
-def test_table(metrics_dir: Path) -> str:
-    """Test-set figures from metrics/evaluate.json and metrics/calibrate.json."""
-    e = json.loads((metrics_dir / "evaluate.json").read_text())
-    c = json.loads((metrics_dir / "calibrate.json").read_text())["test"]["macro"]
+def test_table(metrics_dir: Path, reports_dir: Path) -> str:
+    """Test-set figures from reports/evaluate.json and reports/calibrate.json."""
+    e = read(reports_dir, "evaluate")
+    c = read(reports_dir, "calibrate")["test"]["macro"]
     oracle = f"{e['oracle_mean_auc']:.4f}" if "oracle_mean_auc" in e else "n/a"
     rows = ["| test mean ROC-AUC | oracle | macro ECE before -> after | macro Brier before -> after "
             "| macro F1 / precision / recall at val thresholds |", "| --- | --- | --- | --- | --- |"]
@@ -47,9 +70,9 @@ def test_table(metrics_dir: Path) -> str:
     return "\n".join(rows)
 
 
-def explain_table(metrics_dir: Path) -> str:
-    """Grad-CAM localisation per class with boxes and overall, from metrics/explain.json."""
-    m = json.loads((metrics_dir / "explain.json").read_text())
+def explain_table(metrics_dir: Path, reports_dir: Path) -> str:
+    """Grad-CAM localisation per class with boxes and overall, from reports/explain.json."""
+    m = read(reports_dir, "explain")
     keys = [k for k in m["overall"] if k.startswith("iobb_")]
     rows = ["| class | boxes | pointing game | its ceiling | " + " | ".join(f"T(IoBB > {k[5:]})" for k in keys) + " |",
             "| --- | --- | --- | --- |" + " --- |" * len(keys)]
@@ -60,10 +83,10 @@ def explain_table(metrics_dir: Path) -> str:
     return "\n".join(rows)
 
 
-def expert_table(metrics_dir: Path) -> str:
+def expert_table(metrics_dir: Path, reports_dir: Path) -> str:
     """The model and NIH's labels against the expert labels, from evaluate.json and calibrate.json."""
-    e = json.loads((metrics_dir / "evaluate.json").read_text())["expert"]
-    c = json.loads((metrics_dir / "calibrate.json").read_text()).get("expert", {}).get("findings", {})
+    e = read(reports_dir, "evaluate")["expert"]
+    c = read(reports_dir, "calibrate").get("expert", {}).get("findings", {})
     rows = ["| expert finding | NIH classes | test images (positives) | model AUC vs experts [95% CI] "
             "| model AUC vs NIH labels | NIH labels vs experts: sensitivity / specificity / F1 "
             "| model at thresholds vs experts: precision / recall / F1 |", "|" + " --- |" * 7]
@@ -85,10 +108,10 @@ def expert_table(metrics_dir: Path) -> str:
     return "\n".join(rows)
 
 
-def subgroup_table(metrics_dir: Path) -> str:
+def subgroup_table(metrics_dir: Path, reports_dir: Path) -> str:
     """Mean test AUC and underdiagnosis rate per subgroup, from evaluate.json and calibrate.json."""
-    e = json.loads((metrics_dir / "evaluate.json").read_text())["subgroups"]
-    c = json.loads((metrics_dir / "calibrate.json").read_text())["subgroups"]
+    e = read(reports_dir, "evaluate")["subgroups"]
+    c = read(reports_dir, "calibrate")["subgroups"]
     rows = ["| subgroup | test images | mean ROC-AUC [95% CI] | underdiagnosis rate |", "| --- | --- | --- | --- |"]
     for attribute in ("sex", "age", "view"):
         for name, g in e[attribute]["groups"].items():
@@ -103,9 +126,9 @@ def subgroup_table(metrics_dir: Path) -> str:
     return "\n".join(rows)
 
 
-def sanity_table(metrics_dir: Path) -> str:
-    """Grad-CAM's sanity checks per class and overall, from the `sanity` section of metrics/explain.json."""
-    m = json.loads((metrics_dir / "explain.json").read_text()).get("sanity")
+def sanity_table(metrics_dir: Path, reports_dir: Path) -> str:
+    """Grad-CAM's sanity checks per class and overall, from the `sanity` section of reports/explain.json."""
+    m = read(reports_dir, "explain").get("sanity")
     if m is None:
         return "| sanity checks |\n| --- |\n| off (`explain.sanity_images: 0`) |"
 
@@ -126,9 +149,9 @@ def sanity_table(metrics_dir: Path) -> str:
     return "\n".join(rows)
 
 
-def export_table(metrics_dir: Path) -> str:
-    """The exported model's check, from metrics/export.json."""
-    m = json.loads((metrics_dir / "export.json").read_text())
+def export_table(metrics_dir: Path, reports_dir: Path) -> str:
+    """The exported model's check, from reports/export.json."""
+    m = read(reports_dir, "export")
     q = m["int8"]
 
     def auc(split: dict) -> str:
@@ -148,36 +171,47 @@ def export_table(metrics_dir: Path) -> str:
             f"{q['file_bytes'] / 2**20:.1f} MiB |")
 
 
-TABLES: dict[str, Callable[[Path], str]] = {"split": split_table, "train": train_table, "test": test_table,
-                                            "explain": explain_table, "sanity": sanity_table,
-                                            "expert": expert_table, "subgroups": subgroup_table,
-                                            "export": export_table}
+TABLES: dict[str, Callable[[Path, Path], str]] = {
+    "headline": headline_table, "split": split_table, "train": train_table, "test": test_table,
+    "explain": explain_table, "sanity": sanity_table, "expert": expert_table, "subgroups": subgroup_table,
+    "export": export_table}
 
 
-def render(readme: str, metrics_dir: Path) -> str:
-    """README text with every marked table regenerated."""
-    for name, make in TABLES.items():
-        pattern = re.compile(rf"(<!-- results:{name} -->\n)((?:\|.*\n)*)")
-        if not pattern.search(readme):
-            raise SystemExit(f"README.md: no '<!-- results:{name} -->' marker followed by a table")
-        readme = pattern.sub(lambda m, n=name, f=make: m.group(1) + f(metrics_dir) + "\n", readme)
-    return readme
+def render(page: str, where: Path, metrics_dir: Path, reports_dir: Path) -> str:
+    """`page` (the text of `where`) with every marked table regenerated."""
+    def table(match: re.Match) -> str:
+        name = match.group(2)
+        if name not in TABLES:
+            raise SystemExit(f"{where}: marker '<!-- results:{name} -->' names no table; expected one of "
+                             f"{', '.join(TABLES)}")
+        return match.group(1) + TABLES[name](metrics_dir, reports_dir) + "\n"
+
+    return MARKER.sub(table, page)
+
+
+def pages(root: Path) -> list[Path]:
+    """README.md and every docs page: the places a results table may live."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the README is out of date")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    parser.add_argument("--metrics", type=Path, default=ROOT / "metrics")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a page is out of date")
+    parser.add_argument("--root", type=Path, default=ROOT, help="project folder: README.md, docs/, metrics/, reports/")
     args = parser.parse_args()
-    old = args.readme.read_text()
-    new = render(old, args.metrics)
-    if args.check:
+    metrics_dir, reports_dir = args.root / "metrics", args.root / "reports"
+    stale = []
+    for path in pages(args.root):
+        old = path.read_text()
+        new = render(old, path, metrics_dir, reports_dir)
         if new != old:
-            print(f"{args.readme}: results tables differ from {args.metrics}; run tools/update_readme.py")
-            sys.exit(1)
-        return
-    args.readme.write_text(new)
+            stale.append(path)
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        print(f"{', '.join(map(str, stale))}: results tables differ from {metrics_dir} and {reports_dir}; "
+              "run tools/update_readme.py")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,15 @@ def int8_check(labels: np.ndarray, float32: np.ndarray, int8: np.ndarray, calibr
             "decisions_changed": int(same.size - same.sum()), "decisions": int(same.size)}
 
 
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """metrics/export.json: the float32 file's largest difference from PyTorch on test, and how much val mean AUC
+    the int8 file loses against it (the gate's figure; None where no AUC is defined), picked from the report."""
+    val = report["int8"]["val"]
+    defined = val["mean_auc"] is not None and val["mean_auc_float32"] is not None
+    drop = round(val["mean_auc_float32"] - val["mean_auc"], 6) if defined else None
+    return {"max_abs_difference": report["max_abs_difference"], "int8_val_auc_drop": drop}
+
+
 def update_metadata(path: Path | str, **fields: Any) -> None:
     """Add `fields` to the `cxr14` metadata of an ONNX file, in place (the file is still under its temporary
     name when the export stage calls this)."""

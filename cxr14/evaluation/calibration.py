@@ -301,6 +301,13 @@ def split_metrics(labels: np.ndarray, raw: np.ndarray, cal: np.ndarray, threshol
     return {"macro": {k: mean_defined([out[n][k] for n in CLASSES]) for k in keys}, **out}
 
 
+def headline(report: dict) -> dict:
+    """metrics/calibrate.json: test macro F1 at the val thresholds and macro ECE before/after calibration, picked
+    from the report (reports/calibrate.json keeps the per-class, val, subgroup and expert figures)."""
+    macro = report["test"]["macro"]
+    return {"macro_f1": macro["f1"], "macro_ece_before": macro["ece_before"], "macro_ece_after": macro["ece_after"]}
+
+
 def reliability_frame(labels: np.ndarray, raw: np.ndarray, cal: np.ndarray, bins: int) -> pd.DataFrame:
     """Long table: one row per non-empty bin of each curve (pooled over classes, then each class), before/after."""
     import pandas as pd

@@ -106,7 +106,7 @@ def covered(pred: pd.DataFrame, finding: str) -> np.ndarray:
 
 
 def expert_section(pred: pd.DataFrame, source: str, resamples: int, seed: int) -> dict:
-    """metrics/evaluate.json's `expert` section from test predictions carrying expert_<finding> columns.
+    """reports/evaluate.json's `expert` section from test predictions carrying expert_<finding> columns.
 
     Per mapped finding: the model's AUC (patient-bootstrap 95% interval) against the experts, its AUC against
     NIH's labels on the same images, and NIH's labels scored against the experts.
@@ -144,7 +144,7 @@ def prf(truth: np.ndarray, called: np.ndarray) -> dict[str, float | None]:
 
 
 def decisions_section(pred: pd.DataFrame, called: np.ndarray) -> dict:
-    """metrics/calibrate.json's `expert`: precision, recall and F1 of the thresholded decisions (a finding is
+    """reports/calibrate.json's `expert`: precision, recall and F1 of the thresholded decisions (a finding is
     called when any of its classes is) against the expert labels and against NIH's, on the same images."""
     out: dict = {}
     for finding, classes in FINDINGS.items():

@@ -88,7 +88,7 @@ def clean_labels(root: Path, names: pd.Series) -> np.ndarray | None:
 
 
 def score_test(pred: pd.DataFrame, clean: np.ndarray | None, resamples: int, seed: int) -> dict:
-    """metrics/evaluate.json: macro and per-class AUC with intervals, AP, prevalence, oracle."""
+    """reports/evaluate.json's test figures: macro and per-class AUC with intervals, AP, prevalence, oracle."""
     weights = PatientBootstrap(pred["Patient ID"].to_numpy(), resamples, seed)  # the draws, not (B, N) weights
     per_class, aucs = {}, []
     for k, name in enumerate(CLASSES):
@@ -114,6 +114,21 @@ def score_test(pred: pd.DataFrame, clean: np.ndarray | None, resamples: int, see
         defined = out["mean_auc"] is not None and out["oracle_mean_auc"] is not None
         out["gap_to_oracle"] = rounded(out["oracle_mean_auc"] - out["mean_auc"]) if defined else None
     out["per_class"] = per_class
+    return out
+
+
+def headline(report: dict) -> dict:
+    """metrics/evaluate.json: the test figures experiments are compared on, picked from the report (the
+    breakdowns stay in reports/evaluate.json, so `dvc exp show` stays one legible row). The expert-label
+    mean is over the findings with an AUC, as reported; the subgroup gap is the largest attribute's."""
+    keys = ("mean_auc", "mean_auc_ci_low", "mean_auc_ci_high", "oracle_mean_auc", "gap_to_oracle")
+    out = {k: report[k] for k in keys if k in report}
+    expert = [f["auc"] for f in report.get("expert", {}).get("findings", {}).values() if f.get("auc") is not None]
+    if expert:
+        out["expert_mean_auc"] = rounded(float(np.mean(expert)))
+    gaps = [a["gap"] for a in report.get("subgroups", {}).values() if isinstance(a, dict) and a["gap"] is not None]
+    if gaps:
+        out["largest_subgroup_gap"] = max(gaps)
     return out
 
 

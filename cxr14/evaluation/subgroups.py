@@ -76,7 +76,7 @@ def gap(values: dict[str, float | None]) -> dict[str, object]:
 
 def auc_by_subgroup(pred: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, resamples: int, seed: int,
                     min_images: int) -> dict:
-    """metrics/evaluate.json's `subgroups`: per attribute and subgroup, mean ROC-AUC with a patient-bootstrap
+    """reports/evaluate.json's `subgroups`: per attribute and subgroup, mean ROC-AUC with a patient-bootstrap
     95% interval over the classes defined in that subgroup; the worst-to-best gap; the values left out."""
     groups, invalid = assign(pred)
     out: dict = {"min_images": min_images}
@@ -103,7 +103,7 @@ def auc_by_subgroup(pred: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, r
 
 
 def decisions_by_subgroup(pred: pd.DataFrame, labels: np.ndarray, called: np.ndarray, min_images: int) -> dict:
-    """metrics/calibrate.json's `subgroups`: per subgroup the underdiagnosis rate (images with any finding that
+    """reports/calibrate.json's `subgroups`: per subgroup the underdiagnosis rate (images with any finding that
     the model calls 'No Finding': every class below its threshold) and each class's false negative rate."""
     groups, invalid = assign(pred)
     any_finding, none_called = labels.any(axis=1), ~called.any(axis=1)

@@ -96,6 +96,15 @@ def localisation(maps: dict, boxes: pd.DataFrame, cam_threshold: float, iobb_thr
     return {"overall": summarise(scores, iobb_thresholds), "per_class": per_class}
 
 
+def headline(report: dict) -> dict:
+    """metrics/explain.json: the pointing game over all boxes and, with the sanity checks on, the randomisation
+    score, picked from the report (reports/explain.json keeps the per-class, T(IoBB) and deletion figures)."""
+    out = {"pointing_game": report["overall"]["pointing_game"]}
+    if "sanity" in report:
+        out["randomisation_spearman"] = report["sanity"]["overall"]["randomisation_spearman"]
+    return out
+
+
 def draw(examples: list[tuple], maps: dict, data: PreparedImages, table: pd.DataFrame, cal: np.ndarray,
          raw: np.ndarray, thresholds: dict, boxes: pd.DataFrame, out: Path) -> None:
     """One overlay per chosen example: out/<Class>/<image>.png, with the class's boxes on that image."""
