@@ -36,13 +36,13 @@ def seed_args(triple: str) -> list[str]:
 
 
 def run_one(work: Path, triple: str, overrides: list[str], stages: list[str]) -> dict:
-    """One whole-DAG experiment in the scratch clone; its figures from the metrics files it wrote."""
+    """One whole-DAG experiment in the scratch clone; its figures from the reports it wrote."""
     start = time.perf_counter()
     dvc("exp", "run", "-q", *seed_args(triple), *[a for o in overrides for a in ("-S", o)], *stages, cwd=work,
         capture=True)
     seconds = time.perf_counter() - start
-    train = json.loads((work / "metrics" / "train.json").read_text())
-    evaluate = json.loads((work / "metrics" / "evaluate.json").read_text())
+    train = json.loads((work / "reports" / "train.json").read_text())
+    evaluate = json.loads((work / "reports" / "evaluate.json").read_text())
     return {"seeds": triple, "val_mean_auc": train["best_val_mean_auc"], "best_epoch": train["best_epoch"],
             "test_mean_auc": evaluate["mean_auc"], "oracle_mean_auc": evaluate["oracle_mean_auc"],
             "gap_to_oracle": evaluate["gap_to_oracle"], "seconds": round(seconds, 1),

@@ -82,8 +82,8 @@ def main() -> None:
         print(f"== {name}", flush=True)
         module.main(["--params", str(params_file)])
         seconds[name] = round(time.perf_counter() - start, 1)
-    metrics = {n: json.loads(Path(f"metrics/{n}.json").read_text())
-               for n in ("train", "evaluate", "calibrate", "explain", "export") if Path(f"metrics/{n}.json").is_file()}
+    metrics = {n: json.loads(Path(f"reports/{n}.json").read_text())  # the full figures, as the stages report them
+               for n in ("train", "evaluate", "calibrate", "explain", "export") if Path(f"reports/{n}.json").is_file()}
     import torch
 
     explain = metrics["explain"]

@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
               "epochs_run": state.epoch, "seconds": rounded(state.seconds, 1),
               "images_per_second": rounded(state.images / max(state.seconds, 1e-9), 1)}
     write_json(TRAIN_REPORT, report)
-    write_json(TRAIN_METRICS, {k: report[k] for k in ("best_epoch", "best_val_mean_auc", "epochs_run")})
+    write_json(TRAIN_METRICS, {"val_auc": report["best_val_mean_auc"], "best_epoch": state.best_epoch,
+                               "epochs_run": state.epoch})
 
 
 def under_torchrun() -> bool:

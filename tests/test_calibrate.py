@@ -304,8 +304,8 @@ def test_stage_writes_seed_schema_and_metrics(method: str, tmp_path: Path, capsy
 
     metrics = json.loads((tmp_path / "reports/calibrate.json").read_text())  # the report: every figure
     assert json.loads((tmp_path / "metrics/calibrate.json").read_text()) == {  # the headline, picked from it
-        "macro_f1": metrics["test"]["macro"]["f1"], "macro_ece_before": metrics["test"]["macro"]["ece_before"],
-        "macro_ece_after": metrics["test"]["macro"]["ece_after"]}
+        "f1": metrics["test"]["macro"]["f1"], "ece_before": metrics["test"]["macro"]["ece_before"],
+        "ece_after": metrics["test"]["macro"]["ece_after"]}
     keys = {"ece_before", "ece_after", "brier_before", "brier_after", "precision", "recall", "f1"}
     for split in ("val", "test"):
         assert list(metrics[split]) == ["macro", *CLASSES]

@@ -101,7 +101,7 @@ def train_outputs(project: Path) -> dict[str, str]:
     out = {"models/model.pt": md5(project / "models/model.pt")}
     out.update({str(p.relative_to(project)): md5(p) for p in sorted((project / "dvclive").rglob("*")) if p.is_file()})
     metrics = json.loads((project / "metrics/train.json").read_text())
-    out["metrics/train.json"] = json.dumps({k: metrics[k] for k in ("best_epoch", "best_val_mean_auc", "epochs_run")})
+    out["metrics/train.json"] = json.dumps({k: metrics[k] for k in ("best_epoch", "val_auc", "epochs_run")})
     return out
 
 

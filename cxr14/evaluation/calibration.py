@@ -305,7 +305,7 @@ def headline(report: dict) -> dict:
     """metrics/calibrate.json: test macro F1 at the val thresholds and macro ECE before/after calibration, picked
     from the report (reports/calibrate.json keeps the per-class, val, subgroup and expert figures)."""
     macro = report["test"]["macro"]
-    return {"macro_f1": macro["f1"], "macro_ece_before": macro["ece_before"], "macro_ece_after": macro["ece_after"]}
+    return {"f1": macro["f1"], "ece_before": macro["ece_before"], "ece_after": macro["ece_after"]}
 
 
 def reliability_frame(labels: np.ndarray, raw: np.ndarray, cal: np.ndarray, bins: int) -> pd.DataFrame:

@@ -121,14 +121,15 @@ def headline(report: dict) -> dict:
     """metrics/evaluate.json: the test figures experiments are compared on, picked from the report (the
     breakdowns stay in reports/evaluate.json, so `dvc exp show` stays one legible row). The expert-label
     mean is over the findings with an AUC, as reported; the subgroup gap is the largest attribute's."""
-    keys = ("mean_auc", "mean_auc_ci_low", "mean_auc_ci_high", "oracle_mean_auc", "gap_to_oracle")
-    out = {k: report[k] for k in keys if k in report}
+    names = {"mean_auc": "auc", "mean_auc_ci_low": "auc_low", "mean_auc_ci_high": "auc_high",
+             "oracle_mean_auc": "oracle", "gap_to_oracle": "oracle_gap"}  # short: one column each in dvc exp show
+    out = {short: report[key] for key, short in names.items() if key in report}
     expert = [f["auc"] for f in report.get("expert", {}).get("findings", {}).values() if f.get("auc") is not None]
     if expert:
-        out["expert_mean_auc"] = rounded(float(np.mean(expert)))
+        out["expert_auc"] = rounded(float(np.mean(expert)))
     gaps = [a["gap"] for a in report.get("subgroups", {}).values() if isinstance(a, dict) and a["gap"] is not None]
     if gaps:
-        out["largest_subgroup_gap"] = max(gaps)
+        out["subgroup_gap"] = max(gaps)
     return out
 
 

@@ -99,9 +99,9 @@ def localisation(maps: dict, boxes: pd.DataFrame, cam_threshold: float, iobb_thr
 def headline(report: dict) -> dict:
     """metrics/explain.json: the pointing game over all boxes and, with the sanity checks on, the randomisation
     score, picked from the report (reports/explain.json keeps the per-class, T(IoBB) and deletion figures)."""
-    out = {"pointing_game": report["overall"]["pointing_game"]}
+    out = {"pointing": report["overall"]["pointing_game"]}
     if "sanity" in report:
-        out["randomisation_spearman"] = report["sanity"]["overall"]["randomisation_spearman"]
+        out["sanity_rho"] = report["sanity"]["overall"]["randomisation_spearman"]
     return out
 
 
