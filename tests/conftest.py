@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -208,22 +209,51 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def run_module(module: str, *args: str | Path, ci: bool = True) -> subprocess.CompletedProcess[str]:
-    """`python -m stages.<module> ARGS` from the repo root, as a user (or DVC) runs it.
-
-    With `ci`, CI=1 is set, so progress bars stay off (stderr is a pipe) and stderr holds only messages.
-    """
+def child_env(*, ci: bool = True, pythonpath: str | Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a command a test starts, as a user (or DVC) runs it: this venv's `python` and `dvc`
+    first on PATH (DVC's stages run `python -m ...`), DVC's analytics off, no PYTHONPATH (the code comes from the
+    working directory, or from `pythonpath`), and CI=1 unless `ci` is false, so progress bars stay off (stderr
+    is a pipe) and stderr holds only messages."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CI")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
     if ci:
         env["CI"] = "1"
-    return subprocess.run(
-        [sys.executable, "-m", f"stages.{module}", *map(str, args)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return env | extra
+
+
+def run(args: Sequence[str | Path], cwd: str | Path = REPO, *, check: bool = True, env: dict[str, str] | None = None,
+        timeout: float | None = 600, **options: object) -> subprocess.CompletedProcess[str]:
+    """The one way the tests run a command: `args` in `cwd` with `env` (default `child_env()`), stdout and stderr
+    captured as text; with `check`, a failure is an assertion that shows both. `options` go to subprocess.run."""
+    args = [str(a) for a in args]
+    result = subprocess.run(args, cwd=cwd, env=child_env() if env is None else env, capture_output=True, text=True,
+                            timeout=timeout, **options)
+    assert not check or result.returncode == 0, f"{shlex.join(args)}: exit {result.returncode}\n{result.stdout}\n" \
+                                                f"{result.stderr}"
+    return result
+
+
+def launch(args: Sequence[str | Path], cwd: str | Path = REPO, *, env: dict[str, str] | None = None,
+          **popen: object) -> subprocess.Popen:
+    """`args` started in `cwd` with `env` (default `child_env()`) and not waited for: a test that kills it.
+    `popen` goes to subprocess.Popen (stdout, stderr, start_new_session ...)."""
+    return subprocess.Popen([str(a) for a in args], cwd=cwd, env=child_env() if env is None else env, text=True,
+                            **popen)
+
+
+def dvc(*args: str, cwd: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`dvc ARGS` in `cwd` (this venv's DVC), through `run`."""
+    return run([sys.executable, "-m", "dvc", *args], cwd, check=check)
+
+
+def run_module(module: str, *args: str | Path, ci: bool = True) -> subprocess.CompletedProcess[str]:
+    """`python -m stages.<module> ARGS` from the repo root, as a user (or DVC) runs it; the exit status is the
+    caller's to check. `ci`: see `child_env`."""
+    return run([sys.executable, "-m", f"stages.{module}", *args], REPO, check=False, env=child_env(ci=ci),
+               timeout=300)
 
 
 def files_under(folder: Path) -> list[str]:

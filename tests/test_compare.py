@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run
 
 from cxr14.data.nih import CLASSES
 from cxr14.evaluation.compare import bootstrap_p, compare, delong, midranks, paired, read_run, resolve
@@ -108,11 +107,7 @@ shutil.copy(f"runs/{seed}.csv", "data/predictions/test.csv")
 
 
 def sh(cwd: Path, *args: str) -> str:
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # python in the stage: this one
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": path}
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
-    return result.stdout
+    return run(args, cwd, timeout=300).stdout  # python in the stage: this one (child_env)
 
 
 @pytest.fixture(scope="module")
