@@ -502,7 +502,7 @@ def test_prepare_when_the_disk_fills_up_while_writing_names_the_output_and_keeps
     before, after, disk = tmp_path / "before", tmp_path / "after", tmp_path / "disk"
     old = previous_prepared(before / "prepared")
     disk.mkdir()
-    script = ("import sys\nimport stages.prepare as stage\nfrom cxr14.common import run_main\n"
+    script = ("import sys\nimport stages.prepare as stage\nfrom cxr14.runtime.signals import run_main\n"
               "stage.ensure_space = lambda path, needed: None  # the check passes, the writes fail\n"
               "run_main(stage.main, sys.argv[1:])\n")
     result = on_small_disk(disk, 48, [sys.executable, "-c", script, "--params", tiny_split["params"],
@@ -675,8 +675,8 @@ def test_a_signal_handled_by_run_main_is_not_raised_again_later(capsys, tmp_path
 def test_a_stage_process_does_not_die_with_the_thread_that_started_it() -> None:
     """The parent-death signal is for the fork server and its workers only: set in a stage, a stage started by
     a thread of another program would be SIGKILLed when that thread ends."""
-    code = ("import ctypes, cxr14.common, cxr14.data.arrays, cxr14.data.demo, stages.prepare; v = ctypes.c_int(); "
-            "ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value)")
+    code = ("import ctypes, cxr14.runtime.processes, cxr14.data.arrays, cxr14.data.demo, stages.prepare; "
+            "v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value)")
     result = run([sys.executable, "-c", code], REPO)
     assert result.stdout.strip() == "0"
 
