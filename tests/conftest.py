@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
 import shlex
 import shutil
@@ -254,6 +255,59 @@ def run_module(module: str, *args: str | Path, ci: bool = True) -> subprocess.Co
     caller's to check. `ci`: see `child_env`."""
     return run([sys.executable, "-m", f"stages.{module}", *args], REPO, check=False, env=child_env(ci=ci),
                timeout=300)
+
+
+# The tiny DVC project that tests/test_pipeline.py and tests/test_faults_dvc.py share: the whole DAG on a 120-image
+# demo at 48 px, one epoch. Large enough for train's resume point and DataLoader worker to be caught by a kill.
+TINY_DVC = {
+    "demo": {"patients": 40, "images": 120, "image_size": 64, "test_fraction": 0.25},
+    "split": {"val_fraction": 0.25},
+    "prepare": {"image_size": 48, "workers": 2},
+    "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "workers": 1},
+    "evaluate": {"bootstrap": 20},
+}
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
+
+
+def dvc_project(work: Path, overrides: dict[str, dict]) -> Path:
+    """A new git + DVC repo in `work` holding the pipeline (code, dvc.yaml, plots/templates, .gitignore) with the
+    repo's params and `overrides`, committed (dvclive wants a commit to compare against, as in a clone)."""
+    copy_pipeline(work, overrides, names=("cxr14", "stages", "dvc.yaml", "plots/templates", ".gitignore"))
+    run(["git", "init", "-q"], work)
+    dvc("init", "-q", cwd=work)
+    dvc("config", "core.analytics", "false", cwd=work)
+    run(["git", "add", "-A"], work)
+    run([*GIT, "commit", "-qm", "code"], work)
+    return work
+
+
+@pytest.fixture(scope="session")
+def reproduced_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`dvc_project` on TINY_DVC after `dvc repro`, its outputs committed: a clone after `dvc repro`, built once
+    per session. Never changed: a module that changes a project works on `copy_project` of it."""
+    work = dvc_project(tmp_path_factory.mktemp("reproduced") / "project", TINY_DVC)
+    dvc("repro", cwd=work)
+    run(["git", "add", "-A"], work)
+    run([*GIT, "commit", "-qm", "baseline"], work)
+    return work
+
+
+def metrics(project: Path, stage: str) -> dict:
+    """A stage's headline figures: `project`/metrics/<stage>.json."""
+    return json.loads((project / f"metrics/{stage}.json").read_text())
+
+
+def breakdown(project: Path, stage: str) -> dict:
+    """A stage's breakdowns (per class, per subgroup, expert labels, examples): where they are read from, in one
+    place."""
+    return json.loads((project / f"metrics/{stage}.json").read_text())
+
+
+def copy_project(project: Path, dest: Path) -> Path:
+    """A copy of `project` at `dest`: workspace, git repo and DVC cache (the workspace's outputs are copies, not
+    links, so the copy's outputs are its own), without .dvc/tmp (locks, and hashes by inode that a copy changes)."""
+    shutil.copytree(project, dest, symlinks=True, ignore=lambda folder, _: ["tmp"] if folder.endswith(".dvc") else [])
+    return dest
 
 
 def files_under(folder: Path) -> list[str]:

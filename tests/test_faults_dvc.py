@@ -22,47 +22,13 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import copy_pipeline
-
-TINY = {
-    "demo": {"patients": 40, "images": 120, "image_size": 64, "test_fraction": 0.25},
-    "split": {"val_fraction": 0.25},
-    "prepare": {"image_size": 48, "workers": 2},
-    "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "workers": 1},
-    "evaluate": {"bootstrap": 20},
-}
-GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "DVC_NO_ANALYTICS": "1", "CI": "1"}
-
-
-def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
-    assert not check or result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dvc", *args], cwd, check)
+from conftest import copy_project, dvc, launch, metrics, run
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The pipeline's code, dvc.yaml and TINY params, reproduced and committed: a clone after `dvc repro`."""
-    work = tmp_path_factory.mktemp("dvcproject")
-    copy_pipeline(work, TINY, names=("cxr14", "stages", "dvc.yaml", ".gitignore"))
-    run(["git", "init", "-q"], work)
-    dvc("init", "-q", cwd=work)
-    dvc("config", "core.analytics", "false", cwd=work)
-    run(["git", "add", "-A"], work)
-    run([*GIT, "commit", "-qm", "code"], work)
-    dvc("repro", cwd=work)
-    run(["git", "add", "-A"], work)
-    run([*GIT, "commit", "-qm", "baseline"], work)
-    return work
+def baseline(reproduced_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's reproduced tiny project (conftest.TINY_DVC), copied: a clone after `dvc repro`."""
+    return copy_project(reproduced_project, tmp_path_factory.mktemp("faults_dvc") / "project")
 
 
 @pytest.fixture
@@ -100,8 +66,8 @@ def train_outputs(project: Path) -> dict[str, str]:
     """model.pt, every dvclive file, and train.json without its timings: what an uninterrupted run makes."""
     out = {"models/model.pt": md5(project / "models/model.pt")}
     out.update({str(p.relative_to(project)): md5(p) for p in sorted((project / "dvclive").rglob("*")) if p.is_file()})
-    metrics = json.loads((project / "metrics/train.json").read_text())
-    out["metrics/train.json"] = json.dumps({k: metrics[k] for k in ("best_epoch", "best_val_mean_auc", "epochs_run")})
+    train = metrics(project, "train")
+    out["metrics/train.json"] = json.dumps({k: train[k] for k in ("best_epoch", "best_val_mean_auc", "epochs_run")})
     return out
 
 
@@ -126,8 +92,8 @@ def test_dvc_exp_run_resume_after_a_killed_experiment_gives_the_uninterrupted_re
     shutil.rmtree(project / "models/resume")  # no help from the uninterrupted run
     point = project / "models/resume/last.pt"
     with open(project / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "dvc", *experiment], cwd=project, env=env(), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = launch([sys.executable, "-m", "dvc", *experiment], project, stdout=log, stderr=subprocess.STDOUT,
+                     start_new_session=True)
         deadline = time.monotonic() + 300
         while not point.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -161,8 +127,9 @@ def test_resume_on_another_split_is_refused_through_dvc(project: Path) -> None:
 def test_two_dvc_repro_at_once_the_second_stops_and_the_first_finishes(project: Path) -> None:
     """DVC's locks: the second run stops with DVC's error naming the busy output and the process holding it,
     runs nothing, and the first finishes with the outputs it would have made alone."""
-    first = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force", "train"], cwd=project, env=env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # --single-item: train alone, forced (its inputs are the baseline's), not the stages before it as well
+    first = launch([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "train"], project,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while first.poll() is None and time.monotonic() < deadline:  # wait until the train stage itself runs
         if any("stages.train" in cmdline(c) for c in psutil.Process(first.pid).children(recursive=True)):
@@ -211,8 +178,8 @@ def test_ten_random_kills_of_train_and_prepare_leave_no_process_no_temporary_and
     for stage, sig in zip(plan, signals, strict=True):
         delay = rng.uniform(0.5, durations[stage])
         earlier = set(leftovers(project))  # a SIGKILLed run's, until the same stage runs again
-        proc = subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = launch([sys.executable, "-m", f"stages.{stage}"], project, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.PIPE)
         ours: dict[int, psutil.Process] = {}
         end = time.monotonic() + delay
         while time.monotonic() < end and proc.poll() is None:
