@@ -136,6 +136,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_revisions_experiments_and_the_workspace(repo: Path) -> None:
     assert resolve(repo, "workspace") == "workspace"
     head = sh(repo, "git", "rev-parse", "HEAD").strip()
@@ -147,6 +148,7 @@ def test_revisions_experiments_and_the_workspace(repo: Path) -> None:
     assert np.allclose(read_run(repo, "workspace")[PROB_PREFIX + "Edema"], b[PROB_PREFIX + "Edema"])
 
 
+@pytest.mark.slow
 def test_bad_runs_are_one_line(repo: Path) -> None:
     with pytest.raises(PipelineError, match="^nosuch: unknown revision; expected a git commit"):
         read_run(repo, "nosuch")
@@ -154,6 +156,7 @@ def test_bad_runs_are_one_line(repo: Path) -> None:
         read_run(repo, "empty")
 
 
+@pytest.mark.slow
 def test_command_prints_a_table_and_json(repo: Path, capsys: pytest.CaptureFixture) -> None:
     compare_stage.main(["HEAD", "seed-one", "--repo", str(repo), "--bootstrap", "50", "--seed", "0",
                         "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")])

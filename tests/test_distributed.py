@@ -76,6 +76,7 @@ def ddp_rank(rank: int, folder: Path, out: Path) -> None:
     fit_here(folder, distributed.World(rank, rank, 2), out)
 
 
+@pytest.mark.slow
 def test_two_processes_with_frozen_batchnorm_train_what_one_process_trains(workdir: Path, monkeypatch) -> None:
     write_train_params(workdir, epochs=2, batch_size=8, freeze=ALL_BATCHNORM)  # 3 steps an epoch
     single = multiprocessing.get_context("spawn").Process(target=fit_here, args=(workdir, distributed.World(),
@@ -128,6 +129,7 @@ def test_validation_blocks_cover_every_row_once() -> None:
             assert rows == list(range(total))
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_an_epoch_resumes_with_two_processes_to_the_uninterrupted_result(workdir: Path) -> None:
     write_train_params(workdir, epochs=4, batch_size=8, nproc=2)
     result = run_train(workdir)
@@ -161,6 +163,7 @@ def test_a_run_killed_after_an_epoch_resumes_with_two_processes_to_the_uninterru
             assert resumed[name] == content, name
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_stops_the_others_with_one_line(workdir: Path) -> None:
     write_train_params(workdir, epochs=50, batch_size=8, nproc=2, patience=50)
     proc = run_train(workdir, popen=True)
@@ -184,6 +187,7 @@ def test_a_rank_that_dies_stops_the_others_with_one_line(workdir: Path) -> None:
     assert not [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_rank_and_exits_143(workdir: Path) -> None:
     write_train_params(workdir, epochs=50, batch_size=8, nproc=2, patience=50)
     proc = run_train(workdir, popen=True)
@@ -263,6 +267,7 @@ def test_torchrun_world_size_must_divide_the_batch(workdir: Path) -> None:
         training.check_world(data, t, 3)
 
 
+@pytest.mark.slow
 def test_launched_processes_read_the_params_file_the_launcher_was_given(workdir: Path) -> None:
     write_train_params(workdir, epochs=1, batch_size=8, nproc=2)
     Path("other.yaml").write_text(Path("params.yaml").read_text())
@@ -298,6 +303,7 @@ def disagreeing_rank(rank: int, out: Path) -> None:
     distributed.stop()
 
 
+@pytest.mark.slow
 def test_ranks_that_read_other_data_stop_in_one_line(tmp_path: Path, monkeypatch) -> None:
     with socket.socket() as s:
         s.bind(("localhost", 0))

@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import GIT, dvc, dvc_project, metrics, run
 
+pytestmark = pytest.mark.slow
+
 # Chosen so that both runs learn (val mean AUC ~0.85 here): on smaller demos the two differ by more, since CPU
 # processes normalise BatchNorm over their own half batch (PyTorch's SyncBatchNorm is CUDA-only). Measured here
 # (1 vs 2 processes): 800 images, 6 epochs: 0.8506 vs 0.8535; 800 images, 4 epochs: 0.844 vs 0.826.

@@ -191,6 +191,7 @@ def test_leftovers_of_a_killed_write_are_removed_by_the_next(tmp_path: Path) -> 
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.k1l2.tmp", "m.json", "plots"]
 
 
+@pytest.mark.slow
 def test_a_killed_prepare_leaves_no_process_and_its_next_run_no_file(nih_sample_split) -> None:
     """SIGKILL the prepare stage while its workers decode: they end with it, and a re-run leaves no temporaries."""
     import signal

@@ -24,6 +24,8 @@ import pytest
 import torch
 from conftest import copy_project, dvc, launch, metrics, run
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def baseline(reproduced_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

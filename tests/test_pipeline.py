@@ -14,6 +14,8 @@ from conftest import TINY_DVC, breakdown, copy_project, dvc, metrics, run
 
 from cxr14.data.nih import CLASSES
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def project(reproduced_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

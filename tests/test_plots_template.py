@@ -84,6 +84,7 @@ def test_repo_config_points_dvc_at_the_template() -> None:
     assert Path(os.path.join(REPO / ".dvc", value)).resolve() == TEMPLATE.resolve()
 
 
+@pytest.mark.slow
 def test_dvc_plots_show_uses_the_template(tmp_path: Path) -> None:
     """A tiny DVC repo configured like this one: the written page has Vega inlined and the plot embedded."""
     work = tmp_path / "repo"
