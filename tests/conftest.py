@@ -341,17 +341,19 @@ TRAIN = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """data/split and data/prepared for a 60-image demo at 48 px, built once."""
+    """data/split and data/prepared for a 60-image demo at 48 px, built once per session. Never changed: tests
+    work in `workdir`'s copy."""
     root = tmp_path_factory.mktemp("tiny")
     tiny_demo(root, {"prepare": {"image_size": 48, "workers": 1}})
     cwd = os.getcwd()
-    from stages import split
+    from stages import prepare, split
 
     os.chdir(root)  # split tables hold paths relative to the project, as in the real pipeline
     try:
         split.main(["--params", "params.yaml", "--metrics", "split.json"])
+        prepare.main(["--params", "params.yaml"])
     finally:
         os.chdir(cwd)
     return root
@@ -359,16 +361,15 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def workdir(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh project folder holding the tiny data; the stage runs with it as the working directory."""
+    """A fresh project folder holding the tiny data (split tables and prepared arrays copied); the stage runs
+    with it as the working directory."""
     (tmp_path / "data").mkdir()
-    shutil.copytree(tiny_data / "data/split", tmp_path / "data/split")
+    for name in ("split", "prepared"):
+        shutil.copytree(tiny_data / "data" / name, tmp_path / "data" / name)
     # split tables point at data/demo relative to the project: link the images in.
     (tmp_path / "data/demo").symlink_to(tiny_data / "data/demo")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text((tiny_data / "params.yaml").read_text())
-    from stages import prepare
-
-    prepare.main(["--params", "params.yaml"])
     return tmp_path
 
 
