@@ -80,14 +80,14 @@ def leftovers(project: Path) -> list[str]:
 
 
 def test_dvc_exp_run_resume_after_a_killed_experiment_gives_the_uninterrupted_result(project: Path) -> None:
-    """The README's recipe: kill the train step of `dvc exp run -S train.epochs=6 ...`, then
+    """The README's recipe: kill the train step of `dvc exp run -S train.epochs=3 ...`, then
     `dvc exp run -S train.resume=true`; DVC checks out the baseline's outputs first, so the resume point must
     live outside them, and the result must be the uninterrupted experiment's, byte for byte."""
-    experiment = ["exp", "run", "-S", "train.epochs=6", "-S", "train.patience=10", "train"]  # the stages after train
+    experiment = ["exp", "run", "-S", "train.epochs=3", "-S", "train.patience=10", "train"]  # the stages after train
     # would only add minutes: what is compared is train's outputs
     dvc(*experiment, cwd=project)
     straight = train_outputs(project)
-    assert json.loads(straight["metrics/train.json"])["epochs_run"] == 6
+    assert json.loads(straight["metrics/train.json"])["epochs_run"] == 3
 
     reset(project)
     dvc("checkout", "--force", cwd=project)
@@ -102,22 +102,22 @@ def test_dvc_exp_run_resume_after_a_killed_experiment_gives_the_uninterrupted_re
         os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: DVC and the stage, as a lost machine would
         proc.wait()
     killed_at = torch.load(point, weights_only=True)["state"]["epoch"]
-    assert 1 <= killed_at < 6, f"the experiment was not killed during training:\n{(project / 'killed.log').read_text()}"
+    assert 1 <= killed_at < 3, f"the experiment was not killed during training:\n{(project / 'killed.log').read_text()}"
     (project / "killed.log").unlink()
 
     result = dvc("exp", "run", "-S", "train.resume=true", "train", cwd=project)
-    assert f"resuming from models/resume/last.pt after epoch {killed_at} of 6" in result.stdout
+    assert f"resuming from models/resume/last.pt after epoch {killed_at} of 3" in result.stdout
     assert train_outputs(project) == straight
     assert not leftovers(project)
 
 
-def test_resume_on_another_split_is_refused_through_dvc(project: Path) -> None:
+def test_resume_on_another_split_is_refused_through_dvc(project: Path, reproduced_project: Path) -> None:
     """The probe's first scenario: `dvc exp run -S split.seed=43 -S train.resume=true` on a seed-42 resume point
     handed back the seed-42 model; now train stops with one line and DVC reports the stage failed."""
-    dvc("exp", "run", "-S", "train.epochs=2", "train", cwd=project)
+    # the seed-42 resume point: the baseline's own `dvc repro` left it
+    shutil.copytree(reproduced_project / "models/resume", project / "models/resume")
     model = md5(project / "models/model.pt")
-    result = dvc("exp", "run", "-S", "train.epochs=2", "-S", "split.seed=43", "-S", "train.resume=true", "train",
-                 cwd=project, check=False)
+    result = dvc("exp", "run", "-S", "split.seed=43", "-S", "train.resume=true", "train", cwd=project, check=False)
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert ours == ["error: models/resume/last.pt was trained on other data (data/prepared/train.npy differs, "
