@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -208,22 +210,104 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def run_module(module: str, *args: str | Path, ci: bool = True) -> subprocess.CompletedProcess[str]:
-    """`python -m stages.<module> ARGS` from the repo root, as a user (or DVC) runs it.
-
-    With `ci`, CI=1 is set, so progress bars stay off (stderr is a pipe) and stderr holds only messages.
-    """
+def child_env(*, ci: bool = True, pythonpath: str | Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a command a test starts, as a user (or DVC) runs it: this venv's `python` and `dvc`
+    first on PATH (DVC's stages run `python -m ...`), DVC's analytics off, no PYTHONPATH (the code comes from the
+    working directory, or from `pythonpath`), and CI=1 unless `ci` is false, so progress bars stay off (stderr
+    is a pipe) and stderr holds only messages."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CI")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
     if ci:
         env["CI"] = "1"
-    return subprocess.run(
-        [sys.executable, "-m", f"stages.{module}", *map(str, args)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return env | extra
+
+
+def run(args: Sequence[str | Path], cwd: str | Path = REPO, *, check: bool = True, env: dict[str, str] | None = None,
+        timeout: float | None = 600, **options: object) -> subprocess.CompletedProcess[str]:
+    """The one way the tests run a command: `args` in `cwd` with `env` (default `child_env()`), stdout and stderr
+    captured as text; with `check`, a failure is an assertion that shows both. `options` go to subprocess.run."""
+    args = [str(a) for a in args]
+    result = subprocess.run(args, cwd=cwd, env=child_env() if env is None else env, capture_output=True, text=True,
+                            timeout=timeout, **options)
+    assert not check or result.returncode == 0, f"{shlex.join(args)}: exit {result.returncode}\n{result.stdout}\n" \
+                                                f"{result.stderr}"
+    return result
+
+
+def launch(args: Sequence[str | Path], cwd: str | Path = REPO, *, env: dict[str, str] | None = None,
+          **popen: object) -> subprocess.Popen:
+    """`args` started in `cwd` with `env` (default `child_env()`) and not waited for: a test that kills it.
+    `popen` goes to subprocess.Popen (stdout, stderr, start_new_session ...)."""
+    return subprocess.Popen([str(a) for a in args], cwd=cwd, env=child_env() if env is None else env, text=True,
+                            **popen)
+
+
+def dvc(*args: str, cwd: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`dvc ARGS` in `cwd` (this venv's DVC), through `run`."""
+    return run([sys.executable, "-m", "dvc", *args], cwd, check=check)
+
+
+def run_module(module: str, *args: str | Path, ci: bool = True) -> subprocess.CompletedProcess[str]:
+    """`python -m stages.<module> ARGS` from the repo root, as a user (or DVC) runs it; the exit status is the
+    caller's to check. `ci`: see `child_env`."""
+    return run([sys.executable, "-m", f"stages.{module}", *args], REPO, check=False, env=child_env(ci=ci),
+               timeout=300)
+
+
+# The tiny DVC project that tests/test_pipeline.py and tests/test_faults_dvc.py share: the whole DAG on a 120-image
+# demo at 48 px, one epoch. Large enough for train's resume point and DataLoader worker to be caught by a kill.
+TINY_DVC = {
+    "demo": {"patients": 40, "images": 120, "image_size": 64, "test_fraction": 0.25},
+    "split": {"val_fraction": 0.25},
+    "prepare": {"image_size": 48, "workers": 2},
+    "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "workers": 1},
+    "evaluate": {"bootstrap": 20},
+}
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
+
+
+def dvc_project(work: Path, overrides: dict[str, dict]) -> Path:
+    """A new git + DVC repo in `work` holding the pipeline (code, dvc.yaml, plots/templates, .gitignore) with the
+    repo's params and `overrides`, committed (dvclive wants a commit to compare against, as in a clone)."""
+    copy_pipeline(work, overrides, names=("cxr14", "stages", "dvc.yaml", "plots/templates", ".gitignore"))
+    run(["git", "init", "-q"], work)
+    dvc("init", "-q", cwd=work)
+    dvc("config", "core.analytics", "false", cwd=work)
+    run(["git", "add", "-A"], work)
+    run([*GIT, "commit", "-qm", "code"], work)
+    return work
+
+
+@pytest.fixture(scope="session")
+def reproduced_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`dvc_project` on TINY_DVC after `dvc repro`, its outputs committed: a clone after `dvc repro`, built once
+    per session. Never changed: a module that changes a project works on `copy_project` of it."""
+    work = dvc_project(tmp_path_factory.mktemp("reproduced") / "project", TINY_DVC)
+    dvc("repro", cwd=work)
+    run(["git", "add", "-A"], work)
+    run([*GIT, "commit", "-qm", "baseline"], work)
+    return work
+
+
+def metrics(project: Path, stage: str) -> dict:
+    """A stage's headline figures: `project`/metrics/<stage>.json."""
+    return json.loads((project / f"metrics/{stage}.json").read_text())
+
+
+def breakdown(project: Path, stage: str) -> dict:
+    """A stage's breakdowns (per class, per subgroup, expert labels, examples): where they are read from, in one
+    place."""
+    return json.loads((project / f"reports/{stage}.json").read_text())
+
+
+def copy_project(project: Path, dest: Path) -> Path:
+    """A copy of `project` at `dest`: workspace, git repo and DVC cache (the workspace's outputs are copies, not
+    links, so the copy's outputs are its own), without .dvc/tmp (locks, and hashes by inode that a copy changes)."""
+    shutil.copytree(project, dest, symlinks=True, ignore=lambda folder, _: ["tmp"] if folder.endswith(".dvc") else [])
+    return dest
 
 
 def files_under(folder: Path) -> list[str]:
@@ -257,17 +341,19 @@ TRAIN = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """data/split and data/prepared for a 60-image demo at 48 px, built once."""
+    """data/split and data/prepared for a 60-image demo at 48 px, built once per session. Never changed: tests
+    work in `workdir`'s copy."""
     root = tmp_path_factory.mktemp("tiny")
     tiny_demo(root, {"prepare": {"image_size": 48, "workers": 1}})
     cwd = os.getcwd()
-    from stages import split
+    from stages import prepare, split
 
     os.chdir(root)  # split tables hold paths relative to the project, as in the real pipeline
     try:
         split.main(["--params", "params.yaml", "--metrics", "split.json"])
+        prepare.main(["--params", "params.yaml"])
     finally:
         os.chdir(cwd)
     return root
@@ -275,16 +361,15 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def workdir(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh project folder holding the tiny data; the stage runs with it as the working directory."""
+    """A fresh project folder holding the tiny data (split tables and prepared arrays copied); the stage runs
+    with it as the working directory."""
     (tmp_path / "data").mkdir()
-    shutil.copytree(tiny_data / "data/split", tmp_path / "data/split")
+    for name in ("split", "prepared"):
+        shutil.copytree(tiny_data / "data" / name, tmp_path / "data" / name)
     # split tables point at data/demo relative to the project: link the images in.
     (tmp_path / "data/demo").symlink_to(tiny_data / "data/demo")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text((tiny_data / "params.yaml").read_text())
-    from stages import prepare
-
-    prepare.main(["--params", "params.yaml"])
     return tmp_path
 
 

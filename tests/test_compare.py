@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run
 
 from cxr14 import cli
 from cxr14.data.nih import CLASSES
@@ -108,11 +107,7 @@ shutil.copy(f"runs/{seed}.csv", "data/predictions/test.csv")
 
 
 def sh(cwd: Path, *args: str) -> str:
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # python in the stage: this one
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": path}
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
-    return result.stdout
+    return run(args, cwd, timeout=300).stdout  # python in the stage: this one (child_env)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +136,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_revisions_experiments_and_the_workspace(repo: Path) -> None:
     assert resolve(repo, "workspace") == "workspace"
     head = sh(repo, "git", "rev-parse", "HEAD").strip()
@@ -152,6 +148,7 @@ def test_revisions_experiments_and_the_workspace(repo: Path) -> None:
     assert np.allclose(read_run(repo, "workspace")[PROB_PREFIX + "Edema"], b[PROB_PREFIX + "Edema"])
 
 
+@pytest.mark.slow
 def test_bad_runs_are_one_line(repo: Path) -> None:
     with pytest.raises(PipelineError, match="^nosuch: unknown revision; expected a git commit"):
         read_run(repo, "nosuch")
@@ -159,6 +156,7 @@ def test_bad_runs_are_one_line(repo: Path) -> None:
         read_run(repo, "empty")
 
 
+@pytest.mark.slow
 def test_command_prints_a_table_and_json(repo: Path, capsys: pytest.CaptureFixture) -> None:
     cli.compare(["HEAD", "seed-one", "--repo", str(repo), "--bootstrap", "50", "--seed", "0",
                 "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")])

@@ -8,14 +8,13 @@ checkpoint, and be listed by `dvc exp show`. The full demo, measured by hand, is
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import copy_pipeline
+from conftest import GIT, dvc, dvc_project, metrics, run
+
+pytestmark = pytest.mark.slow
 
 # Chosen so that both runs learn (val mean AUC ~0.85 here): on smaller demos the two differ by more, since CPU
 # processes normalise BatchNorm over their own half batch (PyTorch's SyncBatchNorm is CUDA-only). Measured here
@@ -30,38 +29,21 @@ SMALL = {
 }
 
 
-def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "CI": "1",
-           "DVC_NO_ANALYTICS": "1"}
-    env.pop("PYTHONPATH", None)
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("ddp_project")
-    copy_pipeline(work, SMALL)
-    run(["git", "init", "-q"], work)
-    run([sys.executable, "-m", "dvc", "init", "-q"], work)
-    run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], work)
-    commit = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org", "commit", "-qm"]
-    run(["git", "add", "-A"], work)  # dvclive wants a commit to compare against, as in a clone
-    run([*commit, "code"], work)
-    run([sys.executable, "-m", "dvc", "repro", "-q", "train"], work)  # training is what differs
+    work = dvc_project(tmp_path_factory.mktemp("ddp_project") / "project", SMALL)
+    dvc("repro", "-q", "train", cwd=work)  # training is what differs
     run(["git", "add", "-A"], work)
-    run([*commit, "baseline"], work)
+    run([*GIT, "commit", "-qm", "baseline"], work)
     return work
 
 
 def test_dvc_exp_run_with_two_processes_matches_one_and_is_an_experiment_like_any(project: Path) -> None:
-    one = json.loads((project / "metrics/train.json").read_text())
+    one = metrics(project, "train")
     assert one["val_auc"] > 0.8  # a model that learned
-    out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.nproc=2", "-n", "two-procs", "train"],
-              project).stdout
+    out = dvc("exp", "run", "-S", "train.nproc=2", "-n", "two-procs", "train", cwd=project).stdout
     assert "train: 2 processes (gloo on the CPU" in out
-    two = json.loads((project / "metrics/train.json").read_text())
+    two = metrics(project, "train")
     assert abs(two["val_auc"] - one["val_auc"]) <= 0.02, (one, two)
     assert two["epochs_run"] == 6
     # one log, written once (not once per process): each epoch a single step
@@ -70,7 +52,7 @@ def test_dvc_exp_run_with_two_processes_matches_one_and_is_an_experiment_like_an
     assert sorted(p.name for p in (project / "models").glob("*.pt")) == ["model.pt"]
     state = torch.load(project / "models/model.pt", weights_only=True)["state_dict"]
     assert not [k for k in state if k.startswith("module.")]
-    shown = json.loads(run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project).stdout)
+    shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
     experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
     named = [e for e in experiments if e.get("name") == "two-procs"]
     assert len(named) == 1

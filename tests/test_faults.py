@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, TinyNIH, project_params, tiny_demo, write_params
+from conftest import REPO, TinyNIH, child_env, launch, project_params, run, tiny_demo, write_params
 from PIL import Image
 
 from cxr14 import cli
@@ -191,23 +191,19 @@ def test_leftovers_of_a_killed_write_are_removed_by_the_next(tmp_path: Path) -> 
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.k1l2.tmp", "m.json", "plots"]
 
 
+@pytest.mark.slow
 def test_a_killed_prepare_leaves_no_process_and_its_next_run_no_file(nih_sample_split) -> None:
     """SIGKILL the prepare stage while its workers decode: they end with it, and a re-run leaves no temporaries."""
-    import os
     import signal
-    import subprocess
-    import sys
     import time
 
     import psutil
-    from conftest import REPO
 
     assert nih_sample_split["result"].returncode == 0, nih_sample_split["result"].stderr
     out = nih_sample_split["work"] / "killed"
     cmd = [sys.executable, "-m", "stages.prepare", "--params", str(nih_sample_split["params"]),
            "--split-dir", str(nih_sample_split["out"]), "--out", str(out)]
-    env = {**os.environ, "CI": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = launch(cmd, REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     children: list[psutil.Process] = []
     deadline = time.monotonic() + 120
     while len(children) < 3 and proc.poll() is None and time.monotonic() < deadline:  # fork server + 2 workers
@@ -218,7 +214,7 @@ def test_a_killed_prepare_leaves_no_process_and_its_next_run_no_file(nih_sample_
     proc.wait()
     gone, alive = psutil.wait_procs(children, timeout=20)
     assert not alive, f"processes left after the kill: {alive}"
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+    run(cmd, REPO)
     assert sorted(p.name for p in out.iterdir()) == ["test.npy", "train.npy", "val.npy"]
 
 
@@ -441,7 +437,7 @@ def small_disks(tmp_path_factory: pytest.TempPathFactory) -> None:
     if shutil.which("unshare") is None:
         pytest.skip("needs util-linux's unshare to mount a small tmpfs as a full disk")
     mount = f"mount -t tmpfs -o size=16k none {shlex.quote(str(probe))}"
-    result = subprocess.run(["unshare", "-Urm", "sh", "-c", mount], capture_output=True, text=True)
+    result = run(["unshare", "-Urm", "sh", "-c", mount], check=False, timeout=None)
     if result.returncode != 0:
         pytest.skip(f"user namespaces with a tmpfs are not available here (unshare -Urm: {result.stderr.strip()})")
 
@@ -449,8 +445,7 @@ def small_disks(tmp_path_factory: pytest.TempPathFactory) -> None:
 def checkout_env() -> dict[str, str]:
     """The environment of run_module (CI=1: stderr holds messages only), with this checkout's code first on the
     path: these commands run outside the repo root, where `stages` would come from whatever the venv installed."""
-    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CI")} | {"PYTHONPATH": str(REPO),
-                                                                                     "CI": "1"}
+    return child_env(pythonpath=REPO)
 
 
 def on_small_disk(mount: Path, size_kb: int, command: list[str | Path], cwd: Path, *, before: Path | None = None,
@@ -462,9 +457,7 @@ def on_small_disk(mount: Path, size_kb: int, command: list[str | Path], cwd: Pat
     script = (f"mount -t tmpfs -o size={size_kb}k none {mnt} || exit 99; {fill}{q}; rc=$?; "
               f"cp -a {mnt}/. {shlex.quote(str(after))}/ || exit 97; exit $rc")
     after.mkdir(parents=True, exist_ok=True)
-    env = checkout_env()
-    return subprocess.run(["unshare", "-Urm", "sh", "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return run(["unshare", "-Urm", "sh", "-c", script], cwd, check=False, env=checkout_env(), timeout=300)
 
 
 @pytest.fixture
@@ -587,9 +580,8 @@ def unprivileged() -> Iterator[dict]:
             for path in (work, locked, readable):
                 os.chown(path, owner, owner)
             try:
-                probe = subprocess.run([*candidate["prefix"], sys.executable, "-c", PROBE, str(locked), str(readable)],
-                                       cwd=work, env=env, preexec_fn=candidate["preexec_fn"], capture_output=True,
-                                       text=True)
+                probe = run([*candidate["prefix"], sys.executable, "-c", PROBE, locked, readable], work, check=False,
+                            env=env, timeout=None, preexec_fn=candidate["preexec_fn"])
                 tried.append(f"exit {probe.returncode}: {probe.stderr.strip()[-200:]}")
             except OSError as exc:
                 tried.append(str(exc))
@@ -602,14 +594,14 @@ def unprivileged() -> Iterator[dict]:
         pytest.skip("running as root, and neither uid 65534 (which cannot run this venv's Python) nor root in a user "
                     f"namespace without a uid mapping is denied by mode 000: {'; '.join(tried)}")
 
-    def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    def python(*args: str | Path) -> subprocess.CompletedProcess[str]:
         if runner["preexec_fn"] is not None:  # uid 65534 writes its outputs into the folder it owns
             for path in [work, *work.rglob("*")]:
                 os.lchown(path, NOBODY, NOBODY)
-        return subprocess.run([*runner["prefix"], sys.executable, *map(str, args)], cwd=work, env=env,
-                              preexec_fn=runner["preexec_fn"], capture_output=True, text=True, timeout=300)
+        return run([*runner["prefix"], sys.executable, *args], work, check=False, env=env, timeout=300,
+                   preexec_fn=runner["preexec_fn"])
 
-    yield {"work": work, "run": run}
+    yield {"work": work, "run": python}
     for path in [work, *work.rglob("*")]:
         if path.is_dir() and not path.is_symlink():
             path.chmod(0o755)
@@ -684,12 +676,9 @@ def test_a_signal_handled_by_run_main_is_not_raised_again_later(capsys, tmp_path
 def test_a_stage_process_does_not_die_with_the_thread_that_started_it() -> None:
     """The parent-death signal is for the fork server and its workers only: set in a stage, a stage started by
     a thread of another program would be SIGKILLed when that thread ends."""
-    import subprocess
-    import sys
-
     code = ("import ctypes, cxr14.runtime.processes, cxr14.data.arrays, cxr14.data.demo, stages.prepare; "
             "v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    result = run([sys.executable, "-c", code], REPO)
     assert result.stdout.strip() == "0"
 
 

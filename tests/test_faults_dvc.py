@@ -22,47 +22,15 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import copy_pipeline
+from conftest import copy_project, dvc, launch, metrics, run
 
-TINY = {
-    "demo": {"patients": 40, "images": 120, "image_size": 64, "test_fraction": 0.25},
-    "split": {"val_fraction": 0.25},
-    "prepare": {"image_size": 48, "workers": 2},
-    "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "workers": 1},
-    "evaluate": {"bootstrap": 20},
-}
-GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "DVC_NO_ANALYTICS": "1", "CI": "1"}
-
-
-def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
-    assert not check or result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dvc", *args], cwd, check)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The pipeline's code, dvc.yaml and TINY params, reproduced and committed: a clone after `dvc repro`."""
-    work = tmp_path_factory.mktemp("dvcproject")
-    copy_pipeline(work, TINY, names=("cxr14", "stages", "dvc.yaml", ".gitignore"))
-    run(["git", "init", "-q"], work)
-    dvc("init", "-q", cwd=work)
-    dvc("config", "core.analytics", "false", cwd=work)
-    run(["git", "add", "-A"], work)
-    run([*GIT, "commit", "-qm", "code"], work)
-    dvc("repro", cwd=work)
-    run(["git", "add", "-A"], work)
-    run([*GIT, "commit", "-qm", "baseline"], work)
-    return work
+def baseline(reproduced_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's reproduced tiny project (conftest.TINY_DVC), copied: a clone after `dvc repro`."""
+    return copy_project(reproduced_project, tmp_path_factory.mktemp("faults_dvc") / "project")
 
 
 @pytest.fixture
@@ -82,7 +50,7 @@ def reset(project: Path) -> None:
     run(["git", "reset", "-q", "--hard"], project)
     # Outputs committed to git (cache: false): an experiment's explain may have drawn overlays of other images,
     # which reset leaves behind as untracked files and `dvc status` then calls a modified output.
-    run(["git", "clean", "-q", "-fd", "--", "plots", "dvclive", "metrics"], project)
+    run(["git", "clean", "-q", "-fd", "--", "plots", "dvclive", "metrics", "reports"], project)
 
 
 def cmdline(process: psutil.Process) -> str:
@@ -100,8 +68,8 @@ def train_outputs(project: Path) -> dict[str, str]:
     """model.pt, every dvclive file, and train.json without its timings: what an uninterrupted run makes."""
     out = {"models/model.pt": md5(project / "models/model.pt")}
     out.update({str(p.relative_to(project)): md5(p) for p in sorted((project / "dvclive").rglob("*")) if p.is_file()})
-    metrics = json.loads((project / "metrics/train.json").read_text())
-    out["metrics/train.json"] = json.dumps({k: metrics[k] for k in ("best_epoch", "val_auc", "epochs_run")})
+    train = metrics(project, "train")
+    out["metrics/train.json"] = json.dumps({k: train[k] for k in ("best_epoch", "val_auc", "epochs_run")})
     return out
 
 
@@ -112,44 +80,44 @@ def leftovers(project: Path) -> list[str]:
 
 
 def test_dvc_exp_run_resume_after_a_killed_experiment_gives_the_uninterrupted_result(project: Path) -> None:
-    """The README's recipe: kill the train step of `dvc exp run -S train.epochs=6 ...`, then
+    """The README's recipe: kill the train step of `dvc exp run -S train.epochs=3 ...`, then
     `dvc exp run -S train.resume=true`; DVC checks out the baseline's outputs first, so the resume point must
     live outside them, and the result must be the uninterrupted experiment's, byte for byte."""
-    experiment = ["exp", "run", "-S", "train.epochs=6", "-S", "train.patience=10", "train"]  # the stages after train
+    experiment = ["exp", "run", "-S", "train.epochs=3", "-S", "train.patience=10", "train"]  # the stages after train
     # would only add minutes: what is compared is train's outputs
     dvc(*experiment, cwd=project)
     straight = train_outputs(project)
-    assert json.loads(straight["metrics/train.json"])["epochs_run"] == 6
+    assert json.loads(straight["metrics/train.json"])["epochs_run"] == 3
 
     reset(project)
     dvc("checkout", "--force", cwd=project)
     shutil.rmtree(project / "models/resume")  # no help from the uninterrupted run
     point = project / "models/resume/last.pt"
     with open(project / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "dvc", *experiment], cwd=project, env=env(), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = launch([sys.executable, "-m", "dvc", *experiment], project, stdout=log, stderr=subprocess.STDOUT,
+                     start_new_session=True)
         deadline = time.monotonic() + 300
         while not point.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: DVC and the stage, as a lost machine would
         proc.wait()
     killed_at = torch.load(point, weights_only=True)["state"]["epoch"]
-    assert 1 <= killed_at < 6, f"the experiment was not killed during training:\n{(project / 'killed.log').read_text()}"
+    assert 1 <= killed_at < 3, f"the experiment was not killed during training:\n{(project / 'killed.log').read_text()}"
     (project / "killed.log").unlink()
 
     result = dvc("exp", "run", "-S", "train.resume=true", "train", cwd=project)
-    assert f"resuming from models/resume/last.pt after epoch {killed_at} of 6" in result.stdout
+    assert f"resuming from models/resume/last.pt after epoch {killed_at} of 3" in result.stdout
     assert train_outputs(project) == straight
     assert not leftovers(project)
 
 
-def test_resume_on_another_split_is_refused_through_dvc(project: Path) -> None:
+def test_resume_on_another_split_is_refused_through_dvc(project: Path, reproduced_project: Path) -> None:
     """The probe's first scenario: `dvc exp run -S split.seed=43 -S train.resume=true` on a seed-42 resume point
     handed back the seed-42 model; now train stops with one line and DVC reports the stage failed."""
-    dvc("exp", "run", "-S", "train.epochs=2", "train", cwd=project)
+    # the seed-42 resume point: the baseline's own `dvc repro` left it
+    shutil.copytree(reproduced_project / "models/resume", project / "models/resume")
     model = md5(project / "models/model.pt")
-    result = dvc("exp", "run", "-S", "train.epochs=2", "-S", "split.seed=43", "-S", "train.resume=true", "train",
-                 cwd=project, check=False)
+    result = dvc("exp", "run", "-S", "split.seed=43", "-S", "train.resume=true", "train", cwd=project, check=False)
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert ours == ["error: models/resume/last.pt was trained on other data (data/prepared/train.npy differs, "
@@ -161,8 +129,9 @@ def test_resume_on_another_split_is_refused_through_dvc(project: Path) -> None:
 def test_two_dvc_repro_at_once_the_second_stops_and_the_first_finishes(project: Path) -> None:
     """DVC's locks: the second run stops with DVC's error naming the busy output and the process holding it,
     runs nothing, and the first finishes with the outputs it would have made alone."""
-    first = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force", "train"], cwd=project, env=env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # --single-item: train alone, forced (its inputs are the baseline's), not the stages before it as well
+    first = launch([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "train"], project,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while first.poll() is None and time.monotonic() < deadline:  # wait until the train stage itself runs
         if any("stages.train" in cmdline(c) for c in psutil.Process(first.pid).children(recursive=True)):
@@ -194,15 +163,15 @@ def test_ten_random_kills_of_train_and_prepare_leave_no_process_no_temporary_and
     dvc("commit", "--force", "train", cwd=project)  # train.json's timings are new; nothing else is
     before = dvc("status", cwd=project).stdout
     assert "up to date" in before
-    timings = (project / "metrics/train.json").read_bytes()
+    timings = (project / "reports/train.json").read_bytes()
 
     def status() -> str:
-        """dvc status, once a train.json that differs only in its timings (a run killed after its last write)
-        is put back: seconds and images/s are the one thing a re-run may change."""
+        """dvc status, once a reports/train.json that differs only in its timings (a run killed after its last
+        write) is put back: seconds and images/s are the one thing a re-run may change."""
         untimed = {"seconds", "images_per_second"}
-        now, then = (json.loads(b) for b in ((project / "metrics/train.json").read_bytes(), timings))
+        now, then = (json.loads(b) for b in ((project / "reports/train.json").read_bytes(), timings))
         if {k: v for k, v in now.items() if k not in untimed} == {k: v for k, v in then.items() if k not in untimed}:
-            (project / "metrics/train.json").write_bytes(timings)
+            (project / "reports/train.json").write_bytes(timings)
         return dvc("status", cwd=project).stdout
     rng = random.Random(11)
     plan = [("prepare", "train")[i % 2] for i in range(10)]
@@ -211,8 +180,8 @@ def test_ten_random_kills_of_train_and_prepare_leave_no_process_no_temporary_and
     for stage, sig in zip(plan, signals, strict=True):
         delay = rng.uniform(0.5, durations[stage])
         earlier = set(leftovers(project))  # a SIGKILLed run's, until the same stage runs again
-        proc = subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = launch([sys.executable, "-m", f"stages.{stage}"], project, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.PIPE)
         ours: dict[int, psutil.Process] = {}
         end = time.monotonic() + delay
         while time.monotonic() < end and proc.poll() is None:

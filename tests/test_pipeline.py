@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,79 +10,57 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import copy_pipeline
+from conftest import TINY_DVC, breakdown, copy_project, dvc, metrics, run
 
 from cxr14.data.nih import CLASSES
 
-ROOT = Path(__file__).resolve().parents[1]
-
-TINY = {
-    "demo": {"patients": 30, "images": 90, "image_size": 64, "test_fraction": 0.25},
-    "split": {"val_fraction": 0.2},
-    "prepare": {"image_size": 32, "workers": 2},
-    "train": {"epochs": 1, "batch_size": 16, "device": "cpu"},
-    "evaluate": {"bootstrap": 50},
-}
-
-
-def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env["DVC_NO_ANALYTICS"] = "1"
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
-    return result
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the pipeline (code, dvc.yaml, params with TINY overrides) in a new git + DVC repo."""
-    work = tmp_path_factory.mktemp("project")
-    copy_pipeline(work, TINY, names=("cxr14", "stages", "dvc.yaml", "plots/templates"))
-    run(["git", "init", "-q"], work)
-    run([sys.executable, "-m", "dvc", "init", "-q"], work)
-    run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], work)
-    run(["git", "add", "-A"], work)  # dvclive wants a commit to compare against, as in a clone
-    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.org", "commit", "-qm", "tiny"], work)
-    run([sys.executable, "-m", "dvc", "repro"], work)
-    return work
+def project(reproduced_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's reproduced tiny project (conftest.TINY_DVC), copied: this module's later tests change it."""
+    return copy_project(reproduced_project, tmp_path_factory.mktemp("pipeline") / "project")
 
 
 def test_repro_builds_every_output(project: Path) -> None:
-    split = json.loads((project / "metrics/split.json").read_text())
+    split = breakdown(project, "split")
     total = sum(split[s]["images"] for s in ("train", "val", "test"))
-    assert total == TINY["demo"]["images"]
+    assert total == TINY_DVC["demo"]["images"]
     assert split["missing_images"] == 0
     for name in ("train", "val", "test"):
         table = pd.read_csv(project / f"data/split/{name}.csv")
         array = np.load(project / f"data/prepared/{name}.npy", mmap_mode="r")
-        assert array.shape == (len(table), 32, 32) and array.dtype == np.uint8
+        size = TINY_DVC["prepare"]["image_size"]
+        assert array.shape == (len(table), size, size) and array.dtype == np.uint8
         assert len(table) == split[name]["images"] > 0
         assert array.std() > 0  # real pixels, not an empty buffer
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"demo", "split", "prepare", "train", "evaluate", "calibrate", "explain", "export"}
-    evaluate = json.loads((project / "metrics/evaluate.json").read_text())
+    evaluate = evaluated = breakdown(project, "evaluate")
+    assert metrics(project, "evaluate")["auc"] == evaluate["mean_auc"]  # the headline, picked from the report
     assert evaluate["images"] == split["test"]["images"] and "oracle_mean_auc" in evaluate
-    experts = evaluate["expert"]["findings"]  # the demo's expert-label file, found in the data root
-    assert 0 < experts["Pneumothorax"]["images"] == evaluate["expert"]["images"] < evaluate["images"]
-    assert set(evaluate["subgroups"]) == {"min_images", "sex", "age", "view"}
-    calibrate = json.loads((project / "metrics/calibrate.json").read_text())
-    assert set(calibrate["expert"]["findings"]) == set(experts) and set(calibrate["subgroups"]) >= {"sex", "age"}
+    experts = evaluated["expert"]["findings"]  # the demo's expert-label file, found in the data root
+    assert 0 < experts["Pneumothorax"]["images"] == evaluated["expert"]["images"] < evaluate["images"]
+    assert set(evaluated["subgroups"]) == {"min_images", "sex", "age", "view"}
+    calibrated = breakdown(project, "calibrate")
+    assert set(calibrated["expert"]["findings"]) == set(experts) and set(calibrated["subgroups"]) >= {"sex", "age"}
     thresholds = json.loads((project / "models/thresholds.json").read_text())
     assert set(thresholds) >= {"metadata", "thresholds", "metrics", "test_metrics"}
     assert thresholds["metadata"]["num_classes"] == 14
-    train = json.loads((project / "metrics/train.json").read_text())
+    train = metrics(project, "train")
     assert train["epochs_run"] == 1 and 0 <= train["val_auc"] <= 1
     assert (project / "models/model.pt").is_file() and (project / "dvclive/plots/metrics/val/mean_auc.tsv").is_file()
-    explain = json.loads((project / "metrics/explain.json").read_text())
+    explain = explained = breakdown(project, "explain")
     boxes = pd.read_csv(project / "data/demo/BBox_List_2017.csv")
     assert explain["overall"]["boxes"] == len(boxes) > 0  # every planted finding of the test images is scored
     assert 0 <= explain["overall"]["pointing_game"] <= 1 and explain["layer"] == "layer4"
-    for scores in [explain["overall"], *explain["per_class"].values()]:  # no heatmap beats its own ceiling
+    for scores in [explain["overall"], *explained["per_class"].values()]:  # no heatmap beats its own ceiling
         assert scores["pointing_game"] <= scores["pointing_game_ceiling"] <= 1
     overlays = sorted((project / "plots/gradcam").glob("*/*.png"))
-    assert len(overlays) == sum(explain["examples"].values()) > 0
+    assert len(overlays) == sum(explained["examples"].values()) > 0
     assert all(p.parent.name in CLASSES for p in overlays)
-    export = json.loads((project / "metrics/export.json").read_text())
+    export = breakdown(project, "export")
     assert export["images"] == split["test"]["images"] and 0 <= export["max_abs_difference"] <= 1e-4
     assert export["file_bytes"] == (project / "models/model.onnx").stat().st_size > 1_000_000
     assert export["int8"]["file_bytes"] == (project / "models/model.int8.onnx").stat().st_size
@@ -101,7 +77,7 @@ def test_predict_with_the_exported_model_agrees_with_evaluate(project: Path) -> 
     out = project / "predict.csv"
     from cxr14.deployment.predict import int8_is_fast
 
-    within = json.loads((project / "metrics/export.json").read_text())["int8"]["within_limit"]
+    within = breakdown(project, "export")["int8"]["within_limit"]
     result = run([sys.executable, "-m", "stages.predict", *files, "--csv", str(out)], project)
     # one epoch on tiny data may lose AUC in int8 (then float32), and a CPU without VNNI runs float32
     default = "models/model.int8.onnx" if within is not False and int8_is_fast() else "models/model.onnx"
@@ -136,7 +112,7 @@ def test_plots_page_renders_the_custom_templates(project: Path) -> None:
     """`dvc plots show` through plots/templates/: the forest plot has a row per class and the mean in a fixed
     order with their intervals, the curves are coloured by class and dashed by revision, and the 14 per-class
     val AUC files make one chart."""
-    out = run([sys.executable, "-m", "dvc", "plots", "show", "--json"], project).stdout
+    out = dvc("plots", "show", "--json", cwd=project).stdout
     data = json.loads(out)["data"]
     specs = {title: entries[0]["content"] for title, entries in data.items()
              if entries and entries[0]["type"] == "vega"}
@@ -149,12 +125,13 @@ def test_plots_page_renders_the_custom_templates(project: Path) -> None:
     assert headline[0] == "test mean ROC-AUC [95% CI]" and headline[-1].startswith("underdiagnosis gap")  # both files
     forest = specs[titles[1]]
     rows = forest["data"]["values"]
-    evaluate = json.loads((project / "metrics/evaluate.json").read_text())
+    evaluate = breakdown(project, "evaluate")
     assert [r["row"] for r in rows][:15] == ["mean of 14 classes", *CLASSES]
     assert float(rows[0]["auc"]) == evaluate["mean_auc"]
     assert float(rows[0]["ci_low"]) <= evaluate["mean_auc"] <= float(rows[0]["ci_high"])
+    per_class = breakdown(project, "evaluate")["per_class"]
     for r, name in zip(rows[1:15], CLASSES, strict=True):
-        assert float(r["auc"]) == evaluate["per_class"][name]["auc"] and float(r["oracle_auc"]) > 0
+        assert float(r["auc"]) == per_class[name]["auc"] and float(r["oracle_auc"]) > 0
     assert forest["encoding"]["yOffset"]["field"] == "rev" and forest["encoding"]["color"]["field"] == "rev"
     roc = specs["Test ROC curves, one colour per class (TPR at each FPR)"]
     assert roc["encoding"]["color"]["field"] == "field" and roc["encoding"]["strokeDash"]["field"] == "rev"
@@ -166,8 +143,24 @@ def test_plots_page_renders_the_custom_templates(project: Path) -> None:
     assert not [t for t in titles if t.startswith("dvclive/plots/metrics/val/auc/")]  # no longer 14 charts
 
 
+def test_compare_the_baseline_and_an_experiment_that_differ_only_in_train_seed(project: Path) -> None:
+    """Before the params change below: HEAD is the reproduced baseline (train.seed 0), and one experiment (one
+    more training) differs from it in the seed alone."""
+    # compare reads evaluate's test predictions: the stages after it add nothing
+    dvc("exp", "run", "-q", "-S", "train.seed=1", "-n", "seed-1", "evaluate", cwd=project)
+    out = json.loads(run([sys.executable, "-m", "stages.compare", "HEAD", "seed-1", "--json", "--bootstrap", "200"],
+                         project).stdout)
+    test = pd.read_csv(project / "data/predictions/test.csv")
+    # the workspace back to HEAD for the tests below (the experiment left calibrate, explain and export behind)
+    run(["git", "checkout", "--", "."], project)
+    dvc("checkout", "--force", cwd=project)
+    assert out["images"] == len(test) and out["a"] == "HEAD" and out["b"] == "seed-1"
+    assert out["difference"] != 0  # two trainings, two models
+    assert out["ci_low"] < 0 < out["ci_high"]  # but nothing this test split can tell apart
+
+
 def test_second_repro_runs_nothing(project: Path) -> None:
-    out = run([sys.executable, "-m", "dvc", "repro"], project).stdout
+    out = dvc("repro", cwd=project).stdout
     assert "didn't change, skipping" in out
     assert "Running stage" not in out
 
@@ -176,22 +169,10 @@ def test_param_change_reruns_only_downstream(project: Path) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["prepare"]["workers"] = 1  # not a dependency: nothing to do
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert "Running stage" not in run([sys.executable, "-m", "dvc", "repro"], project).stdout
+    assert "Running stage" not in dvc("repro", cwd=project).stdout
     params["split"]["val_fraction"] = 0.35
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run([sys.executable, "-m", "dvc", "repro"], project).stdout
+    out = dvc("repro", cwd=project).stdout
     assert "Running stage 'split'" in out and "Running stage 'prepare'" in out and "Running stage 'train'" in out
     assert "Running stage 'calibrate'" in out and "Running stage 'explain'" in out and "Running stage 'export'" in out
     assert "Running stage 'demo'" not in out
-
-
-def test_compare_two_experiments_that_differ_only_in_train_seed(project: Path) -> None:
-    for seed in (1, 2):
-        run([sys.executable, "-m", "dvc", "exp", "run", "-q", "-S", f"train.seed={seed}", "-n", f"seed-{seed}",
-             "evaluate"], project)  # compare reads evaluate's test predictions: the stages after it add nothing
-    out = json.loads(run([sys.executable, "-m", "stages.compare", "seed-1", "seed-2", "--json", "--bootstrap", "200"],
-                         project).stdout)
-    test = pd.read_csv(project / "data/predictions/test.csv")
-    assert out["images"] == len(test) and out["a"] == "seed-1"
-    assert out["difference"] != 0  # two trainings, two models
-    assert out["ci_low"] < 0 < out["ci_high"]  # but nothing this test split can tell apart

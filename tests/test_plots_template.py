@@ -9,11 +9,11 @@ import importlib.util
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import dvc
 from dvc_render.html import HTML
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,27 +84,17 @@ def test_repo_config_points_dvc_at_the_template() -> None:
     assert Path(os.path.join(REPO / ".dvc", value)).resolve() == TEMPLATE.resolve()
 
 
+@pytest.mark.slow
 def test_dvc_plots_show_uses_the_template(tmp_path: Path) -> None:
     """A tiny DVC repo configured like this one: the written page has Vega inlined and the plot embedded."""
     work = tmp_path / "repo"
     (work / "plots").mkdir(parents=True)
     shutil.copy(TEMPLATE, work / "plots" / "template.html")
     (work / "loss.csv").write_text("step,loss\n0,1.0\n1,0.6\n2,0.4\n")
-    env = {
-        **os.environ,
-        "DVC_NO_ANALYTICS": "1",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-
-    def dvc(*args: str) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=work, env=env, capture_output=True, text=True)
-        assert result.returncode == 0, f"dvc {args}: {result.stdout}{result.stderr}"
-        return result
-
-    dvc("init", "--no-scm", "-q")
+    dvc("init", "--no-scm", "-q", cwd=work)
     with open(work / ".dvc" / "config", "a") as fh:  # the same relative value as this repo's .dvc/config
         fh.write("[plots]\n    html_template = ../plots/template.html\n")
-    dvc("plots", "show", "loss.csv", "-y", "loss", "-o", "out")
+    dvc("plots", "show", "loss.csv", "-y", "loss", "-o", "out", cwd=work)
     page = (work / "out" / "index.html").read_text(encoding="utf-8")
     assert_vega_inlined(page)
     assert "vegaEmbed('#loss_csv', spec)" in page

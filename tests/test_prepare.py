@@ -204,6 +204,7 @@ def test_bad_image_shuts_the_worker_pool_down_before_the_error_returns(tmp_path)
     assert [t.name for t in threading.enumerate() if "_handle_" in t.name] == []  # the pool's three threads
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_decode_is_an_error_not_a_hang(tmp_path):
     """The kernel's OOM killer ends a worker without a word: the stage must fail, naming where, not wait forever."""
     import multiprocessing

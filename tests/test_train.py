@@ -43,6 +43,7 @@ def test_one_epoch_writes_checkpoint_metrics_and_logs(workdir: Path) -> None:
 
 @pytest.mark.parametrize(("ema", "scheduler"), [(0.0, "cosine"), (0.9, "cosine"), (0.0, "onecycle")],
                          ids=["plain", "moving-average", "one-cycle"])
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_the_uninterrupted_result(workdir: Path, monkeypatch, ema: float,
                                                              scheduler: str) -> None:
     write_train_params(workdir, epochs=2, scheduler=scheduler, ema=ema)
@@ -160,6 +161,7 @@ def test_resume_on_other_data_is_refused(workdir: Path) -> None:
         train.main([])
 
 
+@pytest.mark.slow
 def test_a_kill_before_any_write_leaves_the_old_outputs_and_resumes_to_the_uninterrupted_result(
         workdir: Path, monkeypatch) -> None:
     """Killed before each write (the resume point every epoch, then model.pt, dvclive/, metrics/train.json):
