@@ -20,3 +20,12 @@ METRICS = Path("metrics")  # <stage>.json: the headline figures, what `dvc exp s
 REPORTS = Path("reports")  # <stage>.json: every figure behind them (per class, per subgroup, ...)
 PLOTS = Path("plots")
 DVCLIVE = Path("dvclive")
+
+
+def report_for(metrics: Path, report: Path | None = None) -> Path:
+    """Where a stage writes the breakdowns behind `metrics`: `report` if given; reports/<name> for the project's
+    metrics/<name>; beside a metrics file given elsewhere (as <name>.report.json), so that a run writing its
+    metrics outside the project never replaces the project's report."""
+    if report is not None:
+        return report
+    return REPORTS / metrics.name if metrics == METRICS / metrics.name else metrics.with_suffix(".report.json")

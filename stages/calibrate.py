@@ -56,13 +56,6 @@ def headline_rows(report: dict) -> pd.DataFrame:
     return pd.DataFrame([(10 + i, m, x) for i, (m, x) in enumerate(rows)], columns=["order", "metric", "text"])
 
 
-def report_path(metrics: Path, report: Path | None) -> Path:
-    """reports/calibrate.json by default; beside a --metrics given elsewhere (as <name>.report.json) so that a run
-    writing its metrics outside the project never replaces the project's report."""
-    if report is not None:
-        return report
-    return paths.REPORTS / METRICS.name if metrics == METRICS else metrics.with_suffix(".report.json")
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -99,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                     evaluate.subgroup_min_images)}
     if any(col.startswith(EXPERT_PREFIX) for col in table.columns):
         report["expert"] = {"split": "test", "findings": decisions_section(table, called)}
-    write_json(report_path(args.metrics, args.report), report)
+    write_json(paths.report_for(args.metrics, args.report), report)
     write_json(args.metrics, headline(report))
     write_csv(args.plots / "subgroups.csv", plot_rows(report["subgroups"], "underdiagnosis_rate"))
     write_csv(args.plots / "headline.csv", headline_rows(report))

@@ -24,13 +24,6 @@ def headline(report: dict) -> dict[str, int]:
     return {f"{name}_images": report[name]["images"] for name in paths.SPLITS}
 
 
-def report_path(metrics: Path, report: Path | None) -> Path:
-    """reports/split.json by default; beside a --metrics given elsewhere (as <name>.report.json) so that a run
-    writing its metrics outside the project never replaces the project's report."""
-    if report is not None:
-        return report
-    return paths.REPORTS / METRICS.name if metrics == METRICS else metrics.with_suffix(".report.json")
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     with replace_dir(args.out) as tmp:  # the three tables are replaced together, in one rename, or not at all
         for name, frame in splits.items():
             frame.to_csv(tmp / f"{name}.csv", index=False)
-    write_json(report_path(args.metrics, args.report), report)
+    write_json(paths.report_for(args.metrics, args.report), report)
     write_json(args.metrics, headline(report))
     sizes = ", ".join(f"{n} {report[n]['images']} images / {report[n]['patients']} patients" for n in paths.SPLITS)
     skipped = f"; skipped {report['missing_images']} missing" if report["missing_images"] else ""

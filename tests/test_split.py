@@ -27,6 +27,7 @@ from conftest import (
     write_params,
 )
 
+from cxr14 import paths
 from cxr14.data.nih import CLASSES, META_COLUMNS
 from cxr14.data.splits import build_splits, stratified_patient_split
 from cxr14.runtime.errors import PipelineError
@@ -471,6 +472,6 @@ def current_umask() -> int:
 def test_split_report_goes_to_reports_or_beside_metrics_given_elsewhere() -> None:
     """The project's metrics/split.json has its report in reports/; a --metrics elsewhere (a test's, a user's)
     keeps its report beside it, so such a run never replaces the project's reports/split.json."""
-    assert split.report_path(split.METRICS, None) == Path("reports/split.json")
-    assert split.report_path(Path("/tmp/x/sizes.json"), None) == Path("/tmp/x/sizes.report.json")
-    assert split.report_path(Path("/tmp/x/sizes.json"), Path("r.json")) == Path("r.json")
+    assert paths.report_for(split.METRICS, None) == Path("reports/split.json")
+    assert paths.report_for(Path("/tmp/x/sizes.json"), None) == Path("/tmp/x/sizes.report.json")
+    assert paths.report_for(Path("/tmp/x/sizes.json"), Path("r.json")) == Path("r.json")
