@@ -20,10 +20,9 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from cxr14.params import SECTIONS, Section, describe
 
-from cxr14.params import SECTIONS, Section, describe  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PAGE = ROOT / "docs" / "params.md"
 
