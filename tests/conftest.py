@@ -19,6 +19,12 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (the README's test command runs two workers), each worker and every stage it starts computes
+# on one thread (stages size their threads by OMP_NUM_THREADS, torch reads it at import): two workers with a
+# thread each use two cores fully, where two threads each made every test wait on the other's.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # A test that hangs dumps every thread's stack and ends the run, instead of running out CI's clock silently.
 HANG_SECONDS = 900
 

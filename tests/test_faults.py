@@ -3,7 +3,7 @@
 Issue 11's catalogue, with the params-file cases of the design pass (tests/test_params.py has the schema's
 own): thresholds, calibrators, prepared arrays, checkpoints, box lists, params files, unreadable inputs,
 a real full disk (a tmpfs in a user namespace), a killed prepare. The faults that need a whole git + DVC
-project (a killed `dvc exp run` resumed, ten random kills, two `dvc repro` at once, a resume on another
+project (a killed `dvc exp run` resumed, random kills, two `dvc repro` at once, a resume on another
 split) are in tests/test_faults_dvc.py; a kill before each write of the train stage is in tests/test_train.py.
 """
 

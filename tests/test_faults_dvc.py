@@ -24,7 +24,8 @@ import pytest
 import torch
 from conftest import copy_project, dvc, launch, metrics, run
 
-pytestmark = pytest.mark.slow
+# xdist: this group's modules share a worker, which builds the session's reproduced project once for them
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc_faults")]
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ def test_two_dvc_repro_at_once_the_second_stops_and_the_first_finishes(project: 
     assert "up to date" in dvc("status", cwd=project).stdout  # the first run's outputs equal the baseline's
 
 
-def test_ten_random_kills_of_train_and_prepare_leave_no_process_no_temporary_and_the_same_dvc_status(
+def test_random_kills_of_train_and_prepare_leave_no_process_no_temporary_and_the_same_dvc_status(
         project: Path) -> None:
     """SIGKILL, SIGTERM or Ctrl-C at a random moment of a prepare or train run: workers end with the stage,
     outputs DVC tracks are the old ones or the new whole ones (so `dvc status` does not change), SIGTERM and
@@ -174,8 +175,8 @@ def test_ten_random_kills_of_train_and_prepare_leave_no_process_no_temporary_and
             (project / "reports/train.json").write_bytes(timings)
         return dvc("status", cwd=project).stdout
     rng = random.Random(11)
-    plan = [("prepare", "train")[i % 2] for i in range(10)]
-    signals = [signal.SIGKILL] * 6 + [signal.SIGTERM] * 2 + [signal.SIGINT] * 2
+    plan = [("prepare", "train")[i % 2] for i in range(6)]  # each signal twice, at random moments of either stage
+    signals = [signal.SIGKILL] * 2 + [signal.SIGTERM] * 2 + [signal.SIGINT] * 2
     rng.shuffle(signals)
     for stage, sig in zip(plan, signals, strict=True):
         delay = rng.uniform(0.5, durations[stage])

@@ -14,7 +14,8 @@ from conftest import TINY_DVC, breakdown, copy_project, dvc, metrics, run
 
 from cxr14.data.nih import CLASSES
 
-pytestmark = pytest.mark.slow
+# xdist: this group's modules share a worker, which builds the session's reproduced project once for them
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc_pipeline")]
 
 
 @pytest.fixture(scope="module")
