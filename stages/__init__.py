@@ -1,5 +1,8 @@
 """The pipeline's DVC entry points, one per stage: `python -m stages.<name>` (see dvc.yaml); thin scripts over cxr14.
 
+`predict.py` and `compare.py` are not stages: deprecated aliases of `cxr14-predict` and `cxr14-compare`, kept
+for one release.
+
 Importing a stage takes seconds (torch, pandas). Ctrl-C or SIGTERM in that time has nothing to undo, so it
 ends the process at once, with one word instead of an import traceback; `run_main` takes over from there.
 """
