@@ -129,7 +129,7 @@ def test_evaluate_headline_leaves_out_what_a_run_has_not() -> None:
     findings = {"A": {"auc": 0.9}, "B": {"auc": 0.7}, "C": {"auc": None}, "D": {"note": "no NIH class"}}
     subgroups = {"min_images": 50, "sex": {"gap": 0.01}, "age": {"gap": None}, "view": {"gap": 0.03}}
     picked = evaluate_headline({**base, "expert": {"findings": findings}, "subgroups": subgroups})
-    assert picked["expert_auc"] == 0.8 and picked["subgroup_gap"] == 0.03
+    assert picked["expert"] == 0.8 and picked["group_gap"] == 0.03
 
 
 def test_export_headline_drop_is_float32_minus_int8_on_val() -> None:
