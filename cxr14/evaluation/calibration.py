@@ -338,7 +338,7 @@ def check_classes(method: str, val: np.ndarray, val_probs: np.ndarray, test: np.
 def thresholds_file(thresholds: dict[str, float | None], policy: str, method: str,
                     data: dict[str, tuple[np.ndarray, np.ndarray]], cal: dict[str, np.ndarray],
                     classes: Sequence[str] = CLASSES) -> dict[str, Any]:
-    """models/thresholds.json in the seed's schema (metadata, thresholds, val metrics) plus test_metrics."""
+    """models/thresholds.json in the original recipe's schema (metadata, thresholds, val metrics) plus test_metrics."""
     def at_thresholds(split: str) -> dict:
         return {n: rounded(decision_metrics(data[split][0][:, j], cal[split][:, j], thresholds[n]))
                 for j, n in enumerate(classes)}

@@ -182,7 +182,8 @@ def curves(pred: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def score_plot(pred: pd.DataFrame, path: Path) -> None:
-    """Box + violin of test probabilities, negatives vs positives per class, on a logit axis (as the seed drew)."""
+    """Box + violin of test probabilities, negatives vs positives per class, on a logit axis (as the original
+    recipe drew)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display

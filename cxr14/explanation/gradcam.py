@@ -3,7 +3,7 @@ activations (and record the strided ops before it, for the cells' geometry); the
 logit with respect to those activations comes from `torch.autograd.grad`, so no backward hook is needed.
 The hooks exist only inside `with` (`release()` removes them too).
 
-The seed used the deprecated module backward hook, never removed it (hooks piled up per call) and
+The original recipe used the deprecated module backward hook, never removed it (hooks piled up per call) and
 drew over the normalised tensor; here heatmaps are returned in [0, 1] at the input resolution and
 drawn over the original grayscale pixels by `overlay`.
 """
@@ -33,8 +33,8 @@ class GradCAM:
 
     Heatmaps are resampled to the input where each cell really looks: in a ResNet, cell j of a stride-32
     layer is centred on input pixel 32j, not 32j + 15.5 as a plain resize (cv2.resize, F.interpolate)
-    assumes, which shifts every map half a cell down and right (measured on the demo: pointing game at
-    layer4 0.11 with a plain resize, 0.31 aligned). The cells' stride and offset are read from the
+    assumes, which shifts every map half a cell down and right (docs/benchmarks.md has what it cost the
+    pointing game). The cells' stride and offset are read from the
     strided convolutions and poolings that run before the layer, during the same forward pass.
     """
 
