@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import faulthandler
+import importlib
 import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -263,6 +264,30 @@ def run_module(module: str, *args: str | Path, ci: bool = True) -> subprocess.Co
                timeout=300)
 
 
+def stage_result(main: Callable[[list[str]], None], argv: Sequence[str | Path], capsys: pytest.CaptureFixture
+                 ) -> tuple[int, list[str]]:
+    """A stage entry point run in this process as its `__main__` runs it (through run_main; test_layout checks
+    every stage's is): the exit code and the stderr lines. For errors found before any work, where a
+    `run_module` subprocess would spend seconds importing torch to print one line."""
+    from cxr14.runtime.signals import run_main
+
+    capsys.readouterr()
+    code = 0
+    try:
+        run_main(main, [str(a) for a in argv])
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err.splitlines()
+
+
+def stage_main(name: str) -> Callable[[list[str]], None]:
+    """What `python -m stages.<name>` runs (train: `worker`, which wraps `main` for launched ranks)."""
+    module = importlib.import_module(f"stages.{name}")
+    return getattr(module, "worker", module.main)
+
+
 # The tiny DVC project that tests/test_pipeline.py and tests/test_faults_dvc.py share: the whole DAG on a 120-image
 # demo at 48 px, one epoch. Large enough for train's resume point and DataLoader worker to be caught by a kill.
 TINY_DVC = {
@@ -365,27 +390,33 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def tiny_project(tiny_data: Path, folder: Path) -> Path:
+    """`folder` made a project holding the tiny data: split tables and prepared arrays copied, the images linked
+    (split tables point at data/demo relative to the project), and its params.yaml."""
+    (folder / "data").mkdir(parents=True)
+    for name in ("split", "prepared"):
+        shutil.copytree(tiny_data / "data" / name, folder / "data" / name)
+    (folder / "data/demo").symlink_to(tiny_data / "data/demo")
+    (folder / "params.yaml").write_text((tiny_data / "params.yaml").read_text())
+    return folder
+
+
 @pytest.fixture
 def workdir(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh project folder holding the tiny data (split tables and prepared arrays copied); the stage runs
-    with it as the working directory."""
-    (tmp_path / "data").mkdir()
-    for name in ("split", "prepared"):
-        shutil.copytree(tiny_data / "data" / name, tmp_path / "data" / name)
-    # split tables point at data/demo relative to the project: link the images in.
-    (tmp_path / "data/demo").symlink_to(tiny_data / "data/demo")
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text((tiny_data / "params.yaml").read_text())
+    """A fresh `tiny_project`; the stage runs with it as the working directory."""
+    monkeypatch.chdir(tiny_project(tiny_data, tmp_path))
     return tmp_path
 
 
-def write_train_params(folder: Path, **overrides) -> None:
+def write_train_params(folder: Path, name: str = "params.yaml", **overrides) -> None:
+    """`folder`/params.yaml with the train section TRAIN and `overrides`, written to `folder`/`name`."""
     params = yaml.safe_load((folder / "params.yaml").read_text())
     params["train"] = {**TRAIN, **overrides}
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    (folder / name).write_text(yaml.safe_dump(params))
 
 
-def outputs() -> dict[str, bytes]:
-    """Every file the train stage writes for DVC, by path: what a killed run must leave as it was."""
-    files = [Path("models/model.pt"), Path("metrics/train.json"), *sorted(Path("dvclive").rglob("*"))]
-    return {str(f): f.read_bytes() for f in files if f.is_file()}
+def outputs(folder: Path = Path()) -> dict[str, bytes]:
+    """Every file the train stage writes for DVC in `folder` (default: here), by path relative to it: what a
+    killed run must leave as it was."""
+    files = [folder / "models/model.pt", folder / "metrics/train.json", *sorted((folder / "dvclive").rglob("*"))]
+    return {str(f.relative_to(folder)): f.read_bytes() for f in files if f.is_file()}

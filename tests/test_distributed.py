@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import types
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,17 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import REPO, child_env, launch, outputs, run, write_train_params
+from conftest import (
+    REPO,
+    child_env,
+    launch,
+    outputs,
+    run,
+    stage_main,
+    stage_result,
+    tiny_project,
+    write_train_params,
+)
 
 from cxr14.data.loader import PreparedImages, SortedBatchSampler, augment, read_labels
 from cxr14.data.nih import CLASSES
@@ -41,13 +50,19 @@ ALL_BATCHNORM = ["bn1", *[f"layer{i}.{j}.bn{k}" for i in range(1, 5) for j in ra
                  *[f"layer{i}.0.downsample.1" for i in range(2, 5)]]
 
 
-def run_train(folder: Path, env: dict[str, str] | None = None, popen: bool = False) -> Any:
-    """`python -m stages.train` in `folder` as DVC runs it (progress bars off), this checkout's code on the path."""
+def run_train(folder: Path, env: dict[str, str] | None = None, popen: bool = False, args: Sequence[str] = ()) -> Any:
+    """`python -m stages.train ARGS` in `folder` as DVC runs it (progress bars off), this checkout's code on the
+    path."""
     full = {k: v for k, v in child_env(pythonpath=REPO).items() if k != "MASTER_PORT"} | (env or {})
-    args = [sys.executable, "-m", "stages.train"]
+    args = [sys.executable, "-m", "stages.train", *args]
     if popen:
         return launch(args, folder, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     return run(args, folder, check=False, env=full, timeout=300)
+
+
+def children() -> set[int]:
+    """The pids of this process's children: a stage run in-process that started no process adds none."""
+    return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
 def fit_here(folder: Path, world: distributed.World, out: Path) -> None:
@@ -79,9 +94,12 @@ def ddp_rank(rank: int, folder: Path, out: Path) -> None:
 @pytest.mark.slow
 def test_two_processes_with_frozen_batchnorm_train_what_one_process_trains(workdir: Path, monkeypatch) -> None:
     write_train_params(workdir, epochs=2, batch_size=8, freeze=ALL_BATCHNORM)  # 3 steps an epoch
-    single = multiprocessing.get_context("spawn").Process(target=fit_here, args=(workdir, distributed.World(),
-                                                                                  workdir / "one.pt"))
-    single.start(), single.join(300)
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    try:  # one process: this one (a spawned one would spend seconds importing torch)
+        fit_here(workdir, distributed.World(), workdir / "one.pt")
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.set_num_threads(threads)
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
@@ -129,16 +147,36 @@ def test_validation_blocks_cover_every_row_once() -> None:
             assert rows == list(range(total))
 
 
-@pytest.mark.slow
-def test_a_run_killed_after_an_epoch_resumes_with_two_processes_to_the_uninterrupted_result(workdir: Path) -> None:
-    write_train_params(workdir, epochs=3, batch_size=8, nproc=2)
-    result = run_train(workdir)
-    assert result.returncode == 0, result.stderr
-    straight = outputs()
-    for folder in ("models", "dvclive"):
-        shutil.rmtree(folder)
+TWO_PROCESSES = {"epochs": 2, "batch_size": 8, "nproc": 2}
 
-    proc = run_train(workdir, popen=True)
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
+    """One uninterrupted two-process run, shared by the tests below (each launch costs seconds): the train
+    stage given `--params other.yaml` (TWO_PROCESSES) beside a params.yaml that asks for one epoch; its folder
+    and its outputs."""
+    folder = tiny_project(tiny_data, tmp_path_factory.mktemp("two_processes"))
+    write_train_params(folder, "other.yaml", **TWO_PROCESSES)
+    write_train_params(folder, **{**TWO_PROCESSES, "epochs": 1})  # what the ranks must not read
+    result = run_train(folder, args=["--params", "other.yaml"])
+    assert result.returncode == 0, result.stderr
+    return folder, outputs(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")  # on one worker, so the run is made once
+def test_launched_processes_read_the_params_file_the_launcher_was_given(two_processes) -> None:
+    folder, _ = two_processes
+    assert json.loads((folder / "metrics/train.json").read_text())["epochs_run"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")
+def test_a_run_killed_after_an_epoch_resumes_with_two_processes_to_the_uninterrupted_result(
+        workdir: Path, two_processes) -> None:
+    _, straight = two_processes
+    write_train_params(workdir, "other.yaml", **TWO_PROCESSES)
+    proc = run_train(workdir, popen=True, args=["--params", "other.yaml"])
     point = workdir / "models/resume/last.pt"
     deadline = time.monotonic() + 240
     while not point.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -150,12 +188,12 @@ def test_a_run_killed_after_an_epoch_resumes_with_two_processes_to_the_uninterru
     gone, alive = psutil.wait_procs(ranks, timeout=10)
     assert not alive, alive
     epoch = torch.load(point, weights_only=True)["state"]["epoch"]
-    assert 1 <= epoch < 3 and not Path("models/model.pt").exists()
+    assert epoch == 1 and not Path("models/model.pt").exists()
 
-    write_train_params(workdir, epochs=3, batch_size=8, nproc=2, resume=True)
-    result = run_train(workdir)
+    write_train_params(workdir, "other.yaml", **TWO_PROCESSES, resume=True)
+    result = run_train(workdir, args=["--params", "other.yaml"])
     assert result.returncode == 0, result.stderr
-    assert f"resuming from models/resume/last.pt after epoch {epoch} of 3" in result.stdout
+    assert "resuming from models/resume/last.pt after epoch 1 of 2" in result.stdout
     resumed = outputs()
     assert resumed.keys() == straight.keys()
     for name, content in straight.items():  # metrics/train.json too: its timings are in reports/train.json
@@ -205,18 +243,19 @@ def test_sigterm_stops_every_rank_and_exits_143(workdir: Path) -> None:
     assert not leftovers  # temporaries removed on the way out
 
 
-def test_a_busy_rendezvous_port_is_one_line(workdir: Path) -> None:
+def test_a_busy_rendezvous_port_is_one_line(workdir: Path, monkeypatch, capsys) -> None:
     write_train_params(workdir, epochs=1, batch_size=8, nproc=2)
     with socket.socket() as s:
         s.bind(("localhost", 0))
         s.listen()
         port = s.getsockname()[1]
-        result = run_train(workdir, env={"MASTER_PORT": str(port)})
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        f"error: MASTER_PORT: port {port} is in use on this machine; choose another, or unset MASTER_PORT for a "
-        "free one"]
-    assert not Path("models/resume/last.pt").exists()
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        before = children()
+        code, lines = stage_result(stage_main("train"), [], capsys)
+    assert code == 1
+    assert lines == [f"error: MASTER_PORT: port {port} is in use on this machine; choose another, or unset "
+                     "MASTER_PORT for a free one"]
+    assert not Path("models/resume/last.pt").exists() and not children() - before
 
 
 def test_more_processes_than_gpus_is_one_line(monkeypatch) -> None:
@@ -229,22 +268,29 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch) -> None:
     train.check_gpus(torch.device("cpu"), 4)  # gloo processes on the CPU: any number
 
 
-def test_a_batch_that_does_not_divide_is_refused_before_any_process_starts(workdir: Path) -> None:
+def test_a_batch_that_does_not_divide_is_refused_before_any_process_starts(workdir: Path, monkeypatch,
+                                                                          capsys) -> None:
+    monkeypatch.delenv("MASTER_PORT", raising=False)
     write_train_params(workdir, batch_size=9, nproc=2)
-    result = run_train(workdir)
-    assert result.returncode == 1
-    assert result.stderr.strip() == ("error: params.yaml train.batch_size: 9; expected a multiple of train.nproc (2): "
-                                     "the batch is global, each process takes an equal share")
-    assert "processes" not in result.stdout
+    before = children()
+    code, lines = stage_result(stage_main("train"), [], capsys)
+    assert code == 1
+    assert lines == ["error: params.yaml train.batch_size: 9; expected a multiple of train.nproc (2): the batch is "
+                     "global, each process takes an equal share"]
+    assert not children() - before
 
 
-def test_fewer_training_images_than_a_batch_is_refused_with_several_processes(workdir: Path) -> None:
+def test_fewer_training_images_than_a_batch_is_refused_with_several_processes(workdir: Path, monkeypatch,
+                                                                              capsys) -> None:
+    monkeypatch.delenv("MASTER_PORT", raising=False)
     n = len(np.load("data/prepared/train.npy", mmap_mode="r"))
     write_train_params(workdir, batch_size=2 * n, nproc=2)
-    result = run_train(workdir)
-    assert result.returncode == 1
-    assert result.stderr.strip().startswith(f"error: data/prepared/train.npy: {n} training images, fewer than "
-                                            f"train.batch_size ({2 * n})")
+    before = children()
+    code, lines = stage_result(stage_main("train"), [], capsys)
+    assert code == 1
+    assert lines[0].startswith(f"error: data/prepared/train.npy: {n} training images, fewer than "
+                               f"train.batch_size ({2 * n})")
+    assert not children() - before
 
 
 def test_compile_wraps_the_model_but_modes_and_checkpoints_see_the_network() -> None:
@@ -264,17 +310,6 @@ def test_torchrun_world_size_must_divide_the_batch(workdir: Path) -> None:
     training.check_world(data, t, 4)
     with pytest.raises(PipelineError, match=r"^train.batch_size: 8; expected a multiple of the 3 processes"):
         training.check_world(data, t, 3)
-
-
-@pytest.mark.slow
-def test_launched_processes_read_the_params_file_the_launcher_was_given(workdir: Path) -> None:
-    write_train_params(workdir, epochs=1, batch_size=8, nproc=2)
-    Path("other.yaml").write_text(Path("params.yaml").read_text())
-    write_train_params(workdir, epochs=2, batch_size=8, nproc=2)  # params.yaml: what the workers must not read
-    result = run([sys.executable, "-m", "stages.train", "--params", "other.yaml"], workdir, check=False,
-                 env=child_env(pythonpath=REPO), timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert json.loads(Path("metrics/train.json").read_text())["epochs_run"] == 1
 
 
 def failures(**codes: int) -> dict[int, Any]:

@@ -17,8 +17,8 @@ import pytest
 import torch
 from conftest import TINY_DVC, copy_project, dvc, metrics
 
-# xdist: this group's modules share a worker, which builds the session's reproduced project once for them
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc_pipeline")]
+# xdist: every module on the reproduced project is in this group, so one worker builds it once for all of them
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc_project")]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,18 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, TinyNIH, child_env, launch, project_params, run, tiny_demo, write_params
+from conftest import (
+    REPO,
+    TinyNIH,
+    child_env,
+    launch,
+    project_params,
+    run,
+    stage_main,
+    stage_result,
+    tiny_demo,
+    write_params,
+)
 from PIL import Image
 
 from cxr14 import cli
@@ -229,33 +240,18 @@ def test_a_killed_prepare_leaves_no_process_and_its_next_run_no_file(nih_sample_
     ("train", lambda p: project_params(p, {"train": {"augment": {"crop_scale": [1.5, 0.5]}}}),
      "train.augment.crop_scale: [1.5, 0.5]; expected"),
 ])
-def test_bad_params_files_are_one_line_before_any_work(tmp_path: Path, stage: str, write, message: str) -> None:
+def test_bad_params_files_are_one_line_before_any_work(tmp_path: Path, stage: str, write, message: str,
+                                                      capsys: pytest.CaptureFixture) -> None:
     """Cases of issue 11's probe that were tracebacks or silently accepted: one line, exit 1, nothing written."""
-    from conftest import run_module
-
     params = tmp_path / "params.yaml"
     write(params)
     before = sorted(tmp_path.iterdir())
-    result = run_module(stage, "--params", params)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    code, lines = stage_result(stage_main(stage), ["--params", params], capsys)
+    assert code == 1 and len(lines) == 1 and message in lines[0], lines
     assert sorted(tmp_path.iterdir()) == before
 
 
 # ---- explain on a tiny project: boxes outside their image, checkpoints of another model ----
-
-def stage_result(main, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
-    """Run a stage entry point in-process as its `__main__` does (through run_main): exit code, stderr lines."""
-    capsys.readouterr()
-    code = 0
-    try:
-        run_main(main, argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return code, err.splitlines()
-
 
 def snapshot(root: Path, *names: str) -> dict[str, bytes]:
     """Bytes of every file at or under `root`/name: what a failed run must leave exactly as it was."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,3 +59,19 @@ def test_stages_are_exactly_the_dvc_stages() -> None:
     assert scripts - STAGE_ALIASES == set(stages)
     for name, stage in stages.items():
         assert stage["cmd"].split()[:3] == ["python", "-m", f"stages.{name}"]
+        tree = ast.parse((ROOT / "stages" / f"{name}.py").read_text())
+        entry = "worker" if any(isinstance(n, ast.FunctionDef) and n.name == "worker" for n in tree.body) else "main"
+        guard = [n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "__name__ == '__main__'"]
+        call = guard[-1].body[0].value  # conftest.stage_result runs stage_main(name) in-process as this line does
+        assert ast.unparse(call.func) == "run_main" and ast.unparse(call.args[0]) == entry, f"stages/{name}.py"
+
+
+@pytest.mark.xdist_group("layout")
+def test_grouped_tests_share_a_worker(request: pytest.FixtureRequest) -> None:
+    """Under `--dist loadgroup` (the README's test command) xdist keeps a group on one worker by suffixing node ids
+    with `@group`; pytest 9.2 drops the suffix (pytest-dev/pytest-xdist#1386), and each module on the reproduced
+    DVC project would build it again, a minute more, silently."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("not run under --dist loadgroup")
+    assert request.node.nodeid.endswith("@layout"), f"{request.node.nodeid}: xdist_group ignored; install the " \
+                                                    "pytest and pytest-xdist versions of requirements.txt"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, project_params, run_module
+from conftest import REPO, project_params, stage_main, stage_result
 
 from cxr14.params import SECTIONS, Calibrate, Data, Demo, Explain, Prepare, Train, build, load_section, read_yaml
 from cxr14.runtime.errors import PipelineError
@@ -133,14 +133,14 @@ TYPOS = {  # stage: (section it reads, mistyped key, the key meant)
 
 
 @pytest.mark.parametrize("stage", list(TYPOS))
-def test_every_stage_stops_on_a_typo_before_doing_work(tmp_path: Path, stage: str) -> None:
+def test_every_stage_stops_on_a_typo_before_doing_work(tmp_path: Path, stage: str,
+                                                      capsys: pytest.CaptureFixture) -> None:
     """As `dvc repro` runs it: a mistyped key in a section the stage reads is exit 1 and one line on stderr."""
     section, typo, meant = TYPOS[stage]
     params = project_params(tmp_path / "params.yaml", {section: {typo: 1}})
-    result = run_module(stage, "--params", params)
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert lines == [f"error: {params} {section}.{typo}: unknown key; did you mean {meant}?"], result.stderr
+    code, lines = stage_result(stage_main(stage), ["--params", params], capsys)
+    assert code == 1
+    assert lines == [f"error: {params} {section}.{typo}: unknown key; did you mean {meant}?"]
 
 
 def test_a_float_is_not_an_integer_choice() -> None:
