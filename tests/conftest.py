@@ -420,3 +420,50 @@ def outputs(folder: Path = Path()) -> dict[str, bytes]:
     killed run must leave as it was."""
     files = [folder / "models/model.pt", folder / "metrics/train.json", *sorted((folder / "dvclive").rglob("*"))]
     return {str(f.relative_to(folder)): f.read_bytes() for f in files if f.is_file()}
+
+
+# The exported tiny model (tests/test_export.py, and the deployment side of the fault catalogue).
+DEPLOYED_SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random resnet18 at DEPLOYED_SIZE px as the train stage saves it, a Platt calibrator, thresholds, its ONNX
+    export, and a few images (`images/`): what predict and the deployment faults run on. Shared by the session:
+    a test that changes a file works on a copy."""
+    import torch
+
+    from cxr14.data.nih import CLASSES
+    from cxr14.deployment.export import export_onnx, metadata
+    from cxr14.evaluation.calibration import fit_calibrator
+    from cxr14.model.factory import build_model
+
+    folder = tmp_path_factory.mktemp("deployed")
+    torch.manual_seed(0)
+    model = build_model("resnet18", "none").eval()
+    ckpt = {"state_dict": model.state_dict(), "arch": "resnet18", "classes": list(CLASSES),
+            "image_size": DEPLOYED_SIZE, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "epoch": 3,
+            "val_mean_auc": 0.5}
+    torch.save(ckpt, folder / "model.pt")
+    rng = np.random.default_rng(0)
+    probs = rng.random((200, len(CLASSES)))
+    calibrator = fit_calibrator("platt", (rng.random((200, len(CLASSES))) < probs).astype(int), probs)
+    (folder / "calibrator.json").write_text(json.dumps(calibrator))
+    thresholds = {c: 0.3 for c in CLASSES} | {"Hernia": None}
+    (folder / "thresholds.json").write_text(json.dumps({"metadata": {"calibration": "platt"},
+                                                        "thresholds": thresholds}))
+    export_onnx(model, ckpt, metadata(ckpt, thresholds, calibrator, "test"), folder / "model.onnx", 20)
+    images = folder / "images" / "nested"
+    images.mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (60 + 10 * i, 50), dtype=np.uint8)).save(images / f"img{i}.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "images" / "colour.jpg")
+    return folder
+
+
+def own(folder: Path, onnx: bool = True) -> list[str]:
+    """Files of the fixture, never the repo's models/ (absent on a fresh clone)."""
+    if onnx:
+        return ["--model", str(folder / "model.onnx")]
+    return ["--model", str(folder / "model.pt"), "--thresholds", str(folder / "thresholds.json"),
+            "--calibrator", str(folder / "calibrator.json")]

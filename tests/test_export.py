@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from conftest import DEPLOYED_SIZE, own
 
 from cxr14 import cli
 from cxr14.data.loader import to_model_input
@@ -22,53 +22,18 @@ from cxr14.deployment import predict
 from cxr14.deployment.export import (
     export_onnx,
     int8_check,
-    metadata,
     ort_probabilities,
     quantize_int8,
     update_metadata,
     verify,
 )
 from cxr14.deployment.onnx_file import read_metadata
-from cxr14.evaluation.calibration import fit_calibrator
 from cxr14.model.factory import build_model
 from cxr14.runtime.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 NIH_IMAGES = ROOT.parent / "shared" / "nih" / "images"
-SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def deployed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random resnet18 at 32 px as the train stage saves it, a Platt calibrator, thresholds, and its export."""
-    folder = tmp_path_factory.mktemp("deployed")
-    torch.manual_seed(0)
-    model = build_model("resnet18", "none").eval()
-    ckpt = {"state_dict": model.state_dict(), "arch": "resnet18", "classes": list(CLASSES), "image_size": SIZE,
-            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "epoch": 3, "val_mean_auc": 0.5}
-    torch.save(ckpt, folder / "model.pt")
-    rng = np.random.default_rng(0)
-    probs = rng.random((200, len(CLASSES)))
-    calibrator = fit_calibrator("platt", (rng.random((200, len(CLASSES))) < probs).astype(int), probs)
-    (folder / "calibrator.json").write_text(json.dumps(calibrator))
-    thresholds = {c: 0.3 for c in CLASSES} | {"Hernia": None}
-    (folder / "thresholds.json").write_text(json.dumps({"metadata": {"calibration": "platt"},
-                                                        "thresholds": thresholds}))
-    export_onnx(model, ckpt, metadata(ckpt, thresholds, calibrator, "test"), folder / "model.onnx", 20)
-    images = folder / "images" / "nested"
-    images.mkdir(parents=True)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 256, (60 + 10 * i, 50), dtype=np.uint8)).save(images / f"img{i}.png")
-    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "images" / "colour.jpg")
-    return folder
-
-
-def own(folder: Path, onnx: bool = True) -> list[str]:
-    """Files of the fixture, never the repo's models/ (absent on a fresh clone)."""
-    if onnx:
-        return ["--model", str(folder / "model.onnx")]
-    return ["--model", str(folder / "model.pt"), "--thresholds", str(folder / "thresholds.json"),
-            "--calibrator", str(folder / "calibrator.json")]
+SIZE = DEPLOYED_SIZE
 
 
 def test_metadata_carries_everything_predict_needs(deployed: Path) -> None:
