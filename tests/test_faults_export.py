@@ -19,8 +19,9 @@ import torch
 from conftest import DEPLOYED_SIZE, project_params, stage_main, stage_result
 
 from cxr14.data.loader import to_model_input
-from cxr14.data.nih import CLASSES
+from cxr14.data.nih import CLASSES, EXPERT_FILES
 from cxr14.deployment.export import file_opset, newest_opset
+from cxr14.evaluation.predictions import PROB_PREFIX
 from cxr14.model.factory import build_model
 
 MODELS = ("models/model.onnx", "models/model.int8.onnx")
@@ -121,3 +122,101 @@ def test_export_records_the_opset_its_file_declares_and_keeps_no_file_that_diffe
     assert snapshot(export_project, (*MODELS, "reports/export.json")) == good  # the old good pair, not the new one
     assert not list((export_project / "models").glob(".*.tmp"))
 
+
+# ---------------------------------------------------------------------------------------------- expert labels
+
+HEADER = "Image Index,Fracture,Pneumothorax,Airspace opacity,Nodule or mass,Set Id"
+TEST_IMAGES = 40
+
+
+def names(n: int = TEST_IMAGES) -> list[str]:
+    return [f"{i:08d}_000.png" for i in range(n)]
+
+
+def predictions(split: str) -> pd.DataFrame:
+    """What predict_split returns, without a model: labels, probabilities and subgroup columns."""
+    rng = np.random.default_rng(0 if split == "test" else 1)
+    n = TEST_IMAGES if split == "test" else 20
+    labels = (rng.random((n, len(CLASSES))) < 0.3).astype(int)
+    frame = pd.DataFrame({"Image Index": names(n) if split == "test" else [f"v{i}.png" for i in range(n)],
+                          "Patient ID": np.arange(n), "Patient Age": rng.integers(20, 80, n),
+                          "Patient Gender": np.where(np.arange(n) % 2, "M", "F"), "View Position": "PA"})
+    frame[list(CLASSES)] = labels
+    for k, c in enumerate(CLASSES):
+        frame[PROB_PREFIX + c] = np.clip(labels[:, k] * 0.3 + rng.random(n) * 0.7, 0, 1)
+    return frame
+
+
+@pytest.fixture
+def evaluate_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project folder where evaluate's inference is replaced by fixed predictions (the expert-label path is
+    what is under test), with a data root for the expert file and previous outputs in place."""
+    from stages import evaluate as stage
+
+    monkeypatch.setattr(stage, "load_checkpoint", lambda *a, **k: (None, {}))
+    monkeypatch.setattr(stage, "predict_split", lambda model, ckpt, split, device, batch_size: predictions(split))
+    (tmp_path / "root").mkdir()
+    for name in ("metrics/evaluate.json", "reports/evaluate.json"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text('{"previous": 1}\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CI", "1")
+    project_params(tmp_path / "params.yaml", {"data": {"root": "root"}, "train": {"device": "cpu"},
+                                              "evaluate": {"bootstrap": 10}})
+    return tmp_path
+
+
+def expert_file(project: Path, rows: list[str]) -> Path:
+    path = project / "root" / EXPERT_FILES[0]
+    path.write_text("\n".join([HEADER, *rows]) + "\n")
+    return Path("root") / EXPERT_FILES[0]
+
+
+def test_evaluate_names_an_expert_row_duplicated_with_a_leading_space(evaluate_project: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    rows = [f"{n},NO,YES,NO,NO,test" for n in names(10)] + [f" {names()[1]},NO,NO,NO,NO,test"]
+    path = expert_file(evaluate_project, rows)
+    before = snapshot(evaluate_project, ("metrics/evaluate.json", "reports/evaluate.json"))
+    code, err = stage_result(stage_main("evaluate"), [], capsys)
+    assert code == 1
+    assert err == [f"error: {path} line 12: image {names()[1]} appears twice (lines 3, 12, different labels; ids "
+                   "compared without surrounding spaces); expected one row per image"]
+    assert snapshot(evaluate_project, ("metrics/evaluate.json", "reports/evaluate.json")) == before
+    assert not (evaluate_project / "data").exists()  # stopped before inference: no predictions written
+
+
+@pytest.mark.parametrize(("rows", "matched", "reference"), [
+    ([f"x{i}.png,NO,YES,NO,NO,test" for i in range(30)], 0, "30 images it marks test"),  # another data set's ids
+    ([f"{n},NO,YES,NO,NO,test" for n in names(4)] + [f"x{i}.png,NO,NO,YES,NO,test" for i in range(10)], 4,
+     "14 images it marks test"),  # 4 of 14: under half
+    ([f"{n},NO,YES,NO,NO," for n in names(3)] + [f"x{i}.png,NO,NO,YES,NO," for i in range(10)], 3, "13 images"),
+], ids=["none", "under-half-of-test", "under-half-no-set-id"])
+def test_evaluate_warns_when_the_expert_file_matches_few_test_images(
+        evaluate_project: Path, capsys: pytest.CaptureFixture, rows: list[str], matched: int, reference: str) -> None:
+    path = expert_file(evaluate_project, rows)
+    code, err = stage_result(stage_main("evaluate"), [], capsys)
+    assert code == 0
+    assert [line for line in err if str(path) in line] == [
+        f"warning: {path}: {matched} of the {TEST_IMAGES} test images have an expert row, against the file's "
+        f"{reference} (expected at least 50% of them); the expert-label AUCs rest on {matched} images"]
+    headline = json.loads((evaluate_project / "metrics" / "evaluate.json").read_text())
+    assert headline["expert_images"] == matched
+
+
+def test_evaluate_counts_the_expert_images_without_a_warning_when_the_file_matches(
+        evaluate_project: Path, capsys: pytest.CaptureFixture) -> None:
+    """Google's shape: every test-marked row is a test image, and val rows the test split has not."""
+    rows = [f"{n},NO,{'YES' if i % 3 else 'NO'},NO,NO,test" for i, n in enumerate(names(20))]
+    path = expert_file(evaluate_project, rows + [f"v{i}.png,NO,NO,NO,NO,val" for i in range(30)])
+    code, err = stage_result(stage_main("evaluate"), [], capsys)
+    assert code == 0 and not [line for line in err if str(path) in line], err
+    headline = json.loads((evaluate_project / "metrics" / "evaluate.json").read_text())
+    report = json.loads((evaluate_project / "reports" / "evaluate.json").read_text())
+    assert headline["expert_images"] == report["expert"]["images"] == 20
+    assert "expert" in headline
+
+
+def test_no_expert_file_no_expert_headline(evaluate_project: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = stage_result(stage_main("evaluate"), [], capsys)
+    assert code == 0, err
+    assert "expert_images" not in json.loads((evaluate_project / "metrics" / "evaluate.json").read_text())
