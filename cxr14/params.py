@@ -243,11 +243,12 @@ class Explain(Section):
 @dataclasses.dataclass(frozen=True)
 class Export(Section):
     SECTION: ClassVar[str] = "export"
-    opset: int = field(low=18, doc="an ONNX opset of at least 18 (the exporter's oldest)",
+    opset: int = field(low=18, doc="an ONNX opset from 18 (the exporter's oldest) to the newest the installed onnx "
+                                   "defines (28 with onnx 1.23; checked when export starts)",
         help="ONNX opset of `models/model.onnx` (ONNX Runtime 1.17+ runs 20)")
     tolerance: float = field(low=0.0, open_low=True, doc="a positive number: the largest |ONNX - PyTorch| accepted",
         help="largest accepted difference between ONNX Runtime's and PyTorch's probabilities over the test array; "
-             "above it export fails and keeps no file")
+             "above it export fails and writes no new file (the previous ones stay)")
     batch_size: int = field(low=1, help="images per batch of export's check")
     int8_calibration_images: int = field(low=1,
         help="val images (at most) whose activations set the ranges of `models/model.int8.onnx`")

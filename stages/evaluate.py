@@ -20,6 +20,7 @@ from cxr14 import paths
 from cxr14.data.nih import CLASSES
 from cxr14.evaluation.expert import (
     EXPERT_FILES,
+    check_coverage,
     expert_columns,
     expert_section,
     find_expert_file,
@@ -51,16 +52,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     evaluate, data, train = params.evaluate, params.data, params.train
+    root = Path(data.root)
+    expert_file = find_expert_file(root)
+    experts = read_expert_labels(expert_file) if expert_file is not None else None  # a bad file stops before inference
     device = pick_device(train.device, f"{args.params} train.device")
     torch.set_num_threads(cpu_count())
     cpu_kernels(train.cpu_kernels)  # the same kernels as training: predictions reproduce to the bit too
     model, ckpt = load_checkpoint(args.model, device, CLASSES)
     preds = {split: predict_split(model, ckpt, split, device, evaluate.batch_size) for split in ("val", "test")}
-    root = Path(data.root)
-    expert_file = find_expert_file(root)
-    if expert_file is not None:
-        preds["test"] = pd.concat([preds["test"], expert_columns(preds["test"]["Image Index"],
-                                                                 read_expert_labels(expert_file))], axis=1)
+    if experts is not None:
+        check_coverage(expert_file, preds["test"]["Image Index"], experts)
+        preds["test"] = pd.concat([preds["test"], expert_columns(preds["test"]["Image Index"], experts)], axis=1)
     test = preds["test"]
     # Everything is computed before anything is written: a failure in scoring leaves the old outputs as they were.
     report = score(test, root, expert_file, evaluate)

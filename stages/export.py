@@ -5,11 +5,14 @@ normalisation, calibrator and val thresholds travel inside as metadata (`cxr14/d
 written under a temporary name and checked there: when ONNX Runtime's probabilities differ from PyTorch's by
 more than `export.tolerance` anywhere on the test images the stage fails and the file is never put in place.
 reports/export.json records the difference, the difference from evaluate's own test predictions (what the
-thresholds were chosen on), the file size and the opset. Beside it models/model.int8.onnx, the same model
+thresholds were chosen on), the file size and the opset read back from the file (an export.opset above the
+newest the installed exporter writes is refused before any work, and a file declaring another is not kept). The
+two files replace the previous ones only once both are checked, so a refused setting leaves them as they were
+(dvc.yaml: persist). Beside it models/model.int8.onnx, the same model
 quantized to 8 bits (activation ranges from up to `export.int8_calibration_images` val images; classifier and
 sigmoid in float32), scored against the float32 file on val and on test, under `int8`. When its val mean AUC
 is more than `export.int8_max_auc_drop` below float32's its metadata says so (predict then runs float32 by
-default) and the stage warns. The two files are put in place together, once both are checked.
+default) and the stage warns.
 metrics/export.json holds the headline: the largest ONNX - PyTorch difference and int8's val mean AUC drop.
 """
 
@@ -28,11 +31,13 @@ from cxr14.data.loader import PreparedImages
 from cxr14.data.nih import CLASSES
 from cxr14.deployment.export import (
     export_onnx,
+    file_opset,
     headline,
     int8_check,
     metadata,
     ort_probabilities,
     quantize_int8,
+    require_opset,
     update_metadata,
     verify,
 )
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     export, train = params.export, params.train
+    require_opset(export.opset, str(args.params))  # before any work: the schema cannot know the installed onnx
     torch.set_num_threads(cpu_count())
     cpu_kernels(train.cpu_kernels)  # the reference probabilities: the same kernels evaluate used on the CPU
     model, ckpt = load_checkpoint(paths.MODEL, "cpu", classes=CLASSES)
@@ -100,7 +106,11 @@ def export_checked(model: torch.nn.Module, ckpt: dict, meta: dict, tmp: Path, im
     """Export to `tmp` and compare ONNX Runtime with PyTorch on the test array; past export.tolerance the stage fails
     with the file still under its temporary name."""
     export_onnx(model, ckpt, meta, tmp, export.opset)
-    check = verify(model, ckpt, tmp, images, export.batch_size)
+    written = file_opset(tmp)  # the exporter keeps its own opset when it cannot convert, and says so only in a log
+    if written != export.opset:
+        raise PipelineError(f"{paths.ONNX}: the exporter wrote opset {written}; expected export.opset {export.opset} "
+                            "(not written; try another export.opset)")
+    check = verify(model, ckpt, tmp, images, export.batch_size) | {"opset": written}
     if not check["max_abs_difference"] <= export.tolerance:
         raise PipelineError(f"{paths.ONNX}: ONNX Runtime's probabilities differ from PyTorch's by up to "
                             f"{check['max_abs_difference']:.3g} on {paths.PREPARED / 'test.npy'}; expected at most "
@@ -131,7 +141,7 @@ def export_report(check: dict, against_evaluate: float, on: dict, export: Export
 
     return {"images": check["images"], "max_abs_difference": float(f"{check['max_abs_difference']:.3g}"),
             "tolerance": export.tolerance, "max_abs_difference_to_evaluate": float(f"{against_evaluate:.3g}"),
-            "file_bytes": paths.ONNX.stat().st_size, "opset": export.opset, "onnxruntime": onnxruntime.__version__,
+            "file_bytes": paths.ONNX.stat().st_size, "opset": check["opset"], "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__.split("+")[0],
             "int8": {"file_bytes": paths.ONNX_INT8.stat().st_size, "calibration_images": calibration_images,
                      "max_auc_drop": export.int8_max_auc_drop, "within_limit": on["val"]["within_limit"], **on}}
@@ -139,7 +149,7 @@ def export_report(check: dict, against_evaluate: float, on: dict, export: Export
 
 def print_summary(report: dict, check: dict, against_evaluate: float, export: Export) -> None:
     out, out8, q, speed = paths.ONNX, paths.ONNX_INT8, report["int8"], check["images_per_s"]
-    print(f"export: {out} ({rounded(report['file_bytes'] / 2**20, 1)} MiB, opset {export.opset}); ONNX Runtime vs "
+    print(f"export: {out} ({rounded(report['file_bytes'] / 2**20, 1)} MiB, opset {report['opset']}); ONNX Runtime vs "
           f"PyTorch on {check['images']} test images: max |difference| {check['max_abs_difference']:.2g} (tolerance "
           f"{export.tolerance:g}), vs evaluate's predictions {against_evaluate:.2g}; {speed['onnxruntime']} vs "
           f"{speed['torch']} images/s here")

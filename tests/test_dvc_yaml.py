@@ -154,3 +154,15 @@ def test_a_section_read_but_not_declared_is_caught() -> None:
     assert sections_read(code + "device = params.train.device\n") == {"split", "train"}
     with pytest.raises(AssertionError, match="read once"):
         sections_read(code + "params = load_params(other)\n")
+
+
+def test_deployed_models_survive_a_refused_export() -> None:
+    """DVC deletes a stage's outputs before it runs unless they are persist: export refusing a param would then
+    leave predict with no model. They stay DVC-cached (not committed to git): the stage replaces them atomically."""
+    outs = {next(iter(o)) if isinstance(o, dict) else o: (o if isinstance(o, dict) else {o: {}})
+            for o in stages()["export"]["outs"]}
+    for path in ("models/model.onnx", "models/model.int8.onnx"):
+        options = outs[path][path]
+        assert options.get("persist") is True, f"dvc.yaml stage export: {path} is not persist: true"
+        assert options.get("cache", True) is True, f"dvc.yaml stage export: {path} is not DVC-cached"
+    assert "atomic_path(out) as tmp, atomic_path(out8) as tmp8" in (ROOT / "stages/export.py").read_text()

@@ -59,6 +59,38 @@ def metadata(ckpt: dict[str, Any], thresholds: dict[str, float | None], calibrat
             "precision": "float32"}  # quantize_int8 rewrites it
 
 
+def newest_opset() -> int:
+    """The newest opset the installed exporter really writes. torch's exporter builds opset 18 and converts it:
+    with onnxscript's converter up to its own limit (25 with onnxscript 0.7), past that with onnx's C converter,
+    which reaches the newest opset the installed onnx defines (28 with onnx 1.23; a resnet18 exported at each of
+    18-28 declares it and ONNX Runtime 1.32 runs it). Above that the conversion fails with a logged warning and
+    the file stays at opset 18, so a higher export.opset would be recorded but never written."""
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
+
+
+def require_opset(opset: int, where: str) -> None:
+    """Refuse an export.opset the exporter cannot write, before the stage loads anything (the schema's low bound,
+    18, is static; this one follows the installed onnx)."""
+    newest = newest_opset()
+    if opset > newest:
+        import onnx
+
+        raise PipelineError(f"{where} export.opset: {opset}; expected at most {newest}, the newest opset the "
+                            f"installed exporter writes (onnx {onnx.__version__})")
+
+
+def file_opset(path: Path | str) -> int | None:
+    """The default-domain opset an ONNX file declares (what ONNX Runtime runs it as), None if it declares none:
+    read back from the file, since the exporter may not honour the opset it was asked for."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    versions = [i.version for i in proto.opset_import if i.domain in ("", "ai.onnx")]
+    return int(versions[0]) if versions else None
+
+
 def export_onnx(model: nn.Module, ckpt: dict[str, Any], meta: dict[str, Any], out: Path | str, opset: int) -> None:
     """Write the model (CPU, eval mode) to `out` with a dynamic batch axis and `meta` embedded. Not atomic by
     itself: the export stage writes to a temporary name, checks that file, and only then renames it."""

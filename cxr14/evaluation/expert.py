@@ -25,7 +25,7 @@ import pandas as pd
 from cxr14.data.nih import CLASSES, EXPERT_FILES, FINDINGS
 from cxr14.evaluation.metrics import PatientBootstrap, auc, auc_with_interval, has_both
 from cxr14.evaluation.predictions import EXPERT_PREFIX, PROB_PREFIX
-from cxr14.runtime.errors import PipelineError
+from cxr14.runtime.errors import PipelineError, warn
 from cxr14.runtime.outputs import rounded
 
 MAPPED = tuple(f for f, classes in FINDINGS.items() if classes)
@@ -44,6 +44,8 @@ def read_expert_labels(path: Path | str) -> pd.DataFrame:
     """One row per adjudicated image, indexed by Image Index: a 0/1 column per finding and `Set Id`.
 
     Every cell of the four finding columns must read YES or NO; anything else stops with file, line and column.
+    Ids are stripped of surrounding spaces (a hand-edited copy has them) before any comparison, so a duplicate
+    written with a space is caught here, not by pandas later.
     """
     path = Path(path)
     try:
@@ -54,11 +56,9 @@ def read_expert_labels(path: Path | str) -> pd.DataFrame:
     if missing:
         raise PipelineError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; expected Image Index and "
                             f"{', '.join(FINDINGS)} (YES/NO)")
-    dup = table["Image Index"].duplicated()
-    if dup.any():
-        i = int(np.flatnonzero(dup.to_numpy())[0])
-        raise PipelineError(f"{path} line {i + 2}: image {table['Image Index'].iloc[i]} appears twice")
-    out = pd.DataFrame(index=pd.Index(table["Image Index"].str.strip(), name="Image Index"))
+    table["Image Index"] = table["Image Index"].str.strip()  # " a.png" is a.png, to the duplicate check and lookup
+    refuse_duplicates(path, table)
+    out = pd.DataFrame(index=pd.Index(table["Image Index"], name="Image Index"))
     for finding in FINDINGS:
         cells = table[finding].str.strip().str.upper()
         bad = ~cells.isin(list(VALUES))
@@ -71,10 +71,44 @@ def read_expert_labels(path: Path | str) -> pd.DataFrame:
     return out
 
 
+def refuse_duplicates(path: Path, table: pd.DataFrame) -> None:
+    """One row per image (ids already stripped), even where two rows agree: Google's file has one, so a second is
+    a hand edit or a merge, and which of two disagreeing rows is right cannot be told."""
+    ids = table["Image Index"]
+    dup = ids.duplicated()
+    if dup.any():
+        i = int(np.flatnonzero(dup.to_numpy())[0])
+        lines = [int(k) + 2 for k in np.flatnonzero((ids == ids.iloc[i]).to_numpy())]
+        cells = table.loc[ids == ids.iloc[i], list(FINDINGS)].apply(lambda c: c.str.strip().str.upper())
+        same = "the same labels" if len(cells.drop_duplicates()) == 1 else "different labels"
+        raise PipelineError(f"{path} line {i + 2}: image {ids.iloc[i]} appears twice (lines "
+                            f"{', '.join(map(str, lines))}, {same}; ids compared without surrounding spaces); "
+                            "expected one row per image")
+
+
 def expert_columns(names: pd.Series, experts: pd.DataFrame) -> pd.DataFrame:
     """expert_<finding> per mapped finding for these images: 1/0, NaN where the image was not adjudicated."""
     found = experts.reindex(names.to_numpy())
     return pd.DataFrame({EXPERT_PREFIX + f: found[f].to_numpy(dtype=np.float64) for f in MAPPED})
+
+
+MIN_SHARE = 0.5  # of the file's own test images (all its images without a `Set Id` test)
+
+
+def check_coverage(path: Path | str, names: pd.Series, experts: pd.DataFrame) -> int:
+    """How many of these test images have an expert row; a warning with the counts when that is none, or under
+    MIN_SHARE of the images the file marks as test (of all its images where it marks none), since the expert
+    AUCs would then rest on a few images or none, or the file belongs to other data (ids of another naming).
+    Google's file marks 1,962 of its 4,376 images test, all in NIH's test list: the whole NIH test split has
+    every one of them, a sample or a subset of it fewer."""
+    matched = int(names.isin(experts.index).sum())
+    marked = experts["Set Id"].astype(str).str.strip().str.lower() == "test"
+    reference, what = (int(marked.sum()), "images it marks test") if marked.any() else (len(experts), "images")
+    if matched == 0 or matched < MIN_SHARE * reference:
+        warn(f"{path}: {matched} of the {len(names)} test images have an expert row, against the file's "
+             f"{reference} {what} (expected at least {MIN_SHARE:.0%} of them); the expert-label AUCs rest on "
+             f"{matched} images")
+    return matched
 
 
 def finding_scores(pred: pd.DataFrame, finding: str, prefix: str = PROB_PREFIX) -> np.ndarray:

@@ -120,7 +120,8 @@ def score_test(pred: pd.DataFrame, clean: np.ndarray | None, resamples: int, see
 def headline(report: dict) -> dict:
     """metrics/evaluate.json: the test figures experiments are compared on, picked from the report (the
     breakdowns stay in reports/evaluate.json, so `dvc exp show` stays one legible row). The expert-label
-    mean is over the findings with an AUC, as reported; the subgroup gap is the largest attribute's."""
+    mean is over the findings with an AUC, as reported, beside the number of test images scored against expert
+    labels (where the data root has them); the subgroup gap is the largest attribute's."""
     # short keys, and no gap to the oracle (the oracle less the AUC), so that a retrained experiment's row of
     # `dvc exp show --only-changed` fits 200 columns with its changed param
     names = {"mean_auc": "auc", "mean_auc_ci_low": "auc_low", "mean_auc_ci_high": "auc_high",
@@ -129,6 +130,8 @@ def headline(report: dict) -> dict:
     expert = [f["auc"] for f in report.get("expert", {}).get("findings", {}).values() if f.get("auc") is not None]
     if expert:
         out["expert"] = rounded(float(np.mean(expert)))
+    if "images" in report.get("expert", {}):  # how many test images that mean rests on: 0 says the file matched none
+        out["expert_images"] = report["expert"]["images"]
     gaps = [a["gap"] for a in report.get("subgroups", {}).values() if isinstance(a, dict) and a["gap"] is not None]
     if gaps:
         out["group_gap"] = max(gaps)
