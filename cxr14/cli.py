@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 
 from cxr14 import paths
 from cxr14.params import PARAMS_FILE
-from cxr14.runtime.errors import PipelineError
+from cxr14.runtime.errors import PipelineError, warn
 from cxr14.runtime.signals import run_main
 
 if TYPE_CHECKING:
-    from cxr14.deployment.predict import Failed
+    from cxr14.deployment.predict import Failed, Notice
 
 CSV_COLUMNS = ("image", "class", "probability", "calibrated", "threshold", "decision", "margin", "relative_margin")
 BAR_AFTER = 8  # a progress bar for more images than this
@@ -123,10 +123,10 @@ def predict(argv: list[str] | None = None) -> None:
         raise SystemExit(1)
 
 
-def show(results: Iterable[dict | Failed], args: argparse.Namespace, heading: str, total: int) -> int:
+def show(results: Iterable[dict | Failed | Notice], args: argparse.Namespace, heading: str, total: int) -> int:
     """Tables on stdout, or the CSV file (whole when every image is done, or not at all), or one JSON document;
     an error line per failed image; the tables under `heading`. Returns the number that failed."""
-    from cxr14.deployment.predict import Failed
+    from cxr14.deployment.predict import Failed, Notice
     from cxr14.runtime.outputs import atomic_path
     from cxr14.runtime.progress import progress
 
@@ -142,6 +142,10 @@ def show(results: Iterable[dict | Failed], args: argparse.Namespace, heading: st
         bar = stack.enter_context(progress(total=total, unit="image", desc="predict",
                                            **({"disable": True} if total <= BAR_AFTER else {})))
         for result in results:
+            if isinstance(result, Notice):  # about an image still to come: no step of the bar
+                bar.clear()
+                warn(f"{result.image}: {result.message}")
+                continue
             if isinstance(result, Failed):
                 bar.clear()
                 print(f"error: {result.image}: {result.reason}", file=sys.stderr)

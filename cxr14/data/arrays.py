@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr14.data.images import load_gray
-from cxr14.runtime.errors import PipelineError
+from cxr14.data.images import decode_gray
+from cxr14.runtime.errors import PipelineError, warn
 from cxr14.runtime.processes import exit_with, process_context
 from cxr14.runtime.progress import progress
 from cxr14.runtime.signals import raise_pending, signals_deferred
@@ -29,22 +29,26 @@ CHUNK = 4  # images per task sent to a worker
 IN_FLIGHT = 4 * CHUNK  # images per worker decoded ahead of the writer, at most
 
 
-def _decode(job: tuple[int, str, int]) -> tuple[int, np.ndarray | str]:
-    """(row, path, size) -> (row, image) or (row, error text); errors travel back from workers as text."""
+Decoded = tuple[int, np.ndarray | str, list[str]]  # (row, image or error text, warnings)
+
+
+def _decode(job: tuple[int, str, int]) -> Decoded:
+    """(row, path, size) -> (row, image or error text, warnings): errors and warnings travel back from workers
+    as text, printed by the parent between progress-bar updates rather than into the bar."""
     row, path, size = job
     try:
-        return row, load_gray(path, size)
+        return row, *decode_gray(path, size)
     except ValueError as exc:
-        return row, str(exc)
+        return row, str(exc), []
 
 
-def _decode_chunk(jobs: list[tuple[int, str, int]]) -> list[tuple[int, np.ndarray | str]]:
+def _decode_chunk(jobs: list[tuple[int, str, int]]) -> list[Decoded]:
     """Worker: a few images per task, so the inter-process round trip is paid per chunk, not per image."""
     return [_decode(job) for job in jobs]
 
 
-def decoded_rows(paths: Sequence[str], size: int, workers: int) -> Iterator[tuple[int, np.ndarray | str]]:
-    """Yield (row, image-or-error) in row order, decoding in `workers` processes (1 = in-process).
+def decoded_rows(paths: Sequence[str], size: int, workers: int) -> Iterator[Decoded]:
+    """Yield (row, image-or-error, warnings) in row order, decoding in `workers` processes (1 = in-process).
 
     At most `IN_FLIGHT` images per worker are queued or decoded but not yet written, so memory
     stays bounded even if the disk is slower than decoding. A ProcessPoolExecutor rather than
@@ -73,7 +77,7 @@ def decoded_rows(paths: Sequence[str], size: int, workers: int) -> Iterator[tupl
                     pending.extend((c, pool.submit(_decode_chunk, c)) for c in itertools.islice(chunks, 1))
                 except BrokenProcessPool:  # which image killed it is unknown: the first not yet written is named
                     yield chunk[0][0], ("a decoding worker process died at or after this image (out of memory?);"
-                                        " try fewer prepare.workers")
+                                        " try fewer prepare.workers"), []
                     return
                 yield from done
         finally:
@@ -107,7 +111,10 @@ def write_array(paths: Sequence[str], size: int, workers: int, out: Path, table:
         # closing(): on a bad image the workers stop here, before the error propagates.
         rows = contextlib.closing(decoded_rows(paths, size, workers))
         with rows as results, progress(total=len(paths), desc=desc or Path(out).stem, unit="img") as bar:
-            for row, image in results:
+            for row, image, notes in results:
+                for note in notes:
+                    bar.clear()
+                    warn(f"{paths[row]}: {note}")
                 if isinstance(image, str):
                     # Row numbers are file lines of the split table (header = line 1).
                     raise PipelineError(f"{paths[row]} ({table} line {row + 2}): {image}")

@@ -1,40 +1,124 @@
 """Image decoding, one way for prepare, explain and predict: any PNG/JPEG to 8-bit grayscale, resized.
 
 The model must see at prediction time exactly the pixels it was trained on, so prepare and predict
-share this function rather than each decoding in its own way.
+share this function rather than each decoding in its own way (explain reads prepare's arrays, and opens
+image files for their size only through `open_image`).
 """
 
 from __future__ import annotations
 
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cxr14.runtime.errors import warn
 
-def to_gray8(image: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit grayscale; 16-bit data is scaled (x/257), never clipped at 255."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_QUIET = ("ignore", None, Image.DecompressionBombWarning, None, 0)
+
+
+def open_image(path: Path | str) -> Image.Image:
+    """Image.open (lazy: reads the header) without Pillow's two-line DecompressionBombWarning, which would land
+    inside a progress bar: `decode_gray` says it in one line instead. The filter is checked on every call, not
+    set once at import, as a catch_warnings block elsewhere (pytest wraps each test in one) restores the
+    filters it found; it is a filter, not catch_warnings, because that is not thread-safe (predict's threads)."""
+    first = next((f for f in warnings.filters if issubclass(Image.DecompressionBombWarning, f[2])), None)
+    if first != _QUIET:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    return Image.open(path)
+
+
+def png_significant_bits(path: Path | str) -> int | None:
+    """The gray channel's significant bits from a PNG's sBIT chunk (Pillow does not expose it), else None.
+
+    Reads chunk headers up to the first IDAT only; a chunk that is short, oversized or fails its CRC, or an
+    sBIT value outside 1-16, counts as no sBIT (the pixel range decides instead)."""
+    with open(path, "rb") as f:
+        if f.read(8) != PNG_SIGNATURE:
+            return None
+        for _ in range(1000):  # a bound: ancillary chunks before IDAT are a handful
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", head)
+            if kind in (b"IDAT", b"IEND") or length > 2**31 - 1:
+                return None
+            if kind != b"sBIT":
+                f.seek(length + 4, 1)  # data and CRC
+                continue
+            data, crc = f.read(length), f.read(4)
+            if len(data) != length or length < 1 or crc != struct.pack(">I", zlib.crc32(kind + data)):
+                return None
+            return data[0] if 1 <= data[0] <= 16 else None
+    return None
+
+
+def stored_bits(data: np.ndarray, sbit: int | None) -> int:
+    """Bits per pixel actually used by 16-bit data, which `to_gray8` scales to 0-255 by 255 / (2**bits - 1).
+
+    DICOM exports often store 10-16 significant bits unshifted in a 16-bit PNG, so dividing every file by 257
+    (16 bits) turns a 12-bit radiograph (0-4095) nearly black and changes the model's findings. The rule:
+    - an sBIT chunk of b bits, when the data fit in b bits (max <= 2**b - 1): b bits;
+    - an sBIT chunk the data exceed (a PNG written as the spec says, samples scaled up to 16 bits): 16 bits;
+    - no sBIT: the pixel range decides, max <= 255 -> 8, <= 1023 -> 10, <= 4095 -> 12, <= 16383 -> 14 bits,
+      else 16 bits. A genuine 16-bit radiograph spans far more than its lowest 14 bits, so only data
+      stored in fewer bits fall below 16384.
+    """
+    top = int(data.max(initial=0))
+    if sbit is not None:
+        return sbit if top <= 2**sbit - 1 else 16
+    return next(b for b in (8, 10, 12, 14, 16) if top <= 2**b - 1)
+
+
+def to_gray8(image: Image.Image, sbit: int | None = None) -> Image.Image:
+    """Any PIL image as 8-bit grayscale; 16-bit data scaled from the bits they use (`stored_bits`, with the
+    PNG's sBIT when given), never clipped at 255. Other modes (8-bit L, NIH's RGB/RGBA) convert as Pillow does."""
+    if image.mode in WIDE_MODES or image.mode == "F":
         data = np.asarray(image, dtype=np.float64)
         if image.mode == "F" or data.max(initial=0) > 65535:
             raise ValueError(f"unsupported pixel mode {image.mode} with values above 16 bits")
-        return Image.fromarray(np.rint(data / 257.0).astype(np.uint8), mode="L")
+        if data.min(initial=0) < 0:  # would wrap around in uint8
+            raise ValueError(f"unsupported pixel mode {image.mode} with negative values")
+        bits = stored_bits(data, sbit)
+        return Image.fromarray(np.rint(data * 255.0 / (2**bits - 1)).astype(np.uint8), mode="L")
     # NIH's RGBA files carry an opaque alpha; convert("L") reads the colour channels, as wanted.
     return image.convert("L")
 
 
-def load_gray(path: Path | str, size: int | None = None) -> np.ndarray:
-    """Decode an image file to a uint8 (H, W) array, optionally resized (antialiased) to size x size.
-
-    Raises ValueError with the reason if the file is not a readable image.
-    """
+def decode_gray(path: Path | str, size: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """`load_gray`'s pixels and its warnings about the file (without the file name), for callers that decode in
+    threads or worker processes and print between the updates of a progress bar."""
+    notes = []
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
+            pixels = image.width * image.height
             image.load()
-            gray = to_gray8(image)
+            sbit = png_significant_bits(path) if image.format == "PNG" and image.mode in WIDE_MODES else None
+            gray = to_gray8(image, sbit)
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot decode image ({exc}); expected a readable PNG or JPEG") from None
+    limit = Image.MAX_IMAGE_PIXELS  # above 2x this limit Image.open refused the file (DecompressionBombError)
+    if limit is not None and pixels > limit:
+        notes.append(f"{gray.width}x{gray.height} = {pixels} pixels, over Pillow's decompression-bomb limit of "
+                     f"{limit}; decoded anyway (files over {2 * limit} are refused)")
     if size is not None and gray.size != (size, size):
         # Box-reduce first (reducing_gap), then bilinear with an antialias kernel: fast and alias-free.
         gray = gray.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return np.asarray(gray, dtype=np.uint8)
+    return np.asarray(gray, dtype=np.uint8), notes
+
+
+def load_gray(path: Path | str, size: int | None = None) -> np.ndarray:
+    """Decode an image file to a uint8 (H, W) array, optionally resized (antialiased) to size x size; its
+    warnings (a very large image) printed, one line each naming the file.
+
+    Raises ValueError with the reason if the file is not a readable image.
+    """
+    gray, notes = decode_gray(path, size)
+    for note in notes:
+        warn(f"{path}: {note}")
+    return gray

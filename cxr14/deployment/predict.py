@@ -5,7 +5,8 @@ What the original ChestX-ray14 scripts' `inference.py` did for one image, for ma
 recursively for PNG and JPEG) and globs; images decoded exactly as the prepare stage decodes them (any
 PNG/JPEG, any size or mode, NIH's RGBA files included), in threads, ahead of the model, and run in batches;
 decisions use the calibrated probability against the val thresholds the calibrate stage chose; an unreadable
-file is reported (`Failed`) while the other files are still processed.
+file is reported (`Failed`) while the other files are still processed, and a warning about a file (`Notice`) is
+passed on for the caller to print.
 
 Two engines. `OnnxEngine` runs the export stage's model with ONNX Runtime and never imports PyTorch: the file
 carries its classes, image size, calibrator and thresholds. On a CPU with 8-bit dot products that is
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from cxr14 import paths
-from cxr14.data.images import load_gray
+from cxr14.data.images import decode_gray, load_gray
 from cxr14.data.nih import IMAGE_SUFFIXES
 from cxr14.evaluation.calibration import (
     apply_calibrator,
@@ -94,22 +95,23 @@ def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:
     return list(files.values()), errors
 
 
-def decoded(files: Sequence[str], size: int, threads: int, ahead: int = 0) -> Iterator[tuple[str, np.ndarray | str]]:
-    """(file, uint8 (size, size) image or the reason it failed), in order, decoded by `threads` threads that stay
-    up to `ahead` images ahead of the consumer (Pillow releases the GIL while it decodes, so the threads go on
-    decoding while the model runs on the batch before: `ahead` should exceed a batch)."""
+def decoded(files: Sequence[str], size: int, threads: int, ahead: int = 0
+            ) -> Iterator[tuple[str, np.ndarray | str, list[str]]]:
+    """(file, uint8 (size, size) image or the reason it failed, warnings), in order, decoded by `threads` threads
+    that stay up to `ahead` images ahead of the consumer (Pillow releases the GIL while it decodes, so the threads
+    go on decoding while the model runs on the batch before: `ahead` should exceed a batch)."""
 
-    def one(path: str) -> np.ndarray | str:
-        try:
-            return load_gray(path, size)
-        except ValueError as exc:  # load_gray's reason: unreadable, not an image, truncated
-            return str(exc)
+    def one(path: str) -> tuple[np.ndarray | str, list[str]]:
+        try:  # warnings come back with the image, printed by the caller: a thread printing would hit the bar
+            return decode_gray(path, size)
+        except ValueError as exc:  # decode_gray's reason: unreadable, not an image, truncated
+            return str(exc), []
         except Exception as exc:  # anything else a decoder may raise: this file is reported, the others go on
-            return f"cannot decode image ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+            return f"cannot decode image ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})", []
 
     if threads <= 1:
         for path in files:
-            yield path, one(path)
+            yield path, *one(path)
         return
     pool = ThreadPoolExecutor(threads)
     try:
@@ -124,7 +126,7 @@ def decoded(files: Sequence[str], size: int, threads: int, ahead: int = 0) -> It
             nxt = next(it, None)
             if nxt is not None:
                 window.append((nxt, pool.submit(one, nxt)))
-            yield path, future.result()
+            yield path, *future.result()
     finally:  # an error or Ctrl-C downstream: drop the decodes not started rather than wait for the window
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -333,6 +335,14 @@ def calibration(engine: OnnxEngine | TorchEngine, thresholds_file: Path | None,
 
 
 @dataclass(frozen=True)
+class Notice:
+    """A warning about an image that was predicted (a very large file), for the caller to print."""
+
+    image: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Failed:
     """An image that could not be predicted, and why (missing, unreadable, not an image, truncated)."""
 
@@ -342,16 +352,18 @@ class Failed:
 
 def predict_images(engine: OnnxEngine | TorchEngine, files: Sequence[str], calibrator: dict | None,
                    thresholds: dict, batch_size: int, threads: int | None = None,
-                   gradcam: Path | None = None) -> Iterator[dict | Failed]:
+                   gradcam: Path | None = None) -> Iterator[dict | Failed | Notice]:
     """Each file's result in order, or a `Failed` for it: a result is {"image", "model", "predictions" (rows_for's
     table)}, and "gradcam" (the heatmap files written into `gradcam`) when asked for (torch engine).
 
-    A failure is yielded as soon as decoding meets it; results come a batch at a time.
+    A failure, or a `Notice` (a warning about a file), is yielded as soon as decoding meets it; results come a
+    batch at a time.
     """
     stems = heatmap_stems(files)
     batch: list[tuple[int, str, np.ndarray]] = []
     with contextlib.closing(decoded(files, engine.image_size, threads or cpu_count(), ahead=2 * batch_size)) as it:
-        for index, (path, image) in enumerate(it):
+        for index, (path, image, notes) in enumerate(it):
+            yield from (Notice(path, note) for note in notes)
             if isinstance(image, str):
                 yield Failed(path, image)
                 continue

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
+from cxr14.data.images import open_image
 from cxr14.data.loader import PreparedImages, to_model_input
 from cxr14.data.nih import CLASSES
 from cxr14.explanation.gradcam import GradCAM, overlay
@@ -68,7 +68,7 @@ def scaled_boxes(boxes: pd.DataFrame, table: pd.DataFrame, size: int, source: Pa
     boxes["row"] = boxes["Image Index"].map(rows)
     dims = {}
     for name in boxes["Image Index"].unique():
-        with Image.open(table["path"].iloc[rows[name]]) as image:  # reads the header only
+        with open_image(table["path"].iloc[rows[name]]) as image:  # reads the header only; prepare warned
             dims[name] = image.size
     width, height = boxes["Image Index"].map(lambda n: dims[n][0]), boxes["Image Index"].map(lambda n: dims[n][1])
     slack = 1.0  # pixels: rounding in the list; NIH's own 984 boxes all lie within their 1024 px images
