@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from cxr14 import paths
 from cxr14.params import PARAMS_FILE
-from cxr14.runtime.errors import PipelineError, warn
+from cxr14.runtime.errors import warn
 from cxr14.runtime.signals import run_main
 
 if TYPE_CHECKING:
@@ -105,14 +105,15 @@ def predict(argv: list[str] | None = None) -> None:
     args = parse_predict_args(argv)
     params = args.params or (PARAMS_FILE if PARAMS_FILE.is_file() else None)  # a named file must exist
     where = work.settings(params, args.device, args.layer)
-    if args.gradcam is not None and args.gradcam.exists() and not args.gradcam.is_dir():
-        raise PipelineError(f"--gradcam {args.gradcam}: is a file; expected a folder for the heatmaps")
-    if args.csv is not None and args.csv.is_dir():
-        raise PipelineError(f"--csv {args.csv}: is a folder; expected a file name for the table")
     files, missing = work.expand_inputs(args.images)
+    inputs = [*files, *(p for p in (args.model, args.thresholds, args.calibrator, params) if p is not None),
+              paths.MODEL, paths.ONNX, paths.ONNX_INT8, paths.THRESHOLDS, paths.CALIBRATOR]
+    check_outputs(args, inputs)
     for line in missing:
         print(f"error: {line}", file=sys.stderr)
     engine = work.open_engine(args.engine, args.model, args.precision, where)
+    if args.gradcam is not None:
+        work.check_heatmap_names(args.gradcam, files, engine.classes, inputs)
     thresholds, calibrator = work.calibration(engine, args.thresholds, args.calibrator)
     results = work.predict_images(engine, files, calibrator, thresholds, args.batch_size, args.threads, args.gradcam)
     failed = len(missing) + show(results, args, f"model: {engine.file} ({engine.name} engine)", len(files))
@@ -121,6 +122,17 @@ def predict(argv: list[str] | None = None) -> None:
               f"{len(engine.classes)} classes to {args.csv}; {failed} failed", file=sys.stderr)
     if failed:
         raise SystemExit(1)
+
+
+def check_outputs(args: argparse.Namespace, inputs: list) -> None:
+    """--csv and --gradcam checked before any work (`check_output`): nothing a rename would destroy (a device, a
+    FIFO, a folder, one of the inputs), and a place where a file can be made."""
+    from cxr14.runtime.outputs import check_output
+
+    if args.gradcam is not None:
+        check_output(args.gradcam, folder=True, option="--gradcam", purpose=" for the heatmaps", inputs=inputs)
+    if args.csv is not None:
+        check_output(args.csv, option="--csv", purpose=" for the table", inputs=inputs)
 
 
 def show(results: Iterable[dict | Failed | Notice], args: argparse.Namespace, heading: str, total: int) -> int:

@@ -375,6 +375,22 @@ def predict_images(engine: OnnxEngine | TorchEngine, files: Sequence[str], calib
         yield from predict_batch(engine, batch, calibrator, thresholds, gradcam, stems)
 
 
+def check_heatmap_names(folder: Path, files: Sequence[str], classes: Sequence[str], inputs: Sequence) -> None:
+    """Refuse a run whose heatmaps (`<stem>_<Class>.png` in `folder`) would replace one of its inputs: predicting
+    into the images' own folder twice takes the first run's heatmaps as images."""
+    from cxr14.runtime.outputs import same_file
+
+    if not folder.is_dir():
+        return
+    stems, endings = set(heatmap_stems(files)), [f"_{c}.png" for c in classes]
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):  # the first clash, the same each run
+        if any(entry.name.endswith(e) and entry.name[:-len(e)] in stems for e in endings):
+            clash = next((i for i in inputs if same_file(Path(entry.path), Path(i))), None)
+            if clash is not None:
+                raise PipelineError(f"--gradcam {folder}: its heatmap {entry.name} would replace the input {clash}; "
+                                    "write the heatmaps to another folder")
+
+
 def heatmap_stems(files: Sequence[str]) -> list[str]:
     """Each file's heatmap name stem: its own, numbered by position where two share one (a/x.png, b/x.png)."""
     stems = [Path(p).stem for p in files]

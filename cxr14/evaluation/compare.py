@@ -62,6 +62,10 @@ def resolve(root: Path, name: str) -> str:
     if len(shas) > 1:
         raise PipelineError(f"experiment {name} exists on {len(shas)} baselines; name it by commit "
                             f"({', '.join(s[:7] for s in shas)})")
+    if git(root, "rev-parse", "--git-dir").returncode != 0:
+        raise PipelineError(f"{root.absolute()}: not inside a git repository; cxr14-compare reads the runs it "
+                            f"compares ({name} here) at git revisions through DVC: run it in the project's git "
+                            "clone, or name that with --repo")
     raise PipelineError(f"{name}: unknown revision; expected a git commit, branch or tag, an experiment name "
                         f"(dvc exp list --all-commits) or {WORKSPACE}")
 
