@@ -1,5 +1,9 @@
 """Running an exported model: the ONNX Runtime session and the metadata the export stage embeds.
 
+The metadata is checked against the graph and by the same checks as the calibrate stage's thresholds.json and
+calibrator.json (`read_metadata`): predict prints what the file says, so a file that says something wrong is
+refused, not believed.
+
 No PyTorch here (nor pandas or scikit-learn): predict's ONNX engine imports this module, and a fresh process
 predicting one image should spend its time on the image, not on imports.
 """
@@ -10,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cxr14.data.nih import CLASSES
+from cxr14.evaluation.calibration import check_calibrator, check_thresholds, shown
 from cxr14.runtime.devices import cpu_count
 from cxr14.runtime.errors import PipelineError
 
@@ -33,22 +39,84 @@ def session(path: Path | str, providers: list[str] | None = None, threads: int |
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 
-def read_metadata(session_or_path: Any) -> dict[str, Any]:
-    """The `cxr14` metadata of an exported model (a path or an ONNX Runtime session), checked for what predict uses."""
-    where = str(session_or_path)
-    if isinstance(session_or_path, (str, Path)):
-        session_or_path = session(session_or_path)
-    props = session_or_path.get_modelmeta().custom_metadata_map
+def read_metadata(path: Path | str, ort_session: Any = None) -> dict[str, Any]:
+    """The `cxr14` metadata of an exported model (its ONNX Runtime session, when open), checked against the graph
+    and against the rules the calibrate stage's files meet (`check_metadata`): predict believes nothing else, so a
+    copied, edited or foreign file is refused in one line naming `path` and the field, never run."""
+    where = str(path)
+    ort_session = ort_session if ort_session is not None else session(path)
+    props = ort_session.get_modelmeta().custom_metadata_map
     if METADATA_KEY not in props:
         raise PipelineError(f"{where}: no '{METADATA_KEY}' metadata; expected a model written by the export stage")
     try:
         meta = json.loads(props[METADATA_KEY])
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{where}: '{METADATA_KEY}' metadata is not JSON ({exc})") from None
-    missing = [k for k in ("format", "classes", "image_size", "thresholds") if k not in meta]
+    return check_metadata(meta, where, graph_shape(ort_session, where))
+
+
+def graph_shape(ort_session: Any, where: str) -> tuple[int | None, int | None]:
+    """The graph's image size and output width (None where a dimension is symbolic), once its input and output are
+    the export stage's: a foreign graph fails here in one line, not in ONNX Runtime's words at the first batch."""
+    inputs, outputs = ort_session.get_inputs(), ort_session.get_outputs()
+    if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
+        raise PipelineError(f"{where}: graph inputs {[i.name for i in inputs]}, outputs {[o.name for o in outputs]}; "
+                            f"expected ['{INPUT_NAME}'] and ['{OUTPUT_NAME}'], as the export stage writes them")
+    shape, out = list(inputs[0].shape), list(outputs[0].shape)
+    square = len(shape) == 4 and not (isinstance(shape[2], int) and isinstance(shape[3], int) and shape[2] != shape[3])
+    if inputs[0].type != "tensor(uint8)" or not square or shape[1] != 1 or len(out) != 2:
+        raise PipelineError(f"{where}: graph {INPUT_NAME} {inputs[0].type} {shape} -> {OUTPUT_NAME} {out}; expected "
+                            f"tensor(uint8) [batch, 1, S, S] -> [batch, classes], as the export stage writes them")
+    size = shape[2] if isinstance(shape[2], int) and shape[2] == shape[3] else None
+    return size, out[1] if isinstance(out[1], int) else None
+
+
+def check_metadata(meta: Any, where: str, graph: tuple[int | None, int | None]) -> dict[str, Any]:
+    """The metadata's fields by the rules the calibrate stage's files meet (the same checks: `check_thresholds`,
+    `check_calibrator`), and consistent with the graph's (image size, output width) `graph`."""
+    if not isinstance(meta, dict):
+        raise PipelineError(f"{where}: metadata: {shown(meta)}; expected a JSON object (the export stage's)")
+    fmt = meta.get("format", FORMAT)
+    if not (integer(fmt) and 1 <= fmt <= FORMAT):
+        newer = " (update cxr14 to read newer files)" if integer(fmt) and fmt > FORMAT else ""
+        raise PipelineError(f"{where}: metadata format: {shown(fmt)}; expected an integer from 1 to {FORMAT}, the "
+                            f"formats this cxr14 reads{newer}")
+    missing = [k for k in ("format", "classes", "image_size", "thresholds", "calibrator") if k not in meta]
     if missing:
         raise PipelineError(f"{where}: metadata lacks {', '.join(missing)}; expected the export stage's")
-    if meta["format"] > FORMAT:
-        raise PipelineError(f"{where}: metadata format {meta['format']} is newer than this cxr14 reads ({FORMAT}); "
-                            "update cxr14")
+    size, width = graph
+    classes = check_class_names(meta["classes"], where, "metadata classes", width)
+    image_size = meta["image_size"]
+    if not (integer(image_size) and image_size > 0 and image_size == (size or image_size)):
+        raise PipelineError(f"{where}: metadata image_size: {shown(image_size)}; expected "
+                            + (f"{size}, the graph's input size" if size else "a positive integer"))
+    check_thresholds(meta["thresholds"], where, classes, key="metadata thresholds")
+    if meta["calibrator"] is not None:  # null: the thresholds apply to raw probabilities
+        check_calibrator(meta["calibrator"], where, classes, key="metadata calibrator")
+    if meta.get("int8_within_limit") not in (None, True, False):  # open_onnx's fallback reads it
+        raise PipelineError(f"{where}: metadata int8_within_limit: {shown(meta['int8_within_limit'])}; expected "
+                            "true, false or null")
     return meta
+
+
+def integer(value: Any) -> bool:
+    """An int as JSON gives one (not a bool, which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_class_names(classes: Any, where: str, key: str, width: int | None) -> list[str]:
+    """Finding names in the data stage's order (a subset of CLASSES, each once): probabilities are printed under
+    these names, so a reordered or renamed list would put every number under another finding."""
+    order = ", ".join(CLASSES)
+    if not isinstance(classes, list) or not classes:
+        raise PipelineError(f"{where}: {key}: {shown(classes)}; expected a list of finding names ({order})")
+    for i, name in enumerate(classes):
+        if not isinstance(name, str) or name not in CLASSES:
+            raise PipelineError(f"{where}: {key}: unknown finding {shown(name)}; expected one of {order}")
+        if name in classes[:i]:
+            raise PipelineError(f"{where}: {key}: {name} twice; expected each finding once")
+        if i and CLASSES.index(name) < CLASSES.index(classes[i - 1]):
+            raise PipelineError(f"{where}: {key}: {classes[i - 1]} before {name}; expected the order {order}")
+    if width is not None and len(classes) != width:
+        raise PipelineError(f"{where}: {key}: {len(classes)} names; expected {width}, the graph's output width")
+    return classes

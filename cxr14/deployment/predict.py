@@ -36,7 +36,6 @@ from cxr14.data.images import decode_gray, load_gray
 from cxr14.data.nih import IMAGE_SUFFIXES
 from cxr14.evaluation.calibration import (
     apply_calibrator,
-    check_calibrator,
     check_pairing,
     load_calibrator,
     load_thresholds,
@@ -155,22 +154,16 @@ class OnnxEngine:
     name = "onnx"
 
     def __init__(self, model: Path, device: str, device_key: str = "--device") -> None:
-        import onnxruntime as ort
-
         from cxr14.deployment.onnx_file import INPUT_NAME, OUTPUT_NAME, read_metadata, session
 
         if not model.is_file():
             raise PipelineError(f"{model}: not found; run the export stage (dvc repro export), or use --engine torch "
                                 "with the checkpoint")
-        providers: list = ["CPUExecutionProvider"]  # cpu, and any device ONNX Runtime has no provider for (mps)
-        cuda = device == "cuda" or device.startswith("cuda:")
+        device = onnx_device(device, device_key)
+        providers: list = ["CPUExecutionProvider"]
+        cuda = device.startswith("cuda")
         if cuda:
             index = device.partition(":")[2] or "0"
-            if not index.isdigit():
-                raise PipelineError(f"{device_key}: {device}; expected cpu, cuda or cuda:N")
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise PipelineError(f"{device_key} {device}: this ONNX Runtime has no CUDA provider (install "
-                                    "onnxruntime-gpu), or use --device cpu or --engine torch")
             providers = [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
         try:
             # ONNX Runtime prints a provider that fails to start (and falls back to the CPU) on stdout, where it
@@ -182,13 +175,10 @@ class OnnxEngine:
         if cuda and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise PipelineError(f"{device_key} {device}: ONNX Runtime could not start on that GPU (see above); use "
                                 "--device cpu or --engine torch")
-        self.file, self.meta = model, read_metadata(self.session)
+        self.file, self.meta = model, read_metadata(model, self.session)  # checked against the graph
         self.input, self.output = INPUT_NAME, OUTPUT_NAME
         self.classes, self.image_size = list(self.meta["classes"]), int(self.meta["image_size"])
-        where = f"{model} metadata"
-        self.calibrator = check_calibrator(self.meta["calibrator"], where, self.classes) \
-            if self.meta.get("calibrator") else None
-        self.thresholds = self.meta["thresholds"]
+        self.calibrator, self.thresholds = self.meta["calibrator"], self.meta["thresholds"]
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, S, S) -> raw probabilities (B, C)."""
@@ -280,20 +270,47 @@ def open_engine(kind: str, model: Path | None, precision: str, where: Settings) 
     return open_onnx(model, precision, where.device, where.device_key)
 
 
+ONNX_DEVICES = "auto, cpu, cuda or cuda:N"
+
+
+def onnx_device(device: str, device_key: str) -> str:
+    """The device the onnx engine runs on: the CPU, or a GPU where this ONNX Runtime has the CUDA provider; `auto`
+    (the project's default) takes the GPU when it can. A device named on the command line that ONNX Runtime cannot
+    use (mps, a typo) is refused rather than quietly run on the CPU; train.device mps, a training setting read
+    from the params, runs on the CPU."""
+    import onnxruntime as ort
+
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if device == "cpu" or (device == "mps" and device_key != "--device"):
+        return "cpu"
+    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        torch = "; --engine torch runs on mps" if device == "mps" else ""
+        raise PipelineError(f"{device_key}: {device}; expected {ONNX_DEVICES} with the onnx engine{torch}")
+    if not has_cuda:
+        raise PipelineError(f"{device_key} {device}: this ONNX Runtime has no CUDA provider (install "
+                            "onnxruntime-gpu), or use --device cpu or --engine torch")
+    return device
+
+
+def int8_on_cpu(precision: str, device: str, device_key: str) -> None:
+    """Refuse --precision int8 on a GPU, which runs the 8-bit graph no faster than float32."""
+    if precision == "int8" and (device == "cuda" or device.startswith("cuda:")):
+        raise PipelineError(f"--precision int8 with {device_key} {device}: the int8 model is for the CPU (a GPU "
+                            "runs its 8-bit graph no faster than float32); use --precision fp32 or --device cpu")
+
+
 def open_onnx(model: Path | None, precision: str, device: str, device_key: str) -> OnnxEngine:
     """ONNX Runtime on `model`, else on the export stage's int8 or float32 model per `precision` (PRECISIONS).
 
     `auto` takes the int8 model only on a CPU where 8-bit products do not saturate (`int8_is_fast`), where the
     export stage wrote it, and where it found it within export.int8_max_auc_drop; float32 otherwise.
     """
-    if device == "auto":  # the project's default: a GPU when this ONNX Runtime can use one
-        import onnxruntime as ort
-
-        device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-    cuda = device == "cuda" or device.startswith("cuda:")
-    if precision == "int8" and cuda:
-        raise PipelineError(f"--precision int8 with {device_key} {device}: the int8 model is for the CPU (a GPU "
-                            "runs its 8-bit graph no faster than float32); use --precision fp32 or --device cpu")
+    int8_on_cpu(precision, device, device_key)  # before asking whether this ONNX Runtime has a GPU
+    device = onnx_device(device, device_key)
+    cuda = device.startswith("cuda")
+    int8_on_cpu(precision, device, device_key)  # auto, resolved
     auto = model is None and precision == "auto"
     if model is None:
         int8 = precision == "int8" or (auto and not cuda and int8_is_fast() and paths.ONNX_INT8.is_file())

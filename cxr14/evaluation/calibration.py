@@ -126,16 +126,25 @@ def apply_calibrator(spec: dict[str, Any], probs: np.ndarray, classes: Sequence[
     return out.reshape(probs.shape)
 
 
-def check_calibrator(spec: Any, where: str, classes: Sequence[str] = CLASSES) -> dict[str, Any]:
-    """Refuse a calibrator JSON that would fail (or silently pass through) at prediction time."""
+CALIBRATOR_PARAMS = {"temperature": "a finite number above 0", "platt": "[a, b], two finite numbers",
+                     "isotonic": "{'x': ascending finite numbers, 'y': as many numbers in [0, 1]}"}
+
+
+def check_calibrator(spec: Any, where: str, classes: Sequence[str] = CLASSES, key: str | None = None
+                     ) -> dict[str, Any]:
+    """Refuse a calibrator that would fail (or silently pass through) at prediction time: the one check for the
+    calibrate stage's calibrator.json (`where`) and the copy an exported model carries (`key`: its field there)."""
     if not isinstance(spec, dict) or spec.get("method") not in METHODS or not isinstance(spec.get("params"), dict):
-        raise PipelineError(f"{where}: expected {{'method': one of {', '.join(METHODS)}, 'params': {{class: ...}}}}")
+        found = f"{key}: {shown(spec)}; expected" if key else "expected"
+        raise PipelineError(f"{where}: {found} {{'method': one of {', '.join(METHODS)}, 'params': {{class: ...}}}}")
     method, params = spec["method"], spec["params"]
     if method == "none":
         return spec
     for name in classes:
+        entry = f"{key}.params.{name}" if key else f"class {name}"
         if name not in params:
-            raise PipelineError(f"{where}: no {method} parameters for class {name}")
+            missing = f"{entry}: no {method} parameters" if key else f"no {method} parameters for class {name}"
+            raise PipelineError(f"{where}: {missing}; expected {CALIBRATOR_PARAMS[method]} or null")
         v = params[name]
         ok = (v is None or (method == "temperature" and finite(v) and v > 0)
               or (method == "platt" and isinstance(v, list) and len(v) == 2 and all(map(finite, v)))
@@ -144,7 +153,8 @@ def check_calibrator(spec: Any, where: str, classes: Sequence[str] = CLASSES) ->
                   and all(map(finite, v["x"] + v["y"])) and all(0 <= b <= 1 for b in v["y"])
                   and all(a <= b for a, b in zip(v["x"], v["x"][1:], strict=False))))
         if not ok:
-            raise PipelineError(f"{where}: class {name}: {v!r} is not a valid {method} calibrator")
+            raise PipelineError(f"{where}: {entry}: {shown(v)} is not a valid {method} calibrator; expected "
+                                f"{CALIBRATOR_PARAMS[method]} or null")
     return spec
 
 
@@ -255,6 +265,31 @@ def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """A value as an error line quotes it: its repr, cut short (an isotonic calibrator has thousands of knots)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def check_thresholds(thresholds: Any, where: str, classes: Sequence[str] = CLASSES, key: str | None = None
+                     ) -> dict[str, float | None]:
+    """Refuse thresholds that would decide wrongly (NaN, out of [0, 1], not a number) or not at all without a word
+    (a class missing): the one check for the calibrate stage's thresholds.json (`where`) and the copy an exported
+    model carries (`key`: its field there). null is a class val could not set a threshold for: decided `n/a`."""
+    if not isinstance(thresholds, dict):
+        raise PipelineError(f"{where}: {key or repr('thresholds')} is {shown(thresholds)}; expected a mapping of "
+                            "class to threshold")
+    for name in classes:
+        if name not in thresholds:
+            raise PipelineError((f"{where}: {key}.{name} missing" if key else f"{where}: no threshold for class {name}")
+                                + "; expected one per class (null where undefined)")
+        v = thresholds[name]
+        if v is not None and not (finite(v) and 0 <= v <= 1):
+            entry = f"{key}.{name}:" if key else f"class {name}: threshold"
+            raise PipelineError(f"{where}: {entry} {shown(v)}; expected a number in [0, 1] or null")
+    return thresholds
+
+
 def load_thresholds(path: Path | str, classes: Sequence[str] = CLASSES) -> tuple[dict[str, float | None], str | None]:
     """Per-class thresholds from the calibrate stage's thresholds.json (None where val had no positives), and the
     calibration method whose probabilities they apply to (None for files that do not say)."""
@@ -266,14 +301,7 @@ def load_thresholds(path: Path | str, classes: Sequence[str] = CLASSES) -> tuple
         raise PipelineError(f"{path}: not found; run the calibrate stage (dvc repro calibrate)") from None
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path}: not a thresholds file ({exc}); expected the calibrate stage's output") from None
-    if not isinstance(thresholds, dict):
-        raise PipelineError(f"{path}: 'thresholds' is {thresholds!r}; expected a mapping of class to threshold")
-    for name in classes:
-        if name not in thresholds:
-            raise PipelineError(f"{path}: no threshold for class {name}; expected one per class (null where undefined)")
-        v = thresholds[name]
-        if v is not None and not (finite(v) and 0 <= v <= 1):
-            raise PipelineError(f"{path}: class {name}: threshold {v!r}; expected a number in [0, 1] or null")
+    check_thresholds(thresholds, str(path), classes)
     metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
     return thresholds, metadata.get("calibration")
 
