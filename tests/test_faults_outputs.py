@@ -129,9 +129,13 @@ def test_csv_through_a_link_replaces_the_file_it_points_to_and_keeps_the_link(de
     assert sorted(p.name for p in real.parent.iterdir()) == ["latest.csv"]  # no temporary left beside it
 
 
-def test_csv_through_a_link_to_the_input_is_refused(deployed: Path, image: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("mode", [0o644, 0o444], ids=["writable", "read-only"])
+def test_csv_through_a_link_to_the_input_is_refused(deployed: Path, image: Path, tmp_path: Path, capsys,
+                                                    mode: int) -> None:
+    """A read-only input (a copy from a read-only share) is named as the input, the reason that matters."""
     link = tmp_path / "out.csv"
     link.symlink_to(image)
+    image.chmod(mode)
     before = image.read_bytes()
     code, err = predict_csv(deployed, image, link, capsys)
     assert code == 1

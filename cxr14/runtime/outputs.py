@@ -150,11 +150,12 @@ def check_output(path: Path | str, folder: bool = False, option: str = "", purpo
     """`output_target`, and a new file made and removed where the output would go, before any work: a command
     should not spend an hour and then find it may not write. Also refuses a target that is one of `inputs`
     (the same file, through any link), which the output would destroy."""
-    target, label = output_target(path, folder, option, purpose), output_label(path, option)
-    for item in inputs:
-        if same_file(target, Path(item)):
+    label = output_label(path, option)
+    for item in inputs:  # first: of all reasons to refuse, the one that names what would be lost
+        if same_file(Path(path), Path(item)):
             raise PipelineError(f"{label}: is the input {item}; writing the output there would destroy it, so "
                                 f"name another {'folder' if folder else 'file'}")
+    target = output_target(path, folder, option, purpose)
     where = target if target.is_dir() else nearest_folder(target, label)
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=where)
