@@ -57,6 +57,10 @@ class Data(Section):
     missing: Literal["error", "skip"] = field(
         help="images in the split lists but not on disk: `error` names them, `skip` leaves them out and counts them "
              "in `metrics/split.json`")
+    dicom_voi: bool = field(
+        help="DICOM files: apply their VOI LUT or first window (Window Center/Width) before the 8-bit scaling, as "
+             "radiology viewers display them; `false` scales the stored-bit range instead (predict reads it; prepare "
+             "always applies the VOI)")
 
 
 @dataclasses.dataclass(frozen=True)
