@@ -57,10 +57,17 @@ class Data(Section):
     missing: Literal["error", "skip"] = field(
         help="images in the split lists but not on disk: `error` names them, `skip` leaves them out and counts them "
              "in `metrics/split.json`")
+
+
+@dataclasses.dataclass(frozen=True)
+class Predict(Section):
+    """Read by cxr14-predict only (no stage depends on it): a section of its own, so no stage re-runs for it."""
+
+    SECTION: ClassVar[str] = "predict"
     dicom_voi: bool = field(
         help="DICOM files: apply their VOI LUT or first window (Window Center/Width) before the 8-bit scaling, as "
-             "radiology viewers display them; `false` scales the stored-bit range instead (predict reads it; prepare "
-             "always applies the VOI)")
+             "radiology viewers display them; `false` scales the stored-bit range instead (prepare always applies "
+             "the VOI)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +268,8 @@ class Export(Section):
              "warns, and predict's default runs `model.onnx`")
 
 
-SECTIONS: tuple[type[Section], ...] = (Data, Demo, Split, Prepare, Train, Evaluate, Calibrate, Explain, Export)
+SECTIONS: tuple[type[Section], ...] = (Data, Demo, Split, Prepare, Train, Evaluate, Calibrate, Explain, Export,
+                                       Predict)
 S = TypeVar("S", bound=Section)
 
 

@@ -291,3 +291,11 @@ def test_folder_mixing_png_jpeg_dicom(nih_png, deployed: Path, tmp_path: Path, c
 def test_ages() -> None:
     assert [parse_age(a) for a in ("058Y", "006M", "010W", "003D", "", "58", "abc")] == [
         58.0, 0.5, round(70 / 365.25, 3), round(3 / 365.25, 3), None, None, None]
+
+
+def test_predict_dicom_voi_param(tmp_path: Path) -> None:
+    from cxr14.deployment.predict import dicom_voi
+
+    (tmp_path / "old.yaml").write_text("train: {}\n")
+    (tmp_path / "off.yaml").write_text("predict:\n  dicom_voi: false\n")
+    assert dicom_voi(tmp_path / "old.yaml") is True and dicom_voi(tmp_path / "off.yaml") is False

@@ -7,7 +7,7 @@ INVERSE are defined on the VOI output, so inverting first would move the window 
 1. stored values (signed when Pixel Representation is 1, Bits Stored of Bits Allocated; unused high bits cleared);
 2. modality LUT: Rescale Slope/Intercept (pydicom's `apply_modality_lut`), or a Modality LUT Sequence;
 3. VOI: a VOI LUT Sequence (its first LUT), else Window Center/Width (the first window; pydicom's
-   `apply_windowing`, LINEAR, LINEAR_EXACT and SIGMOID); skipped with `voi=False` (params `data.dicom_voi`);
+   `apply_windowing`, LINEAR, LINEAR_EXACT and SIGMOID); skipped with `voi=False` (params `predict.dicom_voi`);
 4. one inversion to P-values when Photometric Interpretation is MONOCHROME1 or Presentation LUT Shape is INVERSE
    (the DX IOD pairs MONOCHROME1 with INVERSE to mean one inversion, PS3.3 C.8.11.6.1.2, so the two never cancel);
 5. linear to 8 bits over the output range, see `to_gray8_dicom`.

@@ -40,7 +40,7 @@ from cxr14.evaluation.calibration import (
     load_calibrator,
     load_thresholds,
 )
-from cxr14.params import Data, Explain, Train, load_section
+from cxr14.params import Explain, Params, Predict, Train, load_section
 from cxr14.runtime.devices import cpu_count
 from cxr14.runtime.errors import PipelineError
 
@@ -254,18 +254,23 @@ class Settings:
 def settings(params: Path | None, device: str | None = None, layer: str | None = None) -> Settings:
     """train.device, train.cpu_kernels and explain.layer of `params` (none: the CPU and the last block), with
     `device` and `layer` given on the command line taking precedence: predict then runs as evaluate ran; and
-    data.dicom_voi, whether DICOM files are read through their VOI LUT or window."""
+    predict.dicom_voi, whether DICOM files are read through their VOI LUT or window."""
     found = Settings()
     if params is not None:
         train = load_section(params, Train)
         found = Settings(train.device, f"{params} train.device", train.cpu_kernels,
-                         load_section(params, Explain).layer, f"{params} explain.layer",
-                         load_section(params, Data).dicom_voi)
+                         load_section(params, Explain).layer, f"{params} explain.layer", dicom_voi(params))
     if device:
         found = dataclasses.replace(found, device=device, device_key="--device")
     if layer:
         found = dataclasses.replace(found, layer=layer, layer_key="--layer")
     return found
+
+
+def dicom_voi(params: Path) -> bool:
+    """predict.dicom_voi of `params`; true where the file predates the section (it is checked when present)."""
+    found = Params(params)
+    return found.section(Predict).dicom_voi if Predict.SECTION in found._raw else True
 
 
 def open_engine(kind: str, model: Path | None, precision: str, where: Settings) -> OnnxEngine | TorchEngine:
