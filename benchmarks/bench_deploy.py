@@ -49,7 +49,7 @@ import sys, time
 from cxr14.deployment.predict import decoded, expand_inputs
 files, _ = expand_inputs([sys.argv[1]])
 start = time.perf_counter()
-n = sum(1 for _, image, _ in decoded(files, int(sys.argv[2]), int(sys.argv[3])) if not isinstance(image, str))
+n = sum(1 for _, image, *_ in decoded(files, int(sys.argv[2]), int(sys.argv[3])) if not isinstance(image, str))
 print(n, time.perf_counter() - start)
 """
 

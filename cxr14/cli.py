@@ -33,7 +33,9 @@ from cxr14.runtime.signals import run_main
 if TYPE_CHECKING:
     from cxr14.deployment.predict import Failed, Notice
 
-CSV_COLUMNS = ("image", "class", "probability", "calibrated", "threshold", "decision", "margin", "relative_margin")
+CSV_COLUMNS = ("image", "class", "probability", "calibrated", "threshold", "decision", "margin", "relative_margin",
+               "view", "sex", "age")  # the DICOM tags last (empty for PNG/JPEG): older readers keep their columns
+DICOM_COLUMNS = ("view", "sex", "age")
 BAR_AFTER = 8  # a progress bar for more images than this
 PREDICT_DOC = ("Predict: per-image probabilities, calibrated probabilities, thresholds, decisions and margins, plus "
                "Grad-CAM.")
@@ -48,8 +50,9 @@ def parse_predict_args(argv: list[str] | None) -> argparse.Namespace:
     from cxr14.deployment.predict import ENGINES, PRECISIONS
 
     parser = argparse.ArgumentParser(prog="cxr14-predict", description=PREDICT_DOC)
-    parser.add_argument("images", nargs="+", help="PNG or JPEG files (any size or mode), folders (searched "
-                        "recursively) or glob patterns (quote them: '**' crosses folders)")
+    parser.add_argument("images", nargs="+", help="PNG, JPEG or DICOM files (any size or mode; DICOM "
+                        "found by content), folders (searched recursively) or glob patterns (quote them: '**' crosses "
+                        "folders)")
     parser.add_argument("--engine", choices=ENGINES, help="onnx: the exported model through ONNX Runtime, no PyTorch "
                         "(the default); torch: the checkpoint (the default with --gradcam or a .pt --model)")
     parser.add_argument("--model", type=Path, help="the export stage's .onnx (onnx engine; default: see "
@@ -115,7 +118,8 @@ def predict(argv: list[str] | None = None) -> None:
     if args.gradcam is not None:
         work.check_heatmap_names(args.gradcam, files, engine.classes, inputs)
     thresholds, calibrator = work.calibration(engine, args.thresholds, args.calibrator)
-    results = work.predict_images(engine, files, calibrator, thresholds, args.batch_size, args.threads, args.gradcam)
+    results = work.predict_images(engine, files, calibrator, thresholds, args.batch_size, args.threads, args.gradcam,
+                                  where.dicom_voi)
     failed = len(missing) + show(results, args, f"model: {engine.file} ({engine.name} engine)", len(files))
     if args.csv is not None:
         print(f"predict ({engine.name}, {engine.file}): {len(files) - failed + len(missing)} image(s) x "
@@ -179,6 +183,11 @@ def show(results: Iterable[dict | Failed | Notice], args: argparse.Namespace, he
 def print_table(result: dict) -> None:
     """One image's rows as a fixed-width table, and its heatmap files."""
     print(f"\n{result['image']}")
+    if result.get("dicom"):
+        d = result["dicom"]
+        age = "-" if d["age"] is None else f"{d['age']:g}"
+        print(f"DICOM {d['modality'] or '-'}, view {d['view'] or '-'}, sex {d['sex'] or '-'}, age {age}, "
+              f"{d['transfer_syntax']}")
     print(f"{'class':<20}{'prob':>8}{'calib':>8}{'thresh':>8}  {'dec':<4}{'margin':>9}{'rel':>9}")
     for r in result["predictions"]:
         t = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
@@ -191,8 +200,10 @@ def print_table(result: dict) -> None:
 
 def csv_rows(result: dict) -> Iterator[list]:
     """Long format: one row per image and class; empty cells where a class has no threshold."""
+    tags = result.get("dicom") or {}
+    extra = ["" if tags.get(c) is None else tags[c] for c in DICOM_COLUMNS]
     for r in result["predictions"]:
-        yield [result["image"], *("" if r[c] is None else r[c] for c in CSV_COLUMNS[1:])]
+        yield [result["image"], *("" if r[c] is None else r[c] for c in CSV_COLUMNS[1:-len(DICOM_COLUMNS)]), *extra]
 
 
 def predict_main(argv: list[str] | None = None) -> None:

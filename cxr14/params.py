@@ -60,6 +60,17 @@ class Data(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class Predict(Section):
+    """Read by cxr14-predict only (no stage depends on it): a section of its own, so no stage re-runs for it."""
+
+    SECTION: ClassVar[str] = "predict"
+    dicom_voi: bool = field(
+        help="DICOM files: apply their VOI LUT or first window (Window Center/Width) before the 8-bit scaling, as "
+             "radiology viewers display them; `false` scales the stored-bit range instead (prepare always applies "
+             "the VOI)")
+
+
+@dataclasses.dataclass(frozen=True)
 class Demo(Section):
     SECTION: ClassVar[str] = "demo"
     patients: int = field(low=2, high=10**6,
@@ -257,7 +268,8 @@ class Export(Section):
              "warns, and predict's default runs `model.onnx`")
 
 
-SECTIONS: tuple[type[Section], ...] = (Data, Demo, Split, Prepare, Train, Evaluate, Calibrate, Explain, Export)
+SECTIONS: tuple[type[Section], ...] = (Data, Demo, Split, Prepare, Train, Evaluate, Calibrate, Explain, Export,
+                                       Predict)
 S = TypeVar("S", bound=Section)
 
 

@@ -93,8 +93,8 @@ def test_inputs_folders_globs_and_missing(deployed: Path, tmp_path: Path) -> Non
                                            str(tmp_path / "*.png"), str(tmp_path), f"{images}/./colour.jpg"])
     nested = [str(images / "nested" / f"img{i}.png") for i in range(5)]
     assert files == [str(images / "colour.jpg"), *nested, str(tmp_path / "absent.png")]  # each once, however spelt
-    assert errors == [f"{tmp_path / '*.png'}: pattern matches no PNG or JPEG file",
-                      f"{tmp_path}: folder holds no PNG or JPEG file"]
+    assert errors == [f"{tmp_path / '*.png'}: pattern matches no PNG, JPEG or DICOM file",
+                      f"{tmp_path}: folder holds no PNG, JPEG or DICOM file"]
 
 
 def test_csv_rows_and_a_broken_file(deployed: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,4 +1,4 @@
-"""Image decoding, one way for prepare, explain and predict: any PNG/JPEG to 8-bit grayscale, resized.
+"""Image decoding, one way for prepare, explain and predict: any PNG/JPEG/DICOM to 8-bit grayscale, resized.
 
 The model must see at prediction time exactly the pixels it was trained on, so prepare and predict
 share this function rather than each decoding in its own way (explain reads prepare's arrays, and opens
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cxr14.data.dicom import DICOM_SUFFIXES, DicomTags, is_dicom, parses_as_dicom, read_dicom
 from cxr14.runtime.errors import warn
 
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
@@ -90,9 +91,42 @@ def to_gray8(image: Image.Image, sbit: int | None = None) -> Image.Image:
     return image.convert("L")
 
 
-def decode_gray(path: Path | str, size: int | None = None) -> tuple[np.ndarray, list[str]]:
-    """`load_gray`'s pixels and its warnings about the file (without the file name), for callers that decode in
-    threads or worker processes and print between the updates of a progress bar."""
+def fit(gray: Image.Image, size: int | None) -> np.ndarray:
+    """The one resize of every decoder (PNG, JPEG, DICOM): the model sees pixels resampled one way only."""
+    if size is not None and gray.size != (size, size):
+        # Box-reduce first (reducing_gap), then bilinear with an antialias kernel: fast and alias-free.
+        gray = gray.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return np.asarray(gray, dtype=np.uint8)
+
+
+def decode_image(path: Path | str, size: int | None = None, voi: bool = True
+                 ) -> tuple[np.ndarray, list[str], DicomTags | None]:
+    """`decode_gray`'s pixels and warnings, and the DICOM tags (None for PNG/JPEG), for predict's report.
+
+    DICOM is recognised by content (the 'DICM' magic), by a .dcm/.dicom suffix, or, for a file Pillow cannot
+    open, by parsing as a dataset with pixel data; `voi=False` ignores its VOI LUT/window (`read_dicom`).
+    """
+    if is_dicom(path) or Path(path).suffix.lower() in DICOM_SUFFIXES:
+        return _decode_dicom(path, size, voi)
+    try:
+        gray, notes = _decode_pillow(path, size)
+    except ValueError:
+        if Path(path).is_file() and parses_as_dicom(path):
+            return _decode_dicom(path, size, voi)
+        raise
+    return gray, notes, None
+
+
+def _decode_dicom(path: Path | str, size: int | None, voi: bool) -> tuple[np.ndarray, list[str], DicomTags]:
+    pixels, tags = read_dicom(path, voi)
+    notes = []
+    if tags.lateral:
+        notes.append(f"lateral view (ViewPosition {tags.view}): this model was trained on frontal (PA/AP) chest "
+                     "radiographs; its findings may not apply")
+    return fit(Image.fromarray(pixels, mode="L"), size), notes, tags
+
+
+def _decode_pillow(path: Path | str, size: int | None) -> tuple[np.ndarray, list[str]]:
     notes = []
     try:
         with open_image(path) as image:
@@ -106,17 +140,21 @@ def decode_gray(path: Path | str, size: int | None = None) -> tuple[np.ndarray, 
     if limit is not None and pixels > limit:
         notes.append(f"{gray.width}x{gray.height} = {pixels} pixels, over Pillow's decompression-bomb limit of "
                      f"{limit}; decoded anyway (files over {2 * limit} are refused)")
-    if size is not None and gray.size != (size, size):
-        # Box-reduce first (reducing_gap), then bilinear with an antialias kernel: fast and alias-free.
-        gray = gray.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return np.asarray(gray, dtype=np.uint8), notes
+    return fit(gray, size), notes
+
+
+def decode_gray(path: Path | str, size: int | None = None, voi: bool = True) -> tuple[np.ndarray, list[str]]:
+    """`load_gray`'s pixels and its warnings about the file (without the file name), for callers that decode in
+    threads or worker processes and print between the updates of a progress bar."""
+    gray, notes, _ = decode_image(path, size, voi)
+    return gray, notes
 
 
 def load_gray(path: Path | str, size: int | None = None) -> np.ndarray:
     """Decode an image file to a uint8 (H, W) array, optionally resized (antialiased) to size x size; its
     warnings (a very large image) printed, one line each naming the file.
 
-    Raises ValueError with the reason if the file is not a readable image.
+    Raises ValueError with the reason if the file is not a readable image (or a DICOM file that is refused).
     """
     gray, notes = decode_gray(path, size)
     for note in notes:

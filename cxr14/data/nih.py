@@ -48,7 +48,7 @@ REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 META_COLUMNS = ("Patient Age", "Patient Gender", "View Position")
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")  # DICOM: also found by content when named
 # Google's expert labels (evaluation/expert.py), under the name torchxrayvision ships them; looked for in the data root.
 EXPERT_FILES = ("google2019_nih-chest-xray-labels.csv", "google2019_nih-chest-xray-labels.csv.gz")
 FINDINGS: dict[str, tuple[str, ...]] = {  # expert finding: the NIH classes it maps onto (why: cxr14.evaluation.expert)

@@ -27,12 +27,12 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cxr14 import paths
-from cxr14.data.images import decode_gray, load_gray
+from cxr14.data.images import decode_image, load_gray
 from cxr14.data.nih import IMAGE_SUFFIXES
 from cxr14.evaluation.calibration import (
     apply_calibrator,
@@ -40,9 +40,12 @@ from cxr14.evaluation.calibration import (
     load_calibrator,
     load_thresholds,
 )
-from cxr14.params import Explain, Train, load_section
+from cxr14.params import Explain, Params, Predict, Train, load_section
 from cxr14.runtime.devices import cpu_count
 from cxr14.runtime.errors import PipelineError
+
+if TYPE_CHECKING:
+    from cxr14.data.dicom import DicomTags
 
 ENGINES = ("onnx", "torch")
 PRECISIONS = ("auto", "int8", "fp32")
@@ -65,9 +68,9 @@ def margins(p: float, t: float | None) -> tuple[str, float | None, float | None]
 def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:
     """The image files that `items` name, in order and each once, and one error line per item that names none.
 
-    A folder stands for its PNG and JPEG files, searched recursively and sorted; an item with glob characters
-    that is not itself a file is expanded (`**` crosses folders); anything else is taken as a file, so that a
-    missing one is reported like an unreadable one.
+    A folder stands for its PNG, JPEG and DICOM (.dcm, .dicom) files, searched recursively and sorted; an item
+    with glob characters that is not itself a file is expanded (`**` crosses folders); anything else is taken as
+    a file (decoded by its content, whatever its suffix), so that a missing one is reported like an unreadable one.
     """
     files: dict[str, str] = {}  # one file however it is spelled (a/x.png, ./a/x.png): its first spelling
     errors = []
@@ -76,7 +79,7 @@ def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:
         if path.is_dir():
             found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not found:
-                errors.append(f"{item}: folder holds no PNG or JPEG file")
+                errors.append(f"{item}: folder holds no PNG, JPEG or DICOM file")
         elif not path.exists() and glob.has_magic(item):
             found = []
             for match in sorted(glob.glob(item, recursive=True)):
@@ -86,7 +89,7 @@ def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:
                 elif Path(match).suffix.lower() in IMAGE_SUFFIXES:
                     found.append(match)
             if not found:
-                errors.append(f"{item}: pattern matches no PNG or JPEG file")
+                errors.append(f"{item}: pattern matches no PNG, JPEG or DICOM file")
         else:
             found = [item]
         for f in found:
@@ -94,19 +97,20 @@ def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:
     return list(files.values()), errors
 
 
-def decoded(files: Sequence[str], size: int, threads: int, ahead: int = 0
-            ) -> Iterator[tuple[str, np.ndarray | str, list[str]]]:
-    """(file, uint8 (size, size) image or the reason it failed, warnings), in order, decoded by `threads` threads
+def decoded(files: Sequence[str], size: int, threads: int, ahead: int = 0, voi: bool = True
+            ) -> Iterator[tuple[str, np.ndarray | str, list[str], DicomTags | None]]:
+    """(file, uint8 (size, size) image or the reason it failed, warnings, DICOM tags or None), in order, decoded
+    by `threads` threads
     that stay up to `ahead` images ahead of the consumer (Pillow releases the GIL while it decodes, so the threads
     go on decoding while the model runs on the batch before: `ahead` should exceed a batch)."""
 
-    def one(path: str) -> tuple[np.ndarray | str, list[str]]:
+    def one(path: str) -> tuple[np.ndarray | str, list[str], DicomTags | None]:
         try:  # warnings come back with the image, printed by the caller: a thread printing would hit the bar
-            return decode_gray(path, size)
-        except ValueError as exc:  # decode_gray's reason: unreadable, not an image, truncated
-            return str(exc), []
+            return decode_image(path, size, voi)
+        except ValueError as exc:  # decode_image's reason: unreadable, not an image, truncated, a refused DICOM
+            return str(exc), [], None
         except Exception as exc:  # anything else a decoder may raise: this file is reported, the others go on
-            return f"cannot decode image ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})", []
+            return f"cannot decode image ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})", [], None
 
     if threads <= 1:
         for path in files:
@@ -244,21 +248,29 @@ class Settings:
     cpu_kernels: str | None = None
     layer: str = "auto"
     layer_key: str = "--layer"
+    dicom_voi: bool = True
 
 
 def settings(params: Path | None, device: str | None = None, layer: str | None = None) -> Settings:
     """train.device, train.cpu_kernels and explain.layer of `params` (none: the CPU and the last block), with
-    `device` and `layer` given on the command line taking precedence: predict then runs as evaluate ran."""
+    `device` and `layer` given on the command line taking precedence: predict then runs as evaluate ran; and
+    predict.dicom_voi, whether DICOM files are read through their VOI LUT or window."""
     found = Settings()
     if params is not None:
         train = load_section(params, Train)
         found = Settings(train.device, f"{params} train.device", train.cpu_kernels,
-                         load_section(params, Explain).layer, f"{params} explain.layer")
+                         load_section(params, Explain).layer, f"{params} explain.layer", dicom_voi(params))
     if device:
         found = dataclasses.replace(found, device=device, device_key="--device")
     if layer:
         found = dataclasses.replace(found, layer=layer, layer_key="--layer")
     return found
+
+
+def dicom_voi(params: Path) -> bool:
+    """predict.dicom_voi of `params`; true where the file predates the section (it is checked when present)."""
+    found = Params(params)
+    return found.section(Predict).dicom_voi if Predict.SECTION in found._raw else True
 
 
 def open_engine(kind: str, model: Path | None, precision: str, where: Settings) -> OnnxEngine | TorchEngine:
@@ -369,22 +381,23 @@ class Failed:
 
 def predict_images(engine: OnnxEngine | TorchEngine, files: Sequence[str], calibrator: dict | None,
                    thresholds: dict, batch_size: int, threads: int | None = None,
-                   gradcam: Path | None = None) -> Iterator[dict | Failed | Notice]:
+                   gradcam: Path | None = None, voi: bool = True) -> Iterator[dict | Failed | Notice]:
     """Each file's result in order, or a `Failed` for it: a result is {"image", "model", "predictions" (rows_for's
-    table)}, and "gradcam" (the heatmap files written into `gradcam`) when asked for (torch engine).
+    table), "dicom" (the DICOM tags, `DicomTags.as_dict`; None for PNG/JPEG)}, and "gradcam" (the heatmap files
+    written into `gradcam`) when asked for (torch engine). `voi`: see `cxr14.data.dicom.read_dicom`.
 
     A failure, or a `Notice` (a warning about a file), is yielded as soon as decoding meets it; results come a
     batch at a time.
     """
     stems = heatmap_stems(files)
-    batch: list[tuple[int, str, np.ndarray]] = []
-    with contextlib.closing(decoded(files, engine.image_size, threads or cpu_count(), ahead=2 * batch_size)) as it:
-        for index, (path, image, notes) in enumerate(it):
+    batch: list[tuple[int, str, np.ndarray, DicomTags | None]] = []
+    with contextlib.closing(decoded(files, engine.image_size, threads or cpu_count(), 2 * batch_size, voi)) as it:
+        for index, (path, image, notes, tags) in enumerate(it):
             yield from (Notice(path, note) for note in notes)
             if isinstance(image, str):
                 yield Failed(path, image)
                 continue
-            batch.append((index, path, image))
+            batch.append((index, path, image, tags))
             if len(batch) >= batch_size:
                 yield from predict_batch(engine, batch, calibrator, thresholds, gradcam, stems)
                 batch = []
@@ -415,19 +428,20 @@ def heatmap_stems(files: Sequence[str]) -> list[str]:
     return [f"{i + 1}_{s}" if s in repeated else s for i, s in enumerate(stems)]
 
 
-def predict_batch(engine: OnnxEngine | TorchEngine, batch: list[tuple[int, str, np.ndarray]],
+def predict_batch(engine: OnnxEngine | TorchEngine, batch: list[tuple[int, str, np.ndarray, DicomTags | None]],
                   calibrator: dict | None, thresholds: dict, gradcam: Path | None,
                   stems: list[str]) -> Iterator[dict]:
-    """One forward pass over decoded (position, file, image) rows; their results in order (`predict_images`)."""
-    images = np.stack([g for _, _, g in batch])
+    """One forward pass over decoded (position, file, image, tags) rows; their results in order (`predict_images`)."""
+    images = np.stack([row[2] for row in batch])
     raw = engine.probabilities(images)
     cal = apply_calibrator(calibrator, raw, engine.classes) if calibrator else raw
     tables = [rows_for(raw[i], cal[i], engine.classes, thresholds) for i in range(len(batch))]
     if gradcam is not None:
         chosen = [heatmap_classes(rows, cal[i]) for i, rows in enumerate(tables)]
         maps = engine.gradcam(images, chosen)  # type: ignore[union-attr]
-    for i, (index, path, gray) in enumerate(batch):
-        result = {"image": path, "model": str(engine.file), "predictions": tables[i]}
+    for i, (index, path, gray, tags) in enumerate(batch):
+        result = {"image": path, "model": str(engine.file), "predictions": tables[i],
+                  "dicom": tags.as_dict() if tags is not None else None}
         if gradcam is not None:
             draw_heatmaps(result, gray, maps[i], chosen[i], gradcam, stems[index])
         yield result
