@@ -111,7 +111,7 @@ def decode_image(path: Path | str, size: int | None = None, voi: bool = True
     try:
         gray, notes = _decode_pillow(path, size)
     except ValueError:
-        if Path(path).is_file() and parses_as_dicom(path):
+        if parses_as_dicom(path):  # False for a file it may not read: Pillow's reason stands
             return _decode_dicom(path, size, voi)
         raise
     return gray, notes, None
