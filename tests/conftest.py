@@ -372,11 +372,27 @@ TRAIN = {
 }
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """data/split and data/prepared for a 60-image demo at 48 px, built once per session. Never changed: tests
-    work in `workdir`'s copy."""
-    root = tmp_path_factory.mktemp("tiny")
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """`build(folder)` run once for the whole test run, not once per xdist worker: the first worker to take the
+    lock builds in the workers' shared temporary folder, the others wait and reuse it (pytest-xdist's documented
+    recipe for session fixtures, with a POSIX lock instead of the filelock package)."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / f"{name}.built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (root / f"{name}.built").touch()
+    return folder
+
+
+def build_tiny_data(root: Path) -> None:
     tiny_demo(root, {"prepare": {"image_size": 48, "workers": 1}})
     cwd = os.getcwd()
     from stages import prepare, split
@@ -387,7 +403,13 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         prepare.main(["--params", "params.yaml"])
     finally:
         os.chdir(cwd)
-    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data/split and data/prepared for a 60-image demo at 48 px, built once per test run. Never changed: tests
+    work in `workdir`'s copy."""
+    return built_once(tmp_path_factory, "tiny", build_tiny_data)
 
 
 def tiny_project(tiny_data: Path, folder: Path) -> Path:
@@ -429,8 +451,12 @@ DEPLOYED_SIZE = 32
 @pytest.fixture(scope="session")
 def deployed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random resnet18 at DEPLOYED_SIZE px as the train stage saves it, a Platt calibrator, thresholds, its ONNX
-    export, and a few images (`images/`): what predict and the deployment faults run on. Shared by the session:
-    a test that changes a file works on a copy."""
+    export, and a few images (`images/`): what predict and the deployment faults run on. Built once per test run
+    and shared: a test that changes a file works on a copy."""
+    return built_once(tmp_path_factory, "deployed", build_deployed)
+
+
+def build_deployed(folder: Path) -> None:
     import torch
 
     from cxr14.data.nih import CLASSES
@@ -438,7 +464,6 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cxr14.evaluation.calibration import fit_calibrator
     from cxr14.model.factory import build_model
 
-    folder = tmp_path_factory.mktemp("deployed")
     torch.manual_seed(0)
     model = build_model("resnet18", "none").eval()
     ckpt = {"state_dict": model.state_dict(), "arch": "resnet18", "classes": list(CLASSES),
@@ -458,7 +483,6 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i in range(5):
         Image.fromarray(rng.integers(0, 256, (60 + 10 * i, 50), dtype=np.uint8)).save(images / f"img{i}.png")
     Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "images" / "colour.jpg")
-    return folder
 
 
 def own(folder: Path, onnx: bool = True) -> list[str]:
