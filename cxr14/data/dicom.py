@@ -22,6 +22,7 @@ pydicom is imported inside the functions: a PNG-only run never pays for it.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,11 +70,21 @@ def is_dicom(path: Path | str) -> bool:
     return head[128:132] == b"DICM"
 
 
+def quiet_pydicom() -> None:
+    """No pydicom UserWarning on stderr: its notes on lenient parsing ("Expected explicit VR, but found implicit
+    VR") are two lines with a source line, inside predict's output and progress bar, about files that are then
+    checked (`check_radiograph`) and refused in one line where they must be. A filter re-applied on every call
+    (a catch_warnings block elsewhere restores the filters it found), not catch_warnings, which is not
+    thread-safe: predict decodes in threads."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+
+
 def parses_as_dicom(path: Path | str) -> bool:
     """Whether a file without the magic (no preamble: old ACR-NEMA style files) still parses as a dataset with
     pixel data, pydicom reading it with force. Asked only of files Pillow could not open."""
     import pydicom
 
+    quiet_pydicom()
     try:
         ds = pydicom.dcmread(path, force=True)
         return "PixelData" in ds and "Rows" in ds
@@ -257,6 +268,7 @@ def read_dicom(path: Path | str, voi: bool = True) -> tuple[np.ndarray, DicomTag
     Raises ValueError with a one-line reason (the caller names the file) for what is refused: no pixel data, a
     modality other than a radiograph, several frames, colour, a transfer syntax without a decoder installed.
     """
+    quiet_pydicom()
     ds, uid = _dataset(path)
     tags = read_tags(ds, uid.name)
     check_radiograph(ds, tags, uid)
