@@ -175,10 +175,12 @@ def test_random_kills_of_train_and_prepare_leave_no_process_no_temporary_and_the
             (project / "reports/train.json").write_bytes(timings)
         return dvc("status", cwd=project).stdout
     rng = random.Random(11)
-    plan = [("prepare", "train")[i % 2] for i in range(6)]  # each signal twice, at random moments of either stage
-    signals = [signal.SIGKILL] * 2 + [signal.SIGTERM] * 2 + [signal.SIGINT] * 2
-    rng.shuffle(signals)
-    for stage, sig in zip(plan, signals, strict=True):
+    # each stage SIGKILLed once and stopped once by SIGTERM or Ctrl-C (which of the two: drawn), in a drawn
+    # order, each at a random moment of its run
+    gentle = rng.sample([signal.SIGTERM, signal.SIGINT], 2)
+    plan = [("prepare", signal.SIGKILL), ("train", signal.SIGKILL), ("prepare", gentle[0]), ("train", gentle[1])]
+    rng.shuffle(plan)
+    for stage, sig in plan:
         delay = rng.uniform(0.5, durations[stage])
         earlier = set(leftovers(project))  # a SIGKILLed run's, until the same stage runs again
         proc = launch([sys.executable, "-m", f"stages.{stage}"], project, stdout=subprocess.DEVNULL,

@@ -232,11 +232,8 @@ def test_a_kill_before_any_write_leaves_the_old_outputs_and_resumes_to_the_unint
                 assert resumed[name] == content, (kill_at, name)
         metrics = json.loads(resumed["metrics/train.json"])
         assert {k: metrics[k] for k in straight_metrics} == straight_metrics, kill_at
-        write_train_params(workdir, epochs=1)
-        train.main([])  # the previous outputs again (train.json's timings differ)
-        assert {k: v for k, v in outputs().items() if k != "metrics/train.json"} == \
-            {k: v for k, v in previous.items() if k != "metrics/train.json"}
-        previous = outputs()
+        for name, content in previous.items():  # the previous run's outputs back, for the next kill point
+            Path(name).write_bytes(content)
 
 
 @pytest.mark.parametrize("ema", [0.0, 0.999999])
