@@ -61,8 +61,8 @@ def parse_predict_args(argv: list[str] | None) -> argparse.Namespace:
                         f"int8 {paths.ONNX_INT8}, fp32 {paths.ONNX}; auto (the default): int8 on a CPU where the "
                         "export stage wrote it and found it within export.int8_max_auc_drop, and the CPU has 8-bit "
                         "dot products (VNNI, Arm), else fp32")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: train.device of --params, else cpu; the "
-                        "onnx engine needs onnxruntime-gpu for CUDA)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N; mps with --engine torch (default: train.device "
+                        "of --params, else cpu; the onnx engine needs onnxruntime-gpu for CUDA)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--threads", type=int, help="decoding threads (default: the cores this process may use)")
     parser.add_argument("--thresholds", type=Path, help=f"torch engine: calibrate output (default {paths.THRESHOLDS}); "
