@@ -279,6 +279,8 @@ def test_folder_mixing_png_jpeg_dicom(nih_png, deployed: Path, tmp_path: Path, c
     Image.fromarray(p).save(folder / "b.jpg", quality=95)
     save(dataset(p, ViewPosition="LL", PatientSex="M", PatientAge="006M"), folder / "sub" / "c.dcm")
     save(twelve_bit(p), folder / "d.dicom")
+    save(dataset(p), folder / "sub" / "IM0001")  # an archive's name without a suffix: found by its content
+    (folder / "notes.txt").write_text("not an image\n")
     out = tmp_path / "out.csv"
     code, err = stage_result(cli.predict, [folder, *own(deployed), "--csv", out], capsys)
     assert code == 0
@@ -288,7 +290,7 @@ def test_folder_mixing_png_jpeg_dicom(nih_png, deployed: Path, tmp_path: Path, c
     rows = list(csv.DictReader(open(out, newline="")))
     tags = {Path(r["image"]).name: (r["view"], r["sex"], r["age"]) for r in rows}
     assert tags == {"a.png": ("", "", ""), "b.jpg": ("", "", ""), "c.dcm": ("LL", "M", "0.5"),
-                    "d.dicom": ("PA", "F", "58.0")}
+                    "d.dicom": ("PA", "F", "58.0"), "IM0001": ("PA", "F", "58.0")}
 
 
 def test_ages() -> None:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cxr14 import paths
+from cxr14.data.dicom import is_dicom
 from cxr14.data.images import decode_image, load_gray
 from cxr14.data.nih import IMAGE_SUFFIXES
 from cxr14.evaluation.calibration import (
@@ -68,25 +69,24 @@ def margins(p: float, t: float | None) -> tuple[str, float | None, float | None]
 def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:
     """The image files that `items` name, in order and each once, and one error line per item that names none.
 
-    A folder stands for its PNG, JPEG and DICOM (.dcm, .dicom) files, searched recursively and sorted; an item
-    with glob characters that is not itself a file is expanded (`**` crosses folders); anything else is taken as
-    a file (decoded by its content, whatever its suffix), so that a missing one is reported like an unreadable one.
+    A folder stands for its image files (`images_in`), searched recursively and sorted; an item with glob
+    characters that is not itself a file is expanded (`**` crosses folders); anything else is taken as a file
+    (decoded by its content, whatever its suffix), so that a missing one is reported like an unreadable one.
     """
     files: dict[str, str] = {}  # one file however it is spelled (a/x.png, ./a/x.png): its first spelling
     errors = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found = images_in(path)
             if not found:
                 errors.append(f"{item}: folder holds no PNG, JPEG or DICOM file")
         elif not path.exists() and glob.has_magic(item):
             found = []
             for match in sorted(glob.glob(item, recursive=True)):
                 if Path(match).is_dir():
-                    found += sorted(str(p) for p in Path(match).rglob("*")
-                                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-                elif Path(match).suffix.lower() in IMAGE_SUFFIXES:
+                    found += images_in(Path(match))
+                elif is_image_file(Path(match)):
                     found.append(match)
             if not found:
                 errors.append(f"{item}: pattern matches no PNG, JPEG or DICOM file")
@@ -97,12 +97,23 @@ def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:
     return list(files.values()), errors
 
 
+def images_in(folder: Path) -> list[str]:
+    """The image files below `folder`, sorted: PNG, JPEG and DICOM by suffix, and DICOM files by content too, as
+    archives and PACS exports name them without one (IM0001, or a UID such as 1.2.840.113619.2.3)."""
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+
+
+def is_image_file(path: Path) -> bool:
+    """By suffix (PNG, JPEG, .dcm, .dicom), else by the DICOM magic (132 bytes read)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path)
+
+
 def decoded(files: Sequence[str], size: int, threads: int, ahead: int = 0, voi: bool = True
             ) -> Iterator[tuple[str, np.ndarray | str, list[str], DicomTags | None]]:
     """(file, uint8 (size, size) image or the reason it failed, warnings, DICOM tags or None), in order, decoded
-    by `threads` threads
-    that stay up to `ahead` images ahead of the consumer (Pillow releases the GIL while it decodes, so the threads
-    go on decoding while the model runs on the batch before: `ahead` should exceed a batch)."""
+    by `threads` threads that stay up to `ahead` images ahead of the consumer (Pillow releases the GIL while it
+    decodes, so the threads go on decoding while the model runs on the batch before: `ahead` should exceed a
+    batch)."""
 
     def one(path: str) -> tuple[np.ndarray | str, list[str], DicomTags | None]:
         try:  # warnings come back with the image, printed by the caller: a thread printing would hit the bar
