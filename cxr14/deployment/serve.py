@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -299,7 +300,7 @@ def heatmap_png(heat: np.ndarray) -> str:
     from cxr14.explanation.gradcam import jet
 
     heat = np.clip(np.asarray(heat, dtype=np.float64), 0, 1)
-    rgba = np.dstack([jet(heat), np.rint(210 * np.sqrt(heat)).astype(np.uint8)])
+    rgba = np.dstack([jet(heat), np.rint(210 * heat**0.75).astype(np.uint8)])
     out = io.BytesIO()
     Image.fromarray(rgba, mode="RGBA").save(out, format="png")
     return base64.b64encode(out.getvalue()).decode("ascii")
@@ -743,6 +744,10 @@ def serve(options: Options, host: str, port: int, workers: int, log_level: str =
     log.info("model %s (%s engine, %d classes, %d px, heatmaps %s); http://%s:%d/ with %d worker(s); API token %s",
              model.engine.file, model.engine.name, len(model.classes), model.engine.image_size,
              "yes" if model.heatmaps else "no", host, port, workers, "required" if token else "off")
+    # uvicorn handles SIGTERM and Ctrl-C while it serves (drain, then exit), then raises the signal again for the
+    # handler it found: ignored, so that a drained stop is a clean exit (0), not run_main's "terminated" (143)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     common = {"host": host, "port": port, "log_level": log_level, "access_log": False, "timeout_keep_alive": 30}
     if workers > 1:
         del model  # each worker loads its own
