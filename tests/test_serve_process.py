@@ -32,18 +32,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torch_files(deployed: Path) -> list[str]:
-    return ["--model", str(deployed / "model.pt"), "--thresholds", str(deployed / "thresholds.json"),
-            "--calibrator", str(deployed / "calibrator.json")]
+def model_files(deployed: Path) -> list[str]:
+    return ["--model", str(deployed / "model.onnx")]
 
 
 @pytest.fixture(scope="module")
 def server(deployed: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """`python -m cxr14.deployment.serve` on the tiny model's checkpoint (the torch engine: heatmaps for the page)."""
+    """`python -m cxr14.deployment.serve` on the tiny model's ONNX file (the torch engine, which draws heatmaps,
+    takes 10 s to start on a busy 2-core machine against 1.4 s: its heatmaps are tested in-process)."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as err:
-        proc = launch([sys.executable, "-m", "cxr14.deployment.serve", "--engine", "torch", *torch_files(deployed),
+        proc = launch([sys.executable, "-m", "cxr14.deployment.serve", *model_files(deployed),
                        "--port", str(port), "--max-wait-ms", "20"], stdout=err, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -61,7 +61,7 @@ def server(deployed: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 def predicted(deployed: Path, image: Path, capsys: pytest.CaptureFixture) -> list[dict]:
     capsys.readouterr()
-    cli.predict([str(image), *torch_files(deployed), "--json"])
+    cli.predict([str(image), *model_files(deployed), "--json"])
     return json.loads(capsys.readouterr().out)
 
 
@@ -81,7 +81,7 @@ def test_tritonclient_sees_a_live_ready_server_and_predicts_probabilities(server
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no system Chromium (.ci/run installs Debian's chromium)")
-def test_the_page_shows_the_apis_numbers_and_heatmaps_from_the_keyboard(server: dict, deployed: Path,
+def test_the_page_shows_the_apis_numbers_and_is_usable_from_the_keyboard(server: dict, deployed: Path,
                                                                          capsys) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
     expected = {r["class"]: r for r in predicted(deployed, NIH_IMAGE, capsys)[0]["predictions"]}
@@ -89,7 +89,7 @@ def test_the_page_shows_the_apis_numbers_and_heatmaps_from_the_keyboard(server: 
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page()
         page.goto(f"http://127.0.0.1:{server['port']}/")
-        page.wait_for_selector("#model:has-text('heatmaps on')")
+        page.wait_for_selector("#model:has-text('heatmaps not available')")
         page.set_input_files("#files", [str(NIH_IMAGE)])
         page.wait_for_selector("tbody tr", timeout=30_000)
         shown = page.eval_on_selector_all("tbody tr", """rows => rows.map(r => ({finding: r.dataset.finding,
@@ -113,8 +113,10 @@ def test_the_page_shows_the_apis_numbers_and_heatmaps_from_the_keyboard(server: 
         page.keyboard.press("Enter")
         chosen = page.eval_on_selector("tbody tr[aria-selected='true']", "r => r.dataset.finding")
         assert chosen == shown[3]["finding"]
-        assert page.is_visible(".heat") and page.get_attribute(".heat", "src").startswith("data:image/png;base64,")
-        assert chosen.replace("_", " ") in page.text_content(".caption")
+        assert not page.is_visible(".heat") and "not available" in page.text_content(".caption")
+        page.set_input_files("#files", [str(Path(__file__))])  # not an image: refused, shown, the page goes on
+        page.wait_for_selector(".error[role=alert]")
+        assert "cannot decode image" in page.text_content(".error")
         browser.close()
 
 
