@@ -294,7 +294,8 @@ TINY_DVC = {
     "demo": {"patients": 40, "images": 120, "image_size": 64, "test_fraction": 0.25},
     "split": {"val_fraction": 0.25},
     "prepare": {"image_size": 48, "workers": 2},
-    "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "workers": 1},
+    "train": {"epochs": 2, "batch_size": 16, "device": "cpu", "workers": 1},  # 2: the baseline is the
+    # uninterrupted run a killed two-epoch experiment must resume to (tests/test_faults_dvc.py)
     "evaluate": {"bootstrap": 20},
 }
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
