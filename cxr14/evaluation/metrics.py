@@ -53,6 +53,8 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     mask = known(labels)
     if not mask.all():
         scores, labels = scores[mask], labels[mask]
+    if len(labels) == 0:
+        return None
     value = weighted_auc(np.asarray(scores), np.asarray(labels), np.ones((1, len(scores))))[0]
     return None if np.isnan(value) else float(value)
 
