@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from cxr14.data.nih import CLASSES, TEST_LIST, find_label_table, read_image_list, read_label_table  # noqa: E402
-from cxr14.runtime.errors import PipelineError  # noqa: E402
-from cxr14.runtime.outputs import replace_dir  # noqa: E402
-from cxr14.runtime.progress import progress  # noqa: E402
-from cxr14.runtime.signals import run_main  # noqa: E402
+from cxr14.data.nih import CLASSES, TEST_LIST, find_label_table, read_image_list, read_label_table
+from cxr14.runtime.errors import PipelineError
+from cxr14.runtime.outputs import replace_dir
+from cxr14.runtime.progress import progress
+from cxr14.runtime.signals import run_main
 
 DX_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 TABLE = "labels.csv"
