@@ -368,7 +368,7 @@ TRAIN = {
     "augment": {"hflip": 0.5, "rotate": 5, "crop_scale": [0.85, 1.0]}, "device": "cpu", "nproc": 1, "compile": False,
     "cpu_kernels": "avx2",
     "workers": 0, "seed": 0,
-    "resume": False,
+    "resume": False, "init": None,
 }
 
 
