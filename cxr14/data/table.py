@@ -54,6 +54,28 @@ def read_table(path: Path | str) -> pd.DataFrame:
         raise PipelineError(f"{path}: cannot read the table ({' '.join(str(exc).split())})") from None
     except pd.errors.EmptyDataError:
         raise PipelineError(f"{path}: empty; expected a header line with image, patient and findings") from None
+    findings = check_columns(path, frame)
+    if frame.empty:
+        raise PipelineError(f"{path}: no rows; expected one per image")
+    for column in REQUIRED:
+        frame[column] = frame[column].str.strip()
+        bad_cells(path, frame, column, frame[column].fillna("").to_numpy() != "", "a non-empty value")
+    dup = frame["image"].duplicated().to_numpy()
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        first = int(np.flatnonzero((frame["image"] == frame["image"].iloc[i]).to_numpy())[0])
+        raise PipelineError(f"{path} line {i + 2}: image {frame['image'].iloc[i]} already on line {first + 2}; "
+                            "expected one row per image")
+    for column in findings:
+        text = frame[column].str.strip()
+        bad_cells(path, frame, column, (text.isna() | text.isin(["0", "1"])).to_numpy(), "1, 0 or empty (unknown)")
+        frame[column] = pd.to_numeric(text).astype(np.float64)
+    check_optional(path, frame)
+    return frame
+
+
+def check_columns(path: Path, frame: pd.DataFrame) -> list[str]:
+    """Known, distinct column names, the required ones present, at least one finding; the findings present."""
     frame.columns = [str(c).strip() for c in frame.columns]
     for column in frame.columns:
         if column not in COLUMNS:
@@ -71,21 +93,11 @@ def read_table(path: Path | str) -> pd.DataFrame:
     if not findings:
         raise PipelineError(f"{path}: no finding column; expected at least one of {', '.join(CLASSES)} (1, 0 or "
                             "empty per image)")
-    if frame.empty:
-        raise PipelineError(f"{path}: no rows; expected one per image")
-    for column in REQUIRED:
-        frame[column] = frame[column].str.strip()
-        bad_cells(path, frame, column, frame[column].fillna("").to_numpy() != "", "a non-empty value")
-    dup = frame["image"].duplicated().to_numpy()
-    if dup.any():
-        i = int(np.flatnonzero(dup)[0])
-        first = int(np.flatnonzero((frame["image"] == frame["image"].iloc[i]).to_numpy())[0])
-        raise PipelineError(f"{path} line {i + 2}: image {frame['image'].iloc[i]} already on line {first + 2}; "
-                            "expected one row per image")
-    for column in findings:
-        text = frame[column].str.strip()
-        bad_cells(path, frame, column, (text.isna() | text.isin(["0", "1"])).to_numpy(), "1, 0 or empty (unknown)")
-        frame[column] = pd.to_numeric(text).astype(np.float64)
+    return findings
+
+
+def check_optional(path: Path, frame: pd.DataFrame) -> None:
+    """sex, view, age and the test flag, where present: in range, and each patient on one side of the flag."""
     if "sex" in frame:
         frame["sex"] = frame["sex"].str.strip().str.upper()
         bad_cells(path, frame, "sex", (frame["sex"].isna() | frame["sex"].isin(SEXES)).to_numpy(), "M, F or empty")
@@ -107,7 +119,6 @@ def read_table(path: Path | str) -> pd.DataFrame:
             raise PipelineError(f"{path} line {rows[0] + 2}, column {TEST}: patient {patient} has images on both sides "
                                 f"of the test flag ({int((both > 1).sum())} such patient(s)); expected all of a "
                                 "patient's images in test or none")
-    return frame
 
 
 def build_table_splits(root: Path | str, table: str, val_fraction: float, test_fraction: float, seed: int,
