@@ -217,13 +217,15 @@ def test_a_device_the_onnx_engine_cannot_use_is_refused(deployed, tmp_path, caps
 
 
 def test_the_int8_file_is_checked_the_same_way(proto, deployed, tmp_path, capsys, monkeypatch) -> None:
-    """The int8 file (the CPU default) keeps the graph's input and output and carries the same metadata."""
+    """The int8 file (the CPU default) keeps the graph's input and outputs (the cam output too: read_metadata checks
+    it against the metadata) and carries the same metadata."""
     from cxr14.deployment.export import quantize_int8, update_metadata
 
     monkeypatch.chdir(tmp_path)
     images = np.random.default_rng(0).integers(0, 256, (2, DEPLOYED_SIZE, DEPLOYED_SIZE), dtype=np.uint8)
     quantize_int8(deployed / "model.onnx", tmp_path / "m.int8.onnx", images, 2)
-    assert read_metadata(tmp_path / "m.int8.onnx")["precision"] == "int8"
+    int8 = read_metadata(tmp_path / "m.int8.onnx")
+    assert int8["precision"] == "int8" and int8["cam"] == read_metadata(deployed / "model.onnx")["cam"]  # heatmaps
     update_metadata(tmp_path / "m.int8.onnx", image_size=64)
     assert refused(tmp_path / "m.int8.onnx", deployed, tmp_path, capsys) == (
         f"metadata image_size: 64; expected {DEPLOYED_SIZE}, the graph's input size")
