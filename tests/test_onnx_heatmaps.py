@@ -82,17 +82,18 @@ def test_onnx_heatmaps_equal_the_torch_engines(cam_model: Path) -> None:
     """Both predict engines on the same images and classes: the exported file's heatmaps (numpy, no PyTorch) are
     the checkpoint's Grad-CAM within 1e-4, cell geometry included (output stride 16)."""
     onnx = OnnxEngine(cam_model / "model.onnx", "cpu")
+    images = np.random.default_rng(1).integers(0, 256, (3, SIZE, SIZE), dtype=np.uint8)
+    alone = onnx.gradcam(images, [[0, 5]] * 3)  # without want_heatmaps: a run of its own for the cells
     onnx.want_heatmaps("auto", "--layer")
     assert onnx.meta["cam"] == {"output": "cam", "layer": "layer4", "cells": [4, 4], "stride": [16.0, 16.0],
                                 "offset": [0.0, 0.0]}
     reference = TorchEngine(cam_model / "model.pt", "cpu", "--device", None, "auto", "--layer")
-    images = np.random.default_rng(1).integers(0, 256, (3, SIZE, SIZE), dtype=np.uint8)
     chosen = [list(range(len(CLASSES)))] * len(images)
     probs = onnx.probabilities(images)
     assert np.abs(probs - reference.probabilities(images)).max() < 1e-5
     got, expected = np.array(onnx.gradcam(images, chosen)), np.array(reference.gradcam(images, chosen))
     assert got.shape == expected.shape == (3, len(CLASSES), SIZE, SIZE)
-    assert np.abs(got - expected).max() < 1e-4
+    assert np.abs(got - expected).max() < 1e-4 and np.array_equal(np.array(alone), got[:, [0, 5]])
     assert (got.max(axis=(2, 3)) > got.min(axis=(2, 3))).sum() >= 21  # of 42 maps: most have a shape
     x = to_model_input(torch.from_numpy(images)[:, None].float())
     with torch.no_grad():  # and the map is the image's: another image's cells would not match
@@ -106,7 +107,7 @@ def test_onnx_engine_refuses_heatmaps_it_cannot_draw(cam_model: Path) -> None:
     with pytest.raises(PipelineError, match=r"^params.yaml explain.layer: layer3; the exported model carries Grad-CAM "
                                             r"of layer4 only \(auto\): use --engine torch for another layer$"):
         engine.want_heatmaps("layer3", "params.yaml explain.layer")
-    engine.meta["cam"] = None  # a file exported before the cam output existed
+    engine.cam = None  # a file exported before the cam output existed
     with pytest.raises(PipelineError, match=r"--gradcam: .*model.onnx has no 'cam' output \(exported before "
                                             r"heatmaps were\); run the export stage again"):
         engine.want_heatmaps("auto", "--layer")

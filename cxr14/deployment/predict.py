@@ -195,40 +195,45 @@ class OnnxEngine:
         self.input, self.output = INPUT_NAME, OUTPUT_NAME
         self.classes, self.image_size = list(self.meta["classes"]), int(self.meta["image_size"])
         self.calibrator, self.thresholds = self.meta["calibrator"], self.meta["thresholds"]
-        self.cam: dict | None = None  # the cam output's geometry, once `want_heatmaps` asked for it
+        self.cam: dict | None = self.meta["cam"]  # the cam output's geometry; None: a file exported before it
+        self.fetch_cam = False  # ask for the cam output with every batch's probabilities (`want_heatmaps`)
         self._cells: tuple[np.ndarray, np.ndarray] | None = None  # (images, cam cells) of the last batch
 
     def want_heatmaps(self, layer: str, layer_key: str) -> None:
-        """Fetch the `cam` output beside the probabilities from now on; refused in one line where the file has
-        none, or where another layer than the one it carries (the last block) is asked for."""
-        cam = self.meta.get("cam")
-        if cam is None:
+        """Fetch the `cam` output beside the probabilities from now on (one run per batch for both); refused in one
+        line where the file has none, or where another layer than the one it carries (the last block) is asked
+        for."""
+        self.require_cam()
+        if layer not in ("auto", self.cam["layer"]):
+            raise PipelineError(f"{layer_key}: {layer}; the exported model carries Grad-CAM of {self.cam['layer']} "
+                                "only (auto): use --engine torch for another layer")
+        self.fetch_cam = True
+
+    def require_cam(self) -> None:
+        if self.cam is None:
             raise PipelineError(f"--gradcam: {self.file} has no 'cam' output (exported before heatmaps were); run "
                                 "the export stage again (dvc repro export), or use --engine torch")
-        if layer not in ("auto", cam["layer"]):
-            raise PipelineError(f"{layer_key}: {layer}; the exported model carries Grad-CAM of {cam['layer']} only "
-                                "(auto): use --engine torch for another layer")
-        self.cam = cam
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, S, S) -> raw probabilities (B, C); the cam cells too, in the same run, after `want_heatmaps`
         (without it ONNX Runtime is asked for the probabilities only)."""
-        if self.cam is None:
+        if not self.fetch_cam:
             return self.session.run([self.output], {self.input: images[:, None]})[0].astype(np.float64)
         probs, cells = self.session.run([self.output, self.cam["output"]], {self.input: images[:, None]})
         self._cells = (images, cells)
         return probs.astype(np.float64)
 
     def gradcam(self, images: np.ndarray, chosen: list[list[int]]) -> list[list[np.ndarray]]:
-        """Heatmaps of the chosen classes of each image: the `cam` cells (fetched with the probabilities of the same
-        batch) resampled onto the input and normalised as `GradCAM` does, in numpy."""
+        """Heatmaps of the chosen classes of each image: the `cam` cells (those fetched with the probabilities of
+        the same batch, else a run of their own) resampled onto the input and normalised as `GradCAM` does, in
+        numpy."""
         from cxr14.explanation.heatmaps import normalise, resample
 
-        if self.cam is None:
-            raise RuntimeError("OnnxEngine.gradcam before want_heatmaps")  # a programming error, not bad input
-        if self._cells is None or self._cells[0] is not images:
-            self.probabilities(images)
-        cells = self._cells[1]
+        self.require_cam()
+        if self._cells is not None and self._cells[0] is images:
+            cells = self._cells[1]
+        else:
+            cells = self.session.run([self.cam["output"]], {self.input: images[:, None]})[0]
         size = (self.image_size, self.image_size)
         return [list(normalise(resample(cells[i, classes], size, self.cam["stride"], self.cam["offset"])))
                 for i, classes in enumerate(chosen)]
