@@ -3,11 +3,13 @@
     cxr14-predict IMAGE|FOLDER|GLOB ... [--csv OUT] [--json] [--gradcam DIR] [--engine onnx|torch]
                   [--precision auto|int8|fp32]
     cxr14-compare [A] [B] [--json] [--bootstrap N] [--seed S]
+    cxr14-serve [--host H] [--port P] [--workers N] [--max-batch B] [--max-wait-ms W] [predict's model options]
 
 `cxr14-predict` (`cxr14.deployment.predict`) prints a table per image, or writes a CSV (one row per image and
 class), or prints one JSON document; which model ran is printed too (stderr with --csv, stdout before the
 tables, a `model` field with --json). An unreadable file is one error line while the others go on, and the
-exit status is 1 at the end. `cxr14-compare` (`cxr14.evaluation.compare`) prints whether two runs' test
+exit status is 1 at the end. `cxr14-serve` (`cxr14.deployment.serve`) answers the same over HTTP.
+`cxr14-compare` (`cxr14.evaluation.compare`) prints whether two runs' test
 ROC-AUC differ beyond the luck of the test sample. Errors are one line (`run_main`).
 
 Imports stay inside the commands: predict's ONNX engine must start without PyTorch or pandas, and compare
@@ -208,6 +210,71 @@ def csv_rows(result: dict) -> Iterator[list]:
 def predict_main(argv: list[str] | None = None) -> None:
     """The `cxr14-predict` console command: one-line errors, exit status 1 when any image failed."""
     run_main(predict, argv)
+
+
+SERVE_DOC = ("Serve the exported model over HTTP: the Open Inference Protocol v2 REST API (/v2/...), POST /predict "
+             "(cxr14-predict --json's result per uploaded image, heatmaps on request) and a page at /. Set "
+             "CXR14_SERVE_TOKEN to require 'Authorization: Bearer TOKEN' on every request. SIGTERM or Ctrl-C: stop "
+             "listening, answer the requests accepted, exit.")
+
+
+def parse_serve_args(argv: list[str] | None) -> argparse.Namespace:
+    """cxr14-serve's arguments: predict's model options, the address, and the batching and size limits."""
+    from cxr14.deployment.predict import ENGINES, PRECISIONS
+
+    parser = argparse.ArgumentParser(prog="cxr14-serve", description=SERVE_DOC)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
+                        "only; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model "
+                        "(default 1; more for more cores: the service is stateless)")
+    parser.add_argument("--engine", choices=ENGINES, default="onnx", help="onnx (default): the exported model; "
+                        "torch: the checkpoint, which also draws heatmaps")
+    parser.add_argument("--model", type=Path, help="as cxr14-predict --model")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="as cxr14-predict --precision")
+    parser.add_argument("--device", help="as cxr14-predict --device")
+    parser.add_argument("--thresholds", type=Path, help="as cxr14-predict --thresholds")
+    parser.add_argument("--calibrator", type=Path, help="as cxr14-predict --calibrator")
+    parser.add_argument("--params", type=Path, help="as cxr14-predict --params")
+    parser.add_argument("--max-batch", type=int, default=16, help="images per model call at most (default 16)")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a model call waits for images of "
+                        "requests still being decoded (default 10; a lone request never waits)")
+    parser.add_argument("--threads", type=int, help="decoding threads (default: the cores this process may use)")
+    parser.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (default 32 MB)")
+    parser.add_argument("--max-pixels", type=int, default=50_000_000, help="largest image, in pixels, read from its "
+                        "header before decoding: decompression bombs are refused (default 50,000,000)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="log level (default info: one line per request)")
+    args = parser.parse_args(argv)
+    for name in ("port", "workers", "max_batch", "threads", "max_pixels"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "port" else 1):
+            parser.error(f"--{name.replace('_', '-')} {value}: expected a positive integer")
+    for name in ("max_wait_ms", "max_body_mb"):
+        if not getattr(args, name) >= 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a number >= 0")
+    if args.precision != "auto" and (args.model is not None or args.engine != "onnx"):
+        parser.error(f"--precision {args.precision} picks the onnx engine's default model")
+    return args
+
+
+def serve(argv: list[str] | None = None) -> None:
+    """cxr14-serve: check the model, then serve until SIGTERM or Ctrl-C."""
+    from cxr14.deployment.serve import Options
+    from cxr14.deployment.serve import serve as run
+
+    args = parse_serve_args(argv)
+    text = {k: None if getattr(args, k) is None else str(getattr(args, k))
+            for k in ("model", "device", "thresholds", "calibrator", "params")}
+    options = Options(engine=args.engine, precision=args.precision, max_batch=args.max_batch,
+                      max_wait_ms=args.max_wait_ms, threads=args.threads, max_body_mb=args.max_body_mb,
+                      max_pixels=args.max_pixels, **text)
+    run(options, args.host, args.port, args.workers, args.log_level)
+
+
+def serve_main(argv: list[str] | None = None) -> None:
+    """The `cxr14-serve` console command: one-line errors (a foreign or stale model stops start-up)."""
+    run_main(serve, argv)
 
 
 def compare(argv: list[str] | None = None) -> None:

@@ -270,7 +270,7 @@ def own_files(artifacts: Path) -> list[str]:
 def test_console_commands_print_their_help(capsys: pytest.CaptureFixture) -> None:
     """Each `[project.scripts]` entry names a function that parses its own arguments under its own name."""
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"cxr14-predict", "cxr14-compare"}
+    assert set(scripts) == {"cxr14-predict", "cxr14-compare", "cxr14-serve"}
     for name, target in scripts.items():
         module, function = target.split(":")
         with pytest.raises(SystemExit) as exit_info:
@@ -278,7 +278,7 @@ def test_console_commands_print_their_help(capsys: pytest.CaptureFixture) -> Non
         assert exit_info.value.code == 0
         out = capsys.readouterr().out
         assert out.startswith(f"usage: {name} ")
-        assert ("--gradcam" if name == "cxr14-predict" else "--bootstrap") in out
+        assert {"cxr14-predict": "--gradcam", "cxr14-compare": "--bootstrap", "cxr14-serve": "--max-batch"}[name] in out
 
 
 @pytest.mark.parametrize(("alias", "command"), [("stages.predict", "cxr14-predict"),

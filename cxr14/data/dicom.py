@@ -21,6 +21,7 @@ pydicom is imported inside the functions: a PNG-only run never pays for it.
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from dataclasses import asdict, dataclass
@@ -60,8 +61,11 @@ class DicomTags:
         return self.view in LATERAL_VIEWS
 
 
-def is_dicom(path: Path | str) -> bool:
-    """Whether the file carries the DICOM Part 10 magic ('DICM' at byte 128): content, not suffix, decides."""
+def is_dicom(path: Path | str | bytes) -> bool:
+    """Whether the file (or bytes) carries the DICOM Part 10 magic ('DICM' at byte 128): content, not suffix,
+    decides."""
+    if isinstance(path, bytes):
+        return path[128:132] == b"DICM"
     try:
         with open(path, "rb") as f:
             head = f.read(132)
@@ -79,14 +83,14 @@ def quiet_pydicom() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
 
 
-def parses_as_dicom(path: Path | str) -> bool:
+def parses_as_dicom(path: Path | str | bytes) -> bool:
     """Whether a file without the magic (no preamble: old ACR-NEMA style files) still parses as a dataset with
     pixel data, pydicom reading it with force. Asked only of files Pillow could not open."""
     import pydicom
 
     quiet_pydicom()
     try:
-        ds = pydicom.dcmread(path, force=True)
+        ds = pydicom.dcmread(readable(path), force=True)
         return "PixelData" in ds and "Rows" in ds
     except Exception:  # anything not a dataset
         return False
@@ -119,13 +123,18 @@ def read_tags(ds: Any, syntax: str) -> DicomTags:
                      pixel_spacing=spacing, pixel_spacing_tag=which)
 
 
-def _dataset(path: Path | str) -> tuple[Any, Any]:
+def readable(path: Path | str | bytes) -> Any:
+    """What pydicom.dcmread takes: a path, or the bytes as an in-memory file."""
+    return io.BytesIO(path) if isinstance(path, bytes) else path
+
+
+def _dataset(path: Path | str | bytes) -> tuple[Any, Any]:
     """(dataset, transfer syntax UID); a file without one in its meta gets the encoding pydicom parsed it in."""
     import pydicom
     from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     try:
-        ds = pydicom.dcmread(path, force=True)
+        ds = pydicom.dcmread(readable(path), force=True)
     except Exception as exc:  # pydicom's errors for a truncated or foreign file are of many types
         raise ValueError(f"cannot read DICOM ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     uid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
@@ -262,7 +271,7 @@ def to_gray8_dicom(stored: np.ndarray, ds: Any, voi: bool = True) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def read_dicom(path: Path | str, voi: bool = True) -> tuple[np.ndarray, DicomTags]:
+def read_dicom(path: Path | str | bytes, voi: bool = True) -> tuple[np.ndarray, DicomTags]:
     """One DICOM radiograph as a full-size uint8 (H, W) array, and its tags.
 
     Raises ValueError with a one-line reason (the caller names the file) for what is refused: no pixel data, a

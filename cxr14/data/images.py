@@ -7,10 +7,12 @@ image files for their size only through `open_image`).
 
 from __future__ import annotations
 
+import io
 import struct
 import warnings
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -23,7 +25,15 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _QUIET = ("ignore", None, Image.DecompressionBombWarning, None, 0)
 
 
-def open_image(path: Path | str) -> Image.Image:
+Source = Path | str | bytes  # a file, or an image's bytes as the serve command receives them (never written to disk)
+
+
+def binary(source: Source) -> BinaryIO:
+    """The source opened for reading: the file, or its bytes in memory."""
+    return io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+
+
+def open_image(path: Source) -> Image.Image:
     """Image.open (lazy: reads the header) without Pillow's two-line DecompressionBombWarning, which would land
     inside a progress bar: `decode_gray` says it in one line instead. The filter is checked on every call, not
     set once at import, as a catch_warnings block elsewhere (pytest wraps each test in one) restores the
@@ -31,15 +41,15 @@ def open_image(path: Path | str) -> Image.Image:
     first = next((f for f in warnings.filters if issubclass(Image.DecompressionBombWarning, f[2])), None)
     if first != _QUIET:
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    return Image.open(path)
+    return Image.open(io.BytesIO(path) if isinstance(path, bytes) else path)
 
 
-def png_significant_bits(path: Path | str) -> int | None:
+def png_significant_bits(path: Source) -> int | None:
     """The gray channel's significant bits from a PNG's sBIT chunk (Pillow does not expose it), else None.
 
     Reads chunk headers up to the first IDAT only; a chunk that is short, oversized or fails its CRC, or an
     sBIT value outside 1-16, counts as no sBIT (the pixel range decides instead)."""
-    with open(path, "rb") as f:
+    with binary(path) as f:
         if f.read(8) != PNG_SIGNATURE:
             return None
         for _ in range(1000):  # a bound: ancillary chunks before IDAT are a handful
@@ -99,14 +109,14 @@ def fit(gray: Image.Image, size: int | None) -> np.ndarray:
     return np.asarray(gray, dtype=np.uint8)
 
 
-def decode_image(path: Path | str, size: int | None = None, voi: bool = True
+def decode_image(path: Source, size: int | None = None, voi: bool = True
                  ) -> tuple[np.ndarray, list[str], DicomTags | None]:
     """`decode_gray`'s pixels and warnings, and the DICOM tags (None for PNG/JPEG), for predict's report.
 
     DICOM is recognised by content (the 'DICM' magic), by a .dcm/.dicom suffix, or, for a file Pillow cannot
     open, by parsing as a dataset with pixel data; `voi=False` ignores its VOI LUT/window (`read_dicom`).
     """
-    if is_dicom(path) or Path(path).suffix.lower() in DICOM_SUFFIXES:
+    if is_dicom(path) or (not isinstance(path, bytes) and Path(path).suffix.lower() in DICOM_SUFFIXES):
         return _decode_dicom(path, size, voi)
     try:
         gray, notes = _decode_pillow(path, size)
@@ -117,7 +127,7 @@ def decode_image(path: Path | str, size: int | None = None, voi: bool = True
     return gray, notes, None
 
 
-def _decode_dicom(path: Path | str, size: int | None, voi: bool) -> tuple[np.ndarray, list[str], DicomTags]:
+def _decode_dicom(path: Source, size: int | None, voi: bool) -> tuple[np.ndarray, list[str], DicomTags]:
     pixels, tags = read_dicom(path, voi)
     notes = []
     if tags.lateral:
@@ -126,7 +136,7 @@ def _decode_dicom(path: Path | str, size: int | None, voi: bool) -> tuple[np.nda
     return fit(Image.fromarray(pixels, mode="L"), size), notes, tags
 
 
-def _decode_pillow(path: Path | str, size: int | None) -> tuple[np.ndarray, list[str]]:
+def _decode_pillow(path: Source, size: int | None) -> tuple[np.ndarray, list[str]]:
     notes = []
     try:
         with open_image(path) as image:

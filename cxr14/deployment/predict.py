@@ -117,12 +117,7 @@ def decoded(files: Sequence[str], size: int, threads: int, ahead: int = 0, voi: 
     batch)."""
 
     def one(path: str) -> tuple[np.ndarray | str, list[str], DicomTags | None]:
-        try:  # warnings come back with the image, printed by the caller: a thread printing would hit the bar
-            return decode_image(path, size, voi)
-        except ValueError as exc:  # decode_image's reason: unreadable, not an image, truncated, a refused DICOM
-            return str(exc), [], None
-        except Exception as exc:  # anything else a decoder may raise: this file is reported, the others go on
-            return f"cannot decode image ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})", [], None
+        return decode_or_reason(path, size, voi)
 
     if threads <= 1:
         for path in files:
@@ -144,6 +139,19 @@ def decoded(files: Sequence[str], size: int, threads: int, ahead: int = 0, voi: 
             yield path, *future.result()
     finally:  # an error or Ctrl-C downstream: drop the decodes not started rather than wait for the window
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def decode_or_reason(source: str | bytes, size: int, voi: bool = True
+                     ) -> tuple[np.ndarray | str, list[str], DicomTags | None]:
+    """`decode_image`'s (image, warnings, tags), or (the one-line reason it failed, [], None): one file's failure is
+    reported while the others go on (predict's threads, serve's requests); warnings come back with the image for
+    the caller to report (a thread printing would hit the progress bar)."""
+    try:
+        return decode_image(source, size, voi)
+    except ValueError as exc:  # decode_image's reason: unreadable, not an image, truncated, a refused DICOM
+        return str(exc), [], None
+    except Exception as exc:  # anything else a decoder may raise
+        return f"cannot decode image ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})", [], None
 
 
 def int8_is_fast() -> bool:
@@ -494,11 +502,16 @@ def predict_batch(engine: OnnxEngine | TorchEngine, batch: list[tuple[int, str, 
         chosen = [heatmap_classes(rows, cal[i]) for i, rows in enumerate(tables)]
         maps = engine.gradcam(images, chosen)
     for i, (index, path, gray, tags) in enumerate(batch):
-        result = {"image": path, "model": str(engine.file), "predictions": tables[i],
-                  "dicom": tags.as_dict() if tags is not None else None}
+        result = image_result(path, engine, tables[i], tags)
         if gradcam is not None:
             draw_heatmaps(result, gray, maps[i], chosen[i], gradcam, stems[index])
         yield result
+
+
+def image_result(image: str, engine: OnnxEngine | TorchEngine, table: list[dict], tags: DicomTags | None) -> dict:
+    """One image's result as `cxr14-predict --json` prints it (and `cxr14-serve` returns it)."""
+    return {"image": image, "model": str(engine.file), "predictions": table,
+            "dicom": tags.as_dict() if tags is not None else None}
 
 
 def rows_for(raw: np.ndarray, cal: np.ndarray, classes: Sequence[str], thresholds: dict) -> list[dict]:

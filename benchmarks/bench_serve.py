@@ -1,0 +1,165 @@
+"""Benchmark: `cxr14-serve` on loopback against `cxr14-predict` on the same images, in one run on this machine.
+
+  - predict: the NIH sample folder (308 PNGs) to a CSV in a fresh process, and one image, in fresh processes;
+    throughput past start-up is (N - 1) images over the difference (as benchmarks/bench_deploy.py); the one-image
+    predict time past start-up is measured in this process (decode, forward, calibrate, table: `predict_images` on
+    one file), median and p99 over the 308 images;
+  - serve: one server process (`python -m cxr14.deployment.serve`, the same model), clients POSTing the images'
+    bytes to /predict on persistent connections, 1, 4 and 16 at a time, `--requests` each level (cycling over
+    the 308 images): throughput, p50 and p99 latency; the clients run on the same cores as the server;
+  - memory: the server's resident memory after a warm-up, then across `--memory-requests` (10,000) more at 16
+    clients, sampled every 1,000.
+Targets (issue 29): 16 clients >= 0.8x predict's CSV throughput; p99 at one client <= 1.5x the one-image predict
+time; memory growth <= 50 MB over 10,000 requests.
+
+    python benchmarks/bench_serve.py [--nih ../shared/nih] [--model models/model.onnx] [--requests 616]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "CI": "1"}
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stderr
+    return time.perf_counter() - start
+
+
+def predict_figures(files: list[Path], model: list[str]) -> dict:
+    """Predict's CSV throughput past start-up (fresh processes, median of 3) and its one-image time in-process."""
+    from cxr14.deployment import predict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = [sys.executable, "-m", "stages.predict", *model, "--csv", f"{tmp}/out.csv"]
+        one = statistics.median(timed([*base, str(files[0])]) for _ in range(3))
+        folder = statistics.median(timed([*base, str(files[0].parent)]) for _ in range(3))
+    engine = predict.open_engine("onnx", Path(model[1]) if model else None, "auto", predict.settings(None))
+    thresholds, calibrator = predict.calibration(engine, None, None)
+    times = []
+    for f in files:
+        start = time.perf_counter()
+        list(predict.predict_images(engine, [str(f)], calibrator, thresholds, 1, 1))
+        times.append(time.perf_counter() - start)
+    return {"model": str(engine.file), "csv_images_per_s": (len(files) - 1) / (folder - one),
+            "one_image_run_s": one, "folder_run_s": folder, "one_image_ms_median": 1000 * statistics.median(times),
+            "one_image_ms_p99": 1000 * float(np.percentile(times, 99))}
+
+
+def start_server(model: list[str], port: int, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "cxr14.deployment.serve", *model, "--port", str(port)],
+                            cwd=ROOT, env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    for _ in range(600):
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/v2/health/ready")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"server did not start: {log.read_text()[-2000:]}")
+
+
+def load(port: int, bodies: list[bytes], clients: int, requests: int) -> dict:
+    """`requests` POSTs by `clients` threads on persistent connections: throughput and latency percentiles."""
+    latencies: list[float] = []
+    counter = iter(range(requests))
+    lock = threading.Lock()
+    failures = []
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            start = time.perf_counter()
+            conn.request("POST", "/predict", body=bodies[i % len(bodies)], headers={"Content-Type": "image/png"})
+            response = conn.getresponse()
+            response.read()
+            latencies.append(time.perf_counter() - start)
+            if response.status != 200:
+                failures.append(response.status)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    assert not failures, failures[:5]
+    return {"clients": clients, "requests": requests, "images_per_s": requests / wall,
+            "p50_ms": 1000 * float(np.percentile(latencies, 50)), "p99_ms": 1000 * float(np.percentile(latencies, 99))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nih", type=Path, default=ROOT.parent / "shared" / "nih")
+    parser.add_argument("--model", type=Path, help="the .onnx file (default: predict's choice among models/)")
+    parser.add_argument("--requests", type=int, default=616, help="requests per concurrency level (default 616)")
+    parser.add_argument("--memory-requests", type=int, default=10_000)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    files = sorted((args.nih / "images").glob("*.png"))
+    model = ["--model", str(args.model)] if args.model else []
+    figures = {"cpus": os.cpu_count(), "images": len(files), "predict": predict_figures(files, model)}
+    print(json.dumps(figures["predict"], indent=1), flush=True)
+    bodies = [f.read_bytes() for f in files]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = Path(tempfile.mkdtemp()) / "serve.log"
+    proc = start_server(model, port, log)
+    try:
+        server = psutil.Process(proc.pid)
+        load(port, bodies, 4, len(bodies))  # warm-up: every image once
+        figures["serve"] = [load(port, bodies, c, args.requests) for c in (1, 4, 16)]
+        for row in figures["serve"]:
+            print(json.dumps(row), flush=True)
+        rss = [server.memory_info().rss / 2**20]
+        done = 0
+        while done < args.memory_requests:
+            n = min(1000, args.memory_requests - done)
+            load(port, bodies, 16, n)
+            done += n
+            rss.append(server.memory_info().rss / 2**20)
+        figures["memory_mb"] = {"after_warm_up": rss[0], "samples": rss, "growth": rss[-1] - rss[0],
+                                "requests": done}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    p, s = figures["predict"], {r["clients"]: r for r in figures["serve"]}
+    figures["ratios"] = {"throughput_16_vs_predict_csv": s[16]["images_per_s"] / p["csv_images_per_s"],
+                         "p99_1_client_vs_one_image_median": s[1]["p99_ms"] / p["one_image_ms_median"],
+                         "p99_1_client_vs_one_image_p99": s[1]["p99_ms"] / p["one_image_ms_p99"]}
+    print(json.dumps({"memory_mb": figures["memory_mb"], "ratios": figures["ratios"]}, indent=1))
+    print(f"16 clients: {figures['ratios']['throughput_16_vs_predict_csv']:.2f}x predict's CSV throughput "
+          f"(target >= 0.8); p99 at 1 client {s[1]['p99_ms']:.1f} ms = "
+          f"{figures['ratios']['p99_1_client_vs_one_image_median']:.2f}x predict's one-image median (target <= 1.5); "
+          f"memory growth {figures['memory_mb']['growth']:+.1f} MB over {done} requests (target <= 50)")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
