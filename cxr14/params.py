@@ -52,11 +52,24 @@ class Section:
 @dataclasses.dataclass(frozen=True)
 class Data(Section):
     SECTION: ClassVar[str] = "data"
-    root: str = field(doc="a folder in NIH layout (the demo: data/demo)",
-        help="dataset root in NIH layout (label table, split lists, images); the real download e.g. `/mnt/nih`")
+    format: Literal["nih", "table"] = field(
+        help="`nih`: `data.root` in NIH's layout; `table`: your own labelled images, listed in the CSV `data.table` "
+             "([docs/datasets.md](datasets.md))")
+    root: str = field(doc="a folder in NIH layout (the demo: data/demo), or the folder of an own-data table",
+        help="dataset root: NIH layout (label table, split lists, images), the real download e.g. `/mnt/nih`; with "
+             "`data.format: table` the folder holding the table and its images (a DVC dependency: what changes "
+             "there re-runs the stages that read it)")
+    table: str | None = field(doc="null, or the CSV of an own-data table, relative to data.root or absolute",
+        help="`data.format: table`: the CSV listing the images (path, patient, findings 0/1/empty, ...), relative "
+             "to `data.root` or absolute; `null` with `data.format: nih`")
     missing: Literal["error", "skip"] = field(
-        help="images in the split lists but not on disk: `error` names them, `skip` leaves them out and counts them "
-             "in `metrics/split.json`")
+        help="images listed (split lists, or the table) but not on disk: `error` names them, `skip` leaves them out "
+             "and counts them in `metrics/split.json`")
+
+    def check(self, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+        if self.format == "table" and self.table is None:
+            fail("table", "the CSV of your labelled images (relative to data.root or absolute) with data.format: "
+                 "table")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +108,9 @@ class Split(Section):
     val_fraction: float = field(low=0.0, high=1.0, open_low=True, open_high=True,
         help="share of train_val (by images and per class) in the patient-disjoint val split")
     seed: int = field(low=0, high=2**32 - 1, help="seed of the train/val split")
+    test_fraction: float = field(low=0.0, high=1.0, open_low=True, open_high=True,
+        help="`data.format: table` without a `test` column: share of the images (whole patients, per class) drawn "
+             "as the test split, with `split.seed`; NIH and tables with a `test` column ignore it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +151,13 @@ class Train(Section):
     freeze: list[str] = field(doc="a list of module-name prefixes, e.g. [conv1, bn1, layer1]",
         help="module-name prefixes to freeze (their BatchNorm stays in eval mode); NIH recipe `[conv1, bn1, layer1, "
              "layer2, layer3]`")
-    epochs: int = field(low=1, help="most epochs")
+    epochs: int = field(low=0, doc="an integer >= 1, or 0 with train.init (no training)",
+        help="most epochs; 0 with `train.init`: the start checkpoint becomes `models/model.pt` unchanged (external "
+             "validation)")
+    init: str | None = field(doc="null, or a checkpoint the train stage wrote (its arch and classes)",
+        help="`null`, or a train-stage checkpoint to start from (fine-tuning; with `train.epochs: 0` it is the model "
+             "itself); its arch, output stride and classes must match. DVC sees this path, not the file's bytes: "
+             "give each checkpoint its own name ([docs/datasets.md](datasets.md))")
     batch_size: int = field(low=1,
         help="images per optimisation step, over all processes (`train.nproc` must divide it)")
     lr_head: float = field(low=0.0, open_low=True, help="AdamW learning rate of the new classification head")
@@ -174,6 +196,8 @@ class Train(Section):
         help="continue from `models/resume/last.pt` after a killed run (refused if the params or the data differ)")
 
     def check(self, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+        if self.epochs == 0 and self.init is None:
+            fail("epochs", "an integer >= 1, or 0 with train.init naming the checkpoint to use unchanged")
         if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", self.device):
             fail("device", "auto, cpu, cuda, cuda:N (a GPU index) or mps")
         if self.batch_size % self.nproc:
@@ -192,8 +216,10 @@ class Train(Section):
         "cpu_kernels")
 
     def recipe(self) -> dict[str, Any]:
-        """The recipe as plain data (lists, dicts), as stored in checkpoints."""
-        return {k: plain(getattr(self, k)) for k in self.RECIPE}
+        """The recipe as plain data (lists, dicts), as stored in checkpoints; `init` only when set, so that a run
+        from scratch stores what it stored before train.init existed (the same model.pt bytes)."""
+        out = {k: plain(getattr(self, k)) for k in self.RECIPE}
+        return out if self.init is None else {**out, "init": self.init}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,9 @@ expert labels where adjudicated, so calibrate re-runs in seconds without the mod
 (test AUC with patient-bootstrap intervals, AP, prevalence, the demo's oracle, per class; against Google's
 expert labels when the data root has them; per subgroup), metrics/evaluate.json (the headline figures of that
 report, what `dvc exp show` compares) and plots/evaluate/ (ROC and PR curves, score distributions, AUC per
-subgroup).
+subgroup). metrics/evaluate.json also names the model scored (`model`: the first 8 hex digits of models/model.pt's
+MD5) and the data it was scored on (`data`: the val and test split tables and arrays). Google's expert labels and
+the demo's clean labels are NIH-layout files: an own-data table (`data.format: table`) has neither.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from cxr14.evaluation.subgroups import auc_by_subgroup, plot_rows, summary
 from cxr14.model.checkpoint import load_checkpoint
 from cxr14.params import PARAMS_FILE, Evaluate, load_params
 from cxr14.runtime.devices import cpu_count, cpu_kernels, pick_device
-from cxr14.runtime.outputs import write_csv, write_json
+from cxr14.runtime.outputs import file_digest, short_id, write_csv, write_json
 from cxr14.runtime.signals import run_main
 
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     evaluate, data, train = params.evaluate, params.data, params.train
     root = Path(data.root)
-    expert_file = find_expert_file(root)
+    expert_file = find_expert_file(root) if data.format == "nih" else None
     experts = read_expert_labels(expert_file) if expert_file is not None else None  # a bad file stops before inference
     device = pick_device(train.device, f"{args.params} train.device")
     torch.set_num_threads(cpu_count())
@@ -65,12 +67,16 @@ def main(argv: list[str] | None = None) -> None:
         preds["test"] = pd.concat([preds["test"], expert_columns(preds["test"]["Image Index"], experts)], axis=1)
     test = preds["test"]
     # Everything is computed before anything is written: a failure in scoring leaves the old outputs as they were.
-    report = score(test, root, expert_file, evaluate)
+    report = score(test, root, expert_file, evaluate, data.format)
     roc, pr = curves(test)
+    ids = {"model": short_id([file_digest(args.model)]),
+           "data": short_id([file_digest(paths.PREPARED / f"{s}.npy") for s in ("val", "test")]
+                            + [file_digest(paths.SPLIT / f"{s}.csv") for s in ("val", "test")])}
+    report.update(ids)
     for split, frame in preds.items():
         write_csv(paths.PREDICTIONS / f"{split}.csv", frame, float_format="%.6g")
     write_json(paths.REPORTS / "evaluate.json", report)
-    write_json(paths.METRICS / "evaluate.json", headline(report))
+    write_json(paths.METRICS / "evaluate.json", {**headline(report), **ids})
     plots = paths.PLOTS / "evaluate"
     write_csv(plots / "forest.csv", forest_rows(report))
     write_csv(plots / "headline.csv", headline_rows(report))
@@ -81,13 +87,16 @@ def main(argv: list[str] | None = None) -> None:
     print_summary(report, expert_file is not None)
 
 
-def score(test: pd.DataFrame, root: Path, expert_file: Path | None, evaluate: Evaluate) -> dict:
+def score(test: pd.DataFrame, root: Path, expert_file: Path | None, evaluate: Evaluate, data_format: str = "nih"
+          ) -> dict:
     """reports/evaluate.json: test AUC with intervals and the oracle, the expert-label section (or why there is
     none), and mean AUC per subgroup; the same patient resamples throughout (`evaluate.seed`)."""
-    report = score_test(test, clean_labels(root, test["Image Index"]), evaluate.bootstrap, evaluate.seed)
+    clean = clean_labels(root, test["Image Index"]) if data_format == "nih" else None
+    report = score_test(test, clean, evaluate.bootstrap, evaluate.seed)
+    note = (f"no expert labels in {root}: expected {EXPERT_FILES[0]} (see README)" if data_format == "nih"
+            else "an own-data table (data.format: table): expert labels are NIH's")
     report["expert"] = (expert_section(test, str(expert_file), evaluate.bootstrap, evaluate.seed) if expert_file
-                        else {"source": None, "note": f"no expert labels in {root}: expected {EXPERT_FILES[0]} "
-                                                      "(see README)"})
+                        else {"source": None, "note": note})
     labels = test[list(CLASSES)].to_numpy()
     probs = test[[PROB_PREFIX + c for c in CLASSES]].to_numpy()
     report["subgroups"] = auc_by_subgroup(test, labels, probs, evaluate.bootstrap, evaluate.seed,

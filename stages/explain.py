@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     if explain.sanity_images and explain.deletion_grid > ckpt["image_size"]:
         raise PipelineError(f"{args.params} explain.deletion_grid: {explain.deletion_grid}; expected at most the "
                             f"image size ({ckpt['image_size']} px): a cell is one pixel or more")
-    boxes = box_table(Path(data.root) / BBOX_LIST, table, ckpt["image_size"])
+    boxes = box_table(Path(data.root) / BBOX_LIST, table, ckpt["image_size"], data.format)
     examples = choose_examples(labels, cal, thresholds, explain.per_class)
     pairs = [(row, k) for k, _, row, _ in examples]
     pairs += [(b.row, CLASSES.index(b.Finding)) for b in boxes.itertuples()]
@@ -102,11 +102,13 @@ def calibrated(raw: np.ndarray) -> tuple[dict, np.ndarray]:
     return thresholds, apply_calibrator(calibrator, raw)
 
 
-def box_table(box_file: Path, table: pd.DataFrame, size: int) -> pd.DataFrame:
-    """The test images' expert boxes in model pixels; none (with a warning) where the data root has no box list."""
-    if box_file.is_file():
+def box_table(box_file: Path, table: pd.DataFrame, size: int, data_format: str = "nih") -> pd.DataFrame:
+    """The test images' expert boxes in model pixels; none (with a warning) where the data root has no box list,
+    and none for an own-data table (NIH's box list names NIH's images)."""
+    if data_format == "nih" and box_file.is_file():
         return scaled_boxes(read_box_list(box_file), table, size, box_file)
-    warn(f"{box_file} not found: no localisation scores")
+    if data_format == "nih":
+        warn(f"{box_file} not found: no localisation scores")
     return pd.DataFrame(columns=["Image Index", "Finding", "x", "y", "w", "h", "row"])
 
 

@@ -1,4 +1,5 @@
-"""Split stage: NIH's official test list, and a patient-disjoint, label-stratified train/val split.
+"""Split stage: NIH's official test list (or an own-data table's test flag), and a patient-disjoint, stratified
+train/val split.
 
 Replaces the folder data/split with {train,val,test}.csv (Image Index, Patient ID, path, one 0/1 column per class),
 writes reports/split.json (images, patients and positives per class in each split) and metrics/split.json
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from cxr14 import paths
 from cxr14.data.splits import build_splits
+from cxr14.data.table import build_table_splits
 from cxr14.params import PARAMS_FILE, load_params
 from cxr14.runtime.outputs import replace_dir, write_json
 from cxr14.runtime.signals import run_main
@@ -35,7 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     data, split = params.data, params.split
-    splits, report = build_splits(data.root, split.val_fraction, split.seed, data.missing)
+    if data.format == "table":
+        splits, report = build_table_splits(data.root, data.table, split.val_fraction, split.test_fraction,
+                                            split.seed, data.missing)
+    else:
+        splits, report = build_splits(data.root, split.val_fraction, split.seed, data.missing)
     with replace_dir(args.out) as tmp:  # the three tables are replaced together, in one rename, or not at all
         for name, frame in splits.items():
             frame.to_csv(tmp / f"{name}.csv", index=False)

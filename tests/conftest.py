@@ -161,8 +161,8 @@ def write_params(
 ) -> Path:
     """A params.yaml with the sections split and prepare read."""
     path.write_text(
-        f"data:\n  root: {root}\n  missing: {missing}\n"
-        f"split:\n  val_fraction: 0.1\n  seed: 42\n"
+        f"data:\n  format: nih\n  root: {root}\n  table: null\n  missing: {missing}\n"
+        f"split:\n  val_fraction: 0.1\n  seed: 42\n  test_fraction: 0.2\n"
         f"prepare:\n  image_size: {image_size}\n  workers: {workers}\n"
     )
     return path
@@ -294,7 +294,8 @@ TINY_DVC = {
     "demo": {"patients": 40, "images": 120, "image_size": 64, "test_fraction": 0.25},
     "split": {"val_fraction": 0.25},
     "prepare": {"image_size": 48, "workers": 2},
-    "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "workers": 1},
+    "train": {"epochs": 2, "batch_size": 16, "device": "cpu", "workers": 1},  # 2: the baseline is the
+    # uninterrupted run a killed two-epoch experiment must resume to (tests/test_faults_dvc.py)
     "evaluate": {"bootstrap": 20},
 }
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
@@ -368,7 +369,7 @@ TRAIN = {
     "augment": {"hflip": 0.5, "rotate": 5, "crop_scale": [0.85, 1.0]}, "device": "cpu", "nproc": 1, "compile": False,
     "cpu_kernels": "avx2",
     "workers": 0, "seed": 0,
-    "resume": False,
+    "resume": False, "init": None,
 }
 
 

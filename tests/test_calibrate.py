@@ -424,7 +424,7 @@ def test_bad_predictions_are_named(tmp_path: Path) -> None:
     val["Nodule"] = val["Nodule"].astype(object)
     val.loc[0, "Nodule"] = "yes"
     val.to_csv(tmp_path / "pred/val.csv", index=False)
-    with pytest.raises(PipelineError, match="row 2, column Nodule: 'yes'; expected 0 or 1"):
+    with pytest.raises(PipelineError, match="row 2, column Nodule: 'yes'; expected 0, 1 or empty"):
         calibrate.main(args)
 
 

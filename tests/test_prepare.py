@@ -424,11 +424,11 @@ def test_load_section_errors(tmp_path):
     path.write_text("data: [unclosed\n")
     with pytest.raises(PipelineError, match=f"^{re.escape(str(path))}: not valid YAML"):
         load_section(path, Data)
-    path.write_text("data:\n  root: x\n  missing: skip\n")
-    assert load_section(path, Data) == Data(root="x", missing="skip")
+    path.write_text("data:\n  format: nih\n  root: x\n  table: null\n  missing: skip\n")
+    assert load_section(path, Data) == Data(format="nih", root="x", table=None, missing="skip")
     with pytest.raises(PipelineError) as err:
         load_section(path, Prepare)
     assert str(err.value) == f"{path}: missing section 'prepare'; expected keys image_size, workers"
-    path.write_text("data:\n  root: x\n")
+    path.write_text("data:\n  format: nih\n  root: x\n  table: null\n")
     with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))} data\.missing: missing; expected one of"):
         load_section(path, Data)

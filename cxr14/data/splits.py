@@ -76,7 +76,8 @@ def stratified_patient_split(table: pd.DataFrame, val_fraction: float, seed: int
     Greedy iterative stratification over patients: patients are visited rarest-finding first and
     each goes to whichever side is further (relatively) below its target for that finding.
     """
-    labels = table[list(CLASSES)].to_numpy(dtype=np.int64)
+    # an unknown label (NaN, an own-data table's) counts as no positive here
+    labels = np.nan_to_num(table[list(CLASSES)].to_numpy(dtype=np.float64)).astype(np.int64)
     patients, inverse = np.unique(table["Patient ID"].to_numpy(), return_inverse=True)
     counts = np.zeros((len(patients), len(CLASSES)), dtype=np.int64)
     np.add.at(counts, inverse, labels)

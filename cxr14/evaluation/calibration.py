@@ -4,6 +4,8 @@ Everything here is a pure function of arrays (no files but the calibrator's own 
 re-runs in seconds and `predict` applies exactly what the stage fitted. Calibrators are plain JSON
 (no pickle): a per-class temperature, Platt pair or isotonic step function, `null` for a class
 that could not be fitted (no positives or no negatives in val), which then passes through unchanged.
+Labels may be unknown (NaN: a finding an own-data table lacks): each class is fitted, thresholded and measured on
+its known labels only, and a class with none known gets null.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cxr14.data.nih import CLASSES
-from cxr14.evaluation.metrics import has_both, mean_defined
+from cxr14.evaluation.metrics import drop_unknown, has_both, known, mean_defined
 from cxr14.runtime.errors import PipelineError, warn
 from cxr14.runtime.outputs import rounded
 
@@ -52,6 +54,7 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 def separable(y: np.ndarray, p: np.ndarray) -> bool:
     """Every val positive scores above every negative: the calibration fit then runs to its extreme."""
+    y, p = drop_unknown(y, p)
     y, p = np.asarray(y).astype(bool), np.asarray(p)
     return has_both(y) and bool(p[~y].max() < p[y].min())
 
@@ -100,7 +103,8 @@ def fit_calibrator(method: str, labels: np.ndarray, probs: np.ndarray,
     params: dict[str, Any] = {}
     if method != "none":
         for j, name in enumerate(classes):
-            params[name] = FITTERS[method](labels[:, j], probs[:, j]) if has_both(labels[:, j]) else None
+            params[name] = FITTERS[method](*drop_unknown(labels[:, j], probs[:, j])) if has_both(labels[:, j]) \
+                else None
     return {"method": method, "split": "val", "params": params}
 
 
@@ -180,6 +184,7 @@ def choose_threshold(policy: str, y: np.ndarray, p: np.ndarray, target_recall: f
 
     if not has_both(y):
         return None
+    y, p = drop_unknown(y, p)
     p = np.asarray(p, dtype=np.float64)
     if policy == "max_f1":  # the original recipe's rule: best F1 on the PR curve, without its (P=1, R=0) end point
         precision, recall, thresholds = precision_recall_curve(y, p)
@@ -225,6 +230,7 @@ def decision_metrics(y: np.ndarray, p: np.ndarray, threshold: float | None) -> d
     """Seed-style F1/Precision/Recall at p >= threshold; a value is None where its denominator is zero."""
     if threshold is None:
         return None
+    y, p = drop_unknown(y, p)
     y, pred = np.asarray(y).astype(bool), np.asarray(p) >= threshold
     tp, fp, fn = int(np.sum(pred & y)), int(np.sum(pred & ~y)), int(np.sum(~pred & y))
     return {"F1": ratio(2 * tp, 2 * tp + fp + fn), "Precision": ratio(tp, tp + fp), "Recall": ratio(tp, tp + fn)}
@@ -236,7 +242,9 @@ def bin_index(p: np.ndarray, bins: int) -> np.ndarray:
 
 
 def reliability(y: np.ndarray, p: np.ndarray, bins: int) -> list[dict[str, float | int]]:
-    """Non-empty bins: mean predicted probability, fraction of positives and count (the reliability diagram)."""
+    """Non-empty bins: mean predicted probability, fraction of positives and count (the reliability diagram), over
+    the known labels."""
+    y, p = drop_unknown(np.asarray(y).ravel(), np.asarray(p).ravel())
     p, y = np.asarray(p, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
     idx = bin_index(p, bins)
     count = np.bincount(idx, minlength=bins)
@@ -246,7 +254,9 @@ def reliability(y: np.ndarray, p: np.ndarray, bins: int) -> list[dict[str, float
 
 
 def ece(y: np.ndarray, p: np.ndarray, bins: int) -> float | None:
-    """Expected calibration error: sum over bins of |mean p - positive rate| weighted by the bin's share."""
+    """Expected calibration error: sum over bins of |mean p - positive rate| weighted by the bin's share (known
+    labels only; None where there are none)."""
+    y, p = drop_unknown(np.asarray(y).ravel(), np.asarray(p).ravel())
     n = np.asarray(p).size
     if n == 0:
         return None
@@ -255,7 +265,8 @@ def ece(y: np.ndarray, p: np.ndarray, bins: int) -> float | None:
 
 
 def brier(y: np.ndarray, p: np.ndarray) -> float | None:
-    """Mean squared error of the probability against the 0/1 label."""
+    """Mean squared error of the probability against the 0/1 label (known labels only)."""
+    y, p = drop_unknown(np.asarray(y).ravel(), np.asarray(p).ravel())
     p, y = np.asarray(p, dtype=np.float64), np.asarray(y, dtype=np.float64)
     return float(np.mean((p - y) ** 2)) if p.size else None
 
@@ -353,11 +364,15 @@ def check_classes(method: str, val: np.ndarray, val_probs: np.ndarray, test: np.
     """Warn, per class, where val or test cannot support what calibrate reports (one-sided labels, a val set
     that separates the class perfectly and so drives the calibrator to its extreme)."""
     for j, name in enumerate(classes):
+        if not known(val[:, j]).any():
+            warn(f"class {name} has no known labels in val: its threshold and metrics are null, its calibration the "
+                 "identity")
+            continue
         if not has_both(val[:, j]):
-            side = "no positives" if val[:, j].sum() == 0 else "no negatives"
+            side = "no positives" if np.nansum(val[:, j]) == 0 else "no negatives"
             warn(f"class {name} has {side} in val: its threshold and metrics are null, its calibration the identity")
         elif method != "none" and separable(val[:, j], val_probs[:, j]):
-            warn(f"class {name}: val separates it perfectly ({val[:, j].sum()} positives), so its {method} "
+            warn(f"class {name}: val separates it perfectly ({np.nansum(val[:, j]):g} positives), so its {method} "
                  "calibration is extreme and unreliable; a larger val set fixes this")
         if has_both(val[:, j]) and not has_both(test[:, j]):
             warn(f"class {name} has only one outcome in test: its test recall or precision is null")

@@ -2,6 +2,8 @@
 patient-bootstrap intervals, macro means over the classes where a metric exists, curves for DVC plots.
 
 Images of one patient are correlated (follow-ups), so intervals resample patients, not images.
+A label may be unknown (NaN: a finding an own-data table lacks, docs/datasets.md): every per-class figure here
+is over the images whose label is known, and a class with none known has no value.
 A thousand resamples of 25,596 test images x 14 classes through sklearn would take minutes; the
 weighted Mann-Whitney form below sorts each class once and scores a block of resamples at a time, from
 the patients' draw counts (PatientBootstrap), so memory stays flat however large the test split is.
@@ -15,9 +17,27 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def has_both(y: np.ndarray) -> bool:
-    """AUC, a threshold or a calibrator exist for a class only if its labels hold both outcomes."""
+def known(y: np.ndarray) -> np.ndarray:
+    """Boolean mask of the labels that are known (not NaN); all True for integer labels."""
     y = np.asarray(y)
+    return ~np.isnan(y) if y.dtype.kind == "f" else np.ones(y.shape, dtype=bool)
+
+
+def drop_unknown(y: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """`y` and `arrays` (the same rows) without the rows whose label is unknown; as they are when all are known."""
+    y = np.asarray(y)
+    mask = known(y)
+    if mask.all():
+        return (y, *arrays)
+    return (y[mask], *(np.asarray(a)[mask] for a in arrays))
+
+
+def has_both(y: np.ndarray) -> bool:
+    """AUC, a threshold or a calibrator exist for a class only if its known labels hold both outcomes."""
+    y = np.asarray(y)
+    mask = known(y)
+    if not mask.all():
+        y = y[mask]
     return 0 < int(np.count_nonzero(y)) < len(y)
 
 
@@ -28,7 +48,13 @@ def mean_defined(values: Sequence[float | None]) -> float | None:
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    """ROC-AUC of one class (ties count one half); None unless the labels hold both outcomes."""
+    """ROC-AUC of one class over its known labels (ties count one half); None unless they hold both outcomes."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    mask = known(labels)
+    if not mask.all():
+        scores, labels = scores[mask], labels[mask]
+    if len(labels) == 0:
+        return None
     value = weighted_auc(np.asarray(scores), np.asarray(labels), np.ones((1, len(scores))))[0]
     return None if np.isnan(value) else float(value)
 
@@ -99,11 +125,21 @@ def bootstrap_aucs(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray |
 
     `weights`: (B, N) image weights, or a PatientBootstrap, whose weights are made a block at a time.
     One PatientBootstrap given to two models' scores pairs them: the same patients in each resample.
+    Images whose label is unknown weigh 0 in every resample: the patients drawn stay the same as for the other
+    classes (the macro mean's resamples pair up), and those images count for nothing.
     """
+    mask = known(labels)
+    if not mask.all():
+        labels = np.where(mask, labels, 0.0)
     if isinstance(weights, PatientBootstrap):
         order = np.argsort(scores, kind="stable")
         s, y = scores[order], labels[order]
-        return np.concatenate([sorted_auc(s, y, weights.weights(rows, order)) for rows in weights.blocks()])
+        if mask.all():
+            return np.concatenate([sorted_auc(s, y, weights.weights(rows, order)) for rows in weights.blocks()])
+        m = mask[order]
+        return np.concatenate([sorted_auc(s, y, weights.weights(rows, order) * m) for rows in weights.blocks()])
+    if not mask.all():
+        weights = weights * mask
     return np.concatenate([weighted_auc(scores, labels, chunk) for chunk in np.array_split(weights, 8)])
 
 
@@ -145,6 +181,8 @@ def roc_on_grid(scores: np.ndarray, labels: np.ndarray, grid: np.ndarray) -> np.
     """Best TPR reachable at each FPR of `grid` (the ROC step curve, sampled for a compact plot file)."""
     from sklearn.metrics import roc_curve  # here, not at the top: predict imports this module, not the curves
 
+    mask = known(labels)
+    scores, labels = np.asarray(scores)[mask], np.asarray(labels)[mask]
     fpr, tpr, _ = roc_curve(labels, scores)
     return np.array([tpr[fpr <= x].max() for x in grid])
 
@@ -153,5 +191,7 @@ def pr_on_grid(scores: np.ndarray, labels: np.ndarray, grid: np.ndarray) -> np.n
     """Interpolated precision (best precision at recall >= r) at each recall of `grid`."""
     from sklearn.metrics import precision_recall_curve
 
+    mask = known(labels)
+    scores, labels = np.asarray(scores)[mask], np.asarray(labels)[mask]
     precision, recall, _ = precision_recall_curve(labels, scores)
     return np.array([precision[recall >= r].max() if (recall >= r).any() else 0.0 for r in grid])

@@ -1,5 +1,6 @@
 """The predictions contract between evaluate and the stages after it: `data/predictions/<split>.csv` holds
-Image Index, Patient ID, one 0/1 label column per class and `prob_<Class>` per class, in split-table order.
+Image Index, Patient ID, one 0/1 label column per class (empty where unknown: a finding an own-data table lacks)
+and `prob_<Class>` per class, in split-table order.
 
 Calibrate and explain read it here, checked cell by cell, so a hand-edited or truncated file is a
 one-line error naming the row and column.
@@ -22,7 +23,8 @@ EXPERT_PREFIX = "expert_"  # expert_<finding>: Google's adjudicated label (exper
 
 
 def read_predictions(path: Path, names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities), both (N, 14) in CLASSES order, from the evaluate stage's CSV; checked, and
+    """(labels, probabilities), both (N, 14) in CLASSES order (labels int64, or float64 with NaN where some are
+    unknown), from the evaluate stage's CSV; checked, and
     with `names` (the split table's Image Index column) checked to be those images in that order."""
     return read_prediction_table(path, names)[1:]
 
@@ -48,12 +50,18 @@ def read_prediction_table(source: Path | IO[str], names: Sequence[str] | None = 
         raise PipelineError(f"{path}: no rows")
     if names is not None and ("Image Index" not in frame or frame["Image Index"].tolist() != list(names)):
         raise PipelineError(f"{path}: rows are not the split table's images in its order; run dvc repro evaluate")
-    labels = numeric(path, frame, list(CLASSES), lambda v: np.isin(v, (0, 1)), "0 or 1")
+    labels = numeric(path, frame, list(CLASSES), lambda v: np.isin(v, (0, 1)) | blank(frame, list(CLASSES)),
+                     "0, 1 or empty (unknown)")
     probs = numeric(path, frame, prob_columns, lambda v: (v >= 0) & (v <= 1), "a probability in [0, 1]")
     expert = [c for c in frame.columns if c.startswith(EXPERT_PREFIX)]
     if expert:
         numeric(path, frame, expert, lambda v: np.isin(v, (0, 1)) | np.isnan(v), "0, 1 or empty")
-    return frame, labels.astype(np.int64), probs
+    return frame, (labels if np.isnan(labels).any() else labels.astype(np.int64)), probs
+
+
+def blank(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """Cells left empty (an unknown label), as opposed to text that is not a number."""
+    return frame[columns].isna().to_numpy()
 
 
 def numeric(path: Path | str, frame: pd.DataFrame, columns: list[str], valid: Callable, expected: str) -> np.ndarray:

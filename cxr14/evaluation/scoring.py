@@ -24,6 +24,7 @@ from cxr14.data.splits import read_split_table
 from cxr14.evaluation.metrics import (
     PatientBootstrap,
     auc_with_interval,
+    drop_unknown,
     has_both,
     macro_bootstrap,
     mean_defined,
@@ -93,12 +94,21 @@ def score_test(pred: pd.DataFrame, clean: np.ndarray | None, resamples: int, see
     per_class, aucs = {}, []
     for k, name in enumerate(CLASSES):
         y, p = pred[name].to_numpy(), pred[PROB_PREFIX + name].to_numpy()
+        yk, pk = drop_unknown(y, p)  # an own-data table's unknown labels (NaN) are left out, not negatives
+        if len(yk) == 0:
+            per_class[name] = {"auc": None, "auc_ci_low": None, "auc_ci_high": None, "average_precision": None,
+                               "prevalence": None, "positives": None,
+                               "note": "no known labels in test (the dataset's table lacks this finding)"}
+            aucs.append(None)
+            continue
         auc, low, high = auc_with_interval(p, y, weights)
         if auc is None:
             warn(f"{name} has no positives (or no negatives) in test; its metrics are null")
         entry = {"auc": auc, "auc_ci_low": low, "auc_ci_high": high,
-                 "average_precision": float(average_precision_score(y, p)) if y.any() else None,
-                 "prevalence": float(y.mean()), "positives": int(y.sum())}
+                 "average_precision": float(average_precision_score(yk, pk)) if yk.any() else None,
+                 "prevalence": float(yk.mean()), "positives": int(yk.sum())}
+        if len(yk) < len(y):
+            entry["known"] = len(yk)
         if clean is not None:
             entry["oracle_auc"] = auc_of(clean[:, k].astype(float), y)
         per_class[name] = rounded(entry)
@@ -142,7 +152,8 @@ def forest_rows(metrics: dict) -> pd.DataFrame:
     """plots/evaluate/forest.csv, the forest plot's rows in reading order: the macro mean, each class, then each
     expert-labelled finding; AUC with its patient-bootstrap 95% interval and, on the demo, the oracle's AUC.
     `order` fixes the rows' order on the page whatever the values, so revisions line up in `dvc plots diff`."""
-    rows = [{"row": "mean of 14 classes", "kind": "mean", "auc": metrics["mean_auc"],
+    scored = sum(c["auc"] is not None for c in metrics["per_class"].values())
+    rows = [{"row": f"mean of {scored} classes", "kind": "mean", "auc": metrics["mean_auc"],
              "ci_low": metrics.get("mean_auc_ci_low"), "ci_high": metrics.get("mean_auc_ci_high"),
              "oracle_auc": metrics.get("oracle_mean_auc")}]
     for name, c in metrics["per_class"].items():

@@ -106,7 +106,7 @@ def decisions_by_subgroup(pred: pd.DataFrame, labels: np.ndarray, called: np.nda
     """reports/calibrate.json's `subgroups`: per subgroup the underdiagnosis rate (images with any finding that
     the model calls 'No Finding': every class below its threshold) and each class's false negative rate."""
     groups, invalid = assign(pred)
-    any_finding, none_called = labels.any(axis=1), ~called.any(axis=1)
+    any_finding, none_called = (labels == 1).any(axis=1), ~called.any(axis=1)  # unknown (NaN) is no finding
     out: dict = {"min_images": min_images, "min_positives": MIN_POSITIVES}
     for attribute, (_, names) in ATTRIBUTES.items():
         entries, under, fnrs = {}, {}, {name: {} for name in CLASSES}

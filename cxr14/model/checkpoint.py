@@ -52,3 +52,32 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu",
         reason = " ".join(str(exc).split())[:300]
         raise PipelineError(f"{path}: checkpoint does not describe a model this project builds ({reason})") from None
     return model.to(device).eval(), ckpt
+
+
+def read_init(path: Path | str, model: nn.Module, arch: str, output_stride: int, classes: Sequence[str],
+              where: str = "train.init") -> dict[str, Any]:
+    """Load a checkpoint to start from (`train.init`) into `model` (built for `arch`) and return its contents: it
+    must come from a train stage with this run's arch, output stride and classes (in order); one line naming the
+    file and what differs."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{where}: {path}: no such file; expected a checkpoint written by the train stage")
+    ckpt = read_checkpoint(path)
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise PipelineError(f"{where}: {path}: checkpoint lacks {', '.join(missing)}; expected one written by the "
+                            "train stage")
+    found = {"arch": ckpt["arch"], "output_stride": int(ckpt.get("output_stride", 32)),
+             "classes": list(ckpt["classes"])}
+    wanted = {"arch": arch, "output_stride": output_stride, "classes": list(classes)}
+    for key, value in found.items():
+        if value != wanted[key]:
+            raise PipelineError(f"{where}: {path}: {key} {value}; expected {wanted[key]} (train.{key} must match the "
+                                "checkpoint)" if key != "classes" else f"{where}: {path}: classes {value}; expected "
+                                f"this project's {wanted[key]}")
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, TypeError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise PipelineError(f"{where}: {path}: weights do not fit a {arch} ({reason})") from None
+    return ckpt

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -36,6 +37,24 @@ def rounded(value: Any, digits: int = 6) -> Any:
     if isinstance(value, (float, np.floating)):
         return None if value != value else round(float(value), digits)
     return value
+
+def file_digest(path: Path | str) -> str:
+    """MD5 (hex) of a file, read in 8 MB chunks so memory stays flat whatever its size."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def short_id(digests: Iterable[str]) -> str:
+    """8 hex digits naming a model or a dataset in metrics files (`dvc exp show` prints them as text): one file's
+    id is its MD5's first 8 digits (`md5sum models/model.pt`), several files' the MD5 of their MD5s, in order."""
+    digests = list(digests)
+    if len(digests) == 1:
+        return digests[0][:8]
+    return hashlib.md5("\n".join(digests).encode(), usedforsecurity=False).hexdigest()[:8]
+
 
 def remove_leftovers(path: Path) -> None:
     """Delete what a killed run left beside `path` (`.<name>.*.tmp` files or folders, `.<name>.*.old` folders).

@@ -12,7 +12,6 @@ disagree with each other, and a run killed at any moment leaves the previous out
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from cxr14.model.factory import param_groups
 from cxr14.model.inference import Batches, evaluate, infer, scores
 from cxr14.params import Train
 from cxr14.runtime.errors import PipelineError, warn
-from cxr14.runtime.outputs import ensure_space, replace_dir
+from cxr14.runtime.outputs import ensure_space, file_digest, replace_dir
 from cxr14.training.distributed import World, agree, all_sum, blocks, gather_rows, peers_watched, same_buffers
 from cxr14.training.loss import loss_function
 from cxr14.training.schedules import make_scheduler
@@ -86,14 +85,7 @@ def fingerprint(files: list[Path]) -> dict[str, str]:
 
     Read in 8 MB chunks, so memory stays flat whatever the arrays' size; once per run.
     """
-    out = {}
-    for path in files:
-        digest = hashlib.md5(usedforsecurity=False)
-        with open(path, "rb") as f:
-            while chunk := f.read(8 << 20):
-                digest.update(chunk)
-        out[str(path)] = digest.hexdigest()
-    return out
+    return {str(path): file_digest(path) for path in files}
 
 
 def check_resume_point(path: Path, point: dict[str, Any], t: Train, data: dict[str, str]) -> None:
