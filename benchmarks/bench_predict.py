@@ -29,7 +29,8 @@ from cxr14.data.images import load_gray
 from cxr14.data.loader import IMAGENET_MEAN, IMAGENET_STD, to_model_input
 from cxr14.data.nih import CLASSES
 from cxr14.evaluation.calibration import fit_calibrator
-from cxr14.explanation.gradcam import GradCAM, overlay
+from cxr14.explanation.gradcam import GradCAM
+from cxr14.explanation.heatmaps import overlay
 from cxr14.model.checkpoint import load_checkpoint
 from cxr14.model.factory import build_model, gradcam_layer
 

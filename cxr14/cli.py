@@ -56,7 +56,7 @@ def parse_predict_args(argv: list[str] | None) -> argparse.Namespace:
                         "found by content), folders (searched recursively) or glob patterns (quote them: '**' crosses "
                         "folders)")
     parser.add_argument("--engine", choices=ENGINES, help="onnx: the exported model through ONNX Runtime, no PyTorch "
-                        "(the default); torch: the checkpoint (the default with --gradcam or a .pt --model)")
+                        "(the default); torch: the checkpoint (the default with a .pt --model)")
     parser.add_argument("--model", type=Path, help="the export stage's .onnx (onnx engine; default: see "
                         f"--precision) or the train stage's checkpoint (torch engine; default {paths.MODEL})")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=f"onnx engine's default model: "
@@ -73,10 +73,10 @@ def parse_predict_args(argv: list[str] | None) -> argparse.Namespace:
                         "a missing path means raw probabilities); onnx engine: replaces the embedded one")
     parser.add_argument("--csv", type=Path, metavar="OUT", help="write one row per image and class here (atomically)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-    parser.add_argument("--gradcam", type=Path, metavar="DIR", help="write heatmaps of positive classes here "
-                        "(torch engine)")
-    parser.add_argument("--layer", help="Grad-CAM layer, e.g. layer3 (default: explain.layer of --params, else the "
-                        "last block)")
+    parser.add_argument("--gradcam", type=Path, metavar="DIR", help="write heatmaps of positive classes here (either "
+                        "engine: the exported model carries the last block's Grad-CAM)")
+    parser.add_argument("--layer", help="Grad-CAM layer, e.g. layer3 (torch engine; default: explain.layer of "
+                        "--params, else the last block, the onnx engine's only one)")
     parser.add_argument("--params", type=Path,
                         help="project params to read train.device, train.cpu_kernels and explain.layer from "
                         "(default: params.yaml when the working directory has one; else the CPU and the last block)")
@@ -86,16 +86,14 @@ def parse_predict_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_predict_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Usage errors (argparse's exit status 2), and the engine a .pt model or --gradcam implies."""
+    """Usage errors (argparse's exit status 2), and the engine a .pt model implies."""
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: expected a positive integer")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads {args.threads}: expected a positive integer")
     if args.engine is None:
         pt = args.model is not None and args.model.suffix in (".pt", ".pth")
-        args.engine = "torch" if args.gradcam is not None or pt else "onnx"
-    if args.engine == "onnx" and args.gradcam is not None:
-        parser.error("--gradcam needs --engine torch (an ONNX graph has no gradients to draw heatmaps from)")
+        args.engine = "torch" if pt else "onnx"
     if args.precision != "auto" and (args.model is not None or args.engine != "onnx"):
         parser.error(f"--precision {args.precision} picks the onnx engine's default model; "
                      f"{'--model names the file' if args.model is not None else 'the torch engine runs float32'}")
@@ -118,6 +116,7 @@ def predict(argv: list[str] | None = None) -> None:
         print(f"error: {line}", file=sys.stderr)
     engine = work.open_engine(args.engine, args.model, args.precision, where)
     if args.gradcam is not None:
+        engine.want_heatmaps(where.layer, where.layer_key)
         work.check_heatmap_names(args.gradcam, files, engine.classes, inputs)
     thresholds, calibrator = work.calibration(engine, args.thresholds, args.calibrator)
     results = work.predict_images(engine, files, calibrator, thresholds, args.batch_size, args.threads, args.gradcam,

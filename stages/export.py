@@ -5,7 +5,9 @@ normalisation, calibrator and val thresholds travel inside as metadata (`cxr14/d
 written under a temporary name and checked there: when ONNX Runtime's probabilities differ from PyTorch's by
 more than `export.tolerance` anywhere on the test images the stage fails and the file is never put in place.
 reports/export.json records the difference, the difference from evaluate's own test predictions (what the
-thresholds were chosen on), the file size and the opset read back from the file (an export.opset above the
+thresholds were chosen on), the largest difference of the `cam` output's heatmaps from PyTorch's Grad-CAM
+(normalised, as predict draws them; and the int8 file's from float32's on a few test images), the file size and
+the opset read back from the file (an export.opset above the
 newest the installed exporter writes is refused before any work, and a file declaring another is not kept). The
 two files replace the previous ones only once both are checked, so a refused setting leaves them as they were
 (dvc.yaml: persist). Beside it models/model.int8.onnx, the same model
@@ -33,6 +35,7 @@ from cxr14.deployment.export import (
     export_onnx,
     file_opset,
     headline,
+    int8_cam_difference,
     int8_check,
     metadata,
     ort_probabilities,
@@ -132,6 +135,7 @@ def int8_checked(tmp: Path, tmp8: Path, images: dict[str, np.ndarray], labels: d
                                export.int8_max_auc_drop)
     update_metadata(tmp8, int8_within_limit=on["val"]["within_limit"], int8_val_mean_auc=on["val"]["mean_auc"],
                     float32_val_mean_auc=on["val"]["mean_auc_float32"])
+    on["cam"] = int8_cam_difference(tmp, tmp8, images["test"], export.batch_size)  # heatmaps, reported
     return on
 
 
@@ -141,6 +145,7 @@ def export_report(check: dict, against_evaluate: float, on: dict, export: Export
 
     return {"images": check["images"], "max_abs_difference": float(f"{check['max_abs_difference']:.3g}"),
             "tolerance": export.tolerance, "max_abs_difference_to_evaluate": float(f"{against_evaluate:.3g}"),
+            "cam_max_abs_difference": float(f"{check['cam_max_abs_difference']:.3g}"),
             "file_bytes": paths.ONNX.stat().st_size, "opset": check["opset"], "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__.split("+")[0],
             "int8": {"file_bytes": paths.ONNX_INT8.stat().st_size, "calibration_images": calibration_images,
@@ -158,6 +163,9 @@ def print_summary(report: dict, check: dict, against_evaluate: float, export: Ex
           f"{q['val']['mean_auc']} vs {q['val']['mean_auc_float32']}, on test {t8['mean_auc']} vs "
           f"{t8['mean_auc_float32']}; {t8['decisions_changed']} of {t8['decisions']} test decisions changed, max "
           f"|difference| {t8['max_abs_difference_to_float32']:.2g}")
+    print(f"export: heatmaps (output cam), normalised as predict draws them: max |difference| from PyTorch's Grad-CAM "
+          f"{check['cam_max_abs_difference']:.2g} on {check['images']} test images; int8 from float32 "
+          f"{q['cam']['max_abs_difference_to_float32']:.2g} on {q['cam']['images']}")
     if q["within_limit"] is False:
         print(f"export: warning: {out8} loses more than export.int8_max_auc_drop {export.int8_max_auc_drop:g} of val "
               f"mean AUC; predict runs {out} by default", file=sys.stderr)

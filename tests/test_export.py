@@ -142,22 +142,30 @@ def test_real_nih_images_in_a_folder_with_a_corrupt_one(deployed: Path, tmp_path
     assert len(rows) == 16 * len(CLASSES) and {Path(r["image"]).name for r in rows} == {p.name for p in real}
 
 
-def test_onnx_engine_never_imports_torch(deployed: Path) -> None:
+def test_onnx_engine_never_imports_torch(deployed: Path, tmp_path: Path) -> None:
+    """Heatmaps too: with --gradcam the default engine draws them from the file's cam output."""
     code = ("import sys; from cxr14.cli import predict_main as main\n"
             "try:\n    main(sys.argv[1:])\nfinally:\n"
             "    assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'pandas', "
             "'sklearn')], 'heavy imports'\n")
-    done = subprocess.run([sys.executable, "-c", code, str(deployed / "images"), *own(deployed), "--json"],
-                          capture_output=True, text=True, timeout=120, cwd=deployed,
-                          env={**os.environ, "CI": "1"})
+    done = subprocess.run([sys.executable, "-c", code, str(deployed / "images"), *own(deployed), "--json",
+                           "--gradcam", str(tmp_path / "cam")], capture_output=True, text=True, timeout=120,
+                          cwd=deployed, env={**os.environ, "CI": "1"})
     assert done.returncode == 0, done.stderr
-    assert len(json.loads(done.stdout)) == 6
+    results = json.loads(done.stdout)
+    assert len(results) == 6 and all(r["model"] == str(deployed / "model.onnx") for r in results)
+    for r in results:  # each positive class's overlay, or the closest one's, named as the torch engine names them
+        positives = [p["class"] for p in r["predictions"] if p["decision"] == "POS"] or [None]
+        assert len(r["gradcam"]) == len(positives) and all(Path(f).is_file() for f in r["gradcam"])
+        assert all(Path(f).name == f"{Path(r['image']).stem}_{c}.png" for f, c in zip(r["gradcam"], positives,
+                                                                                     strict=True) if c)
+    assert sorted(p.name for p in (tmp_path / "cam").iterdir()) == sorted(Path(f).name for r in results
+                                                                          for f in r["gradcam"])
 
 
 def test_engine_errors_are_one_line(deployed: Path, tmp_path: Path) -> None:
     image = str(deployed / "images" / "colour.jpg")
-    with pytest.raises(SystemExit):  # argparse: two lines of usage, then the reason
-        cli.parse_predict_args([image, "--engine", "onnx", "--gradcam", str(tmp_path)])
+    assert cli.parse_predict_args([image, "--gradcam", str(tmp_path)]).engine == "onnx"  # heatmaps from the file
     with pytest.raises(PipelineError, match=r"nowhere.onnx: not found; run the export stage"):
         cli.predict([image, "--model", str(tmp_path / "nowhere.onnx")])
     (tmp_path / "junk.onnx").write_bytes(b"not a model")

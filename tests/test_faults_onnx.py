@@ -147,8 +147,13 @@ def test_a_broken_calibrator_is_refused(proto, deployed, tmp_path, capsys, monke
     (lambda m: m.pop("thresholds"), "metadata lacks thresholds; expected the export stage's"),
     (lambda m: m.pop("calibrator"), "metadata lacks calibrator; expected the export stage's"),
     (lambda m: m.update(int8_within_limit="no"), "metadata int8_within_limit: 'no'; expected true, false or null"),
+    # the heatmaps' geometry: a wrong one would draw them in the wrong place without a word
+    (lambda m: m.pop("cam"), "metadata cam: None; expected the 'cam' output's geometry"),
+    (lambda m: m["cam"].update(cells=[2, 2]), "metadata cam cells: [2, 2]; expected two positive integers, the 'cam' "
+                                              "output's last two dimensions (['batch', 14, 1, 1], one map per class)"),
+    (lambda m: m["cam"].update(stride=[32, 0]), "metadata cam stride: [32, 0]; expected two positive numbers"),
 ], ids=["format-string", "format-newer", "image-size", "image-size-string", "no-thresholds",
-        "no-calibrator", "int8-flag"])
+        "no-calibrator", "int8-flag", "no-cam", "cam-cells", "cam-stride"])
 def test_other_metadata_fields_are_refused_by_name(proto, deployed, tmp_path, capsys, monkeypatch, edit,
                                                    message: str) -> None:
     """These were tracebacks (or, for a missing key, named `<onnxruntime...InferenceSession object at 0x...>`)."""
@@ -185,7 +190,7 @@ def foreign(input_name: str, dtype: int, output_name: str = "probabilities") -> 
 
 @pytest.mark.parametrize(("graph", "message"), [
     (foreign("x", onnx.TensorProto.UINT8), "graph inputs ['x'], outputs ['probabilities']; expected ['image'] and "
-                                           "['probabilities'], as the export stage writes them"),
+                                           "'probabilities' among the outputs, as the export stage writes them"),
     (foreign("image", onnx.TensorProto.FLOAT), "graph image tensor(float) ['batch', 1, 32, 32] -> probabilities "
                                                "['batch', 14]; expected tensor(uint8) [batch, 1, S, S] -> "
                                                "[batch, classes], as the export stage writes them"),
@@ -212,13 +217,15 @@ def test_a_device_the_onnx_engine_cannot_use_is_refused(deployed, tmp_path, caps
 
 
 def test_the_int8_file_is_checked_the_same_way(proto, deployed, tmp_path, capsys, monkeypatch) -> None:
-    """The int8 file (the CPU default) keeps the graph's input and output and carries the same metadata."""
+    """The int8 file (the CPU default) keeps the graph's input and outputs (the cam output too: read_metadata checks
+    it against the metadata) and carries the same metadata."""
     from cxr14.deployment.export import quantize_int8, update_metadata
 
     monkeypatch.chdir(tmp_path)
     images = np.random.default_rng(0).integers(0, 256, (2, DEPLOYED_SIZE, DEPLOYED_SIZE), dtype=np.uint8)
     quantize_int8(deployed / "model.onnx", tmp_path / "m.int8.onnx", images, 2)
-    assert read_metadata(tmp_path / "m.int8.onnx")["precision"] == "int8"
+    int8 = read_metadata(tmp_path / "m.int8.onnx")
+    assert int8["precision"] == "int8" and int8["cam"] == read_metadata(deployed / "model.onnx")["cam"]  # heatmaps
     update_metadata(tmp_path / "m.int8.onnx", image_size=64)
     assert refused(tmp_path / "m.int8.onnx", deployed, tmp_path, capsys) == (
         f"metadata image_size: 64; expected {DEPLOYED_SIZE}, the graph's input size")

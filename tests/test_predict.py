@@ -233,7 +233,7 @@ def test_heatmap_peaks_inside_the_planted_box_of_a_trained_tiny_model() -> None:
 
 
 def test_overlay_draws_heat_box_and_legend(tmp_path: Path) -> None:
-    from cxr14.explanation.gradcam import overlay
+    from cxr14.explanation.heatmaps import overlay
 
     heat = np.zeros((32, 32), dtype=np.float32)
     heat[8, 24] = 1.0  # the peak, inside the box below

@@ -184,7 +184,7 @@ def test_concurrent_requests_share_model_calls_and_a_lone_one_never_waits() -> N
     assert calls == [4, 2, 1] and [float(r[0, 0]) for r in results] == list(range(6)) and lone < 0.5
 
 
-def test_heatmaps_on_request_from_predicts_torch_engine(deployed: Path, capsys) -> None:
+def test_heatmaps_on_request_from_either_engine(deployed: Path, capsys) -> None:
     files = ["--model", str(deployed / "model.pt"), "--thresholds", str(deployed / "thresholds.json"),
              "--calibrator", str(deployed / "calibrator.json")]
     opts = serve.Options(engine="torch", model=files[1], thresholds=files[3], calibrator=files[5])
@@ -207,7 +207,14 @@ def test_heatmaps_on_request_from_predicts_torch_engine(deployed: Path, capsys) 
         png = Image.open(io.BytesIO(base64.b64decode(heat[model.classes[k]])))
         assert png.mode == "RGBA" and png.size == (32, 32)
         assert np.abs(np.asarray(png)[..., 3].astype(int) - np.rint(210 * np.clip(m, 0, 1) ** 0.75)).max() <= 1
-    with client(deployed) as c:  # the onnx engine has no gradients: refused in one line
+    with client(deployed) as c:  # the onnx engine draws them from its file's cam output: the same maps
+        assert c.get("/v2/models/cxr14").json()["parameters"]["heatmaps"] is True
+        assert c.post("/predict?heatmaps=auto", files={"file": (str(image), image.read_bytes())}).json()[0][
+            "heatmaps"] == heat
+    opts = serve.Options(model=str(deployed / "model.onnx"))
+    old = serve.load(opts)
+    old.engine.cam = None  # a file exported before the cam output: refused in one line
+    with TestClient(serve.create_app(opts, old)) as c:
         refused = c.post("/predict?heatmaps=all", files={"file": ("a.png", image.read_bytes())})
         assert refused.status_code == 400 and "--engine torch" in refused.json()["error"]
 

@@ -2,9 +2,11 @@
 
 `models/model.onnx` takes the decoded 8-bit grey image, resized to the training size, as uint8
 (batch, 1, S, S) and returns the 14 raw probabilities (batch, 14): the normalisation and the sigmoid are in the
-graph, so a deployment cannot get them wrong. Everything else predict needs (class names, image size,
-normalisation, the calibrator and the val thresholds it applies to, where the model came from) is embedded as
-JSON in the model's metadata under `cxr14`, so the one file is the whole deployment. At export the file
+graph, so a deployment cannot get them wrong. A second output, `cam` (batch, 14, h, w), is Grad-CAM of the last
+block for every class at cell resolution, computed in the graph in closed form (`gradcam.last_block_maps`), so
+predict draws heatmaps without PyTorch. Everything else predict needs (class names, image size, normalisation,
+the calibrator and the val thresholds it applies to, where the model came from, the cam cells' geometry) is
+embedded as JSON in the model's metadata under `cxr14`, so the one file is the whole deployment. At export the file
 verifies itself: ONNX Runtime's probabilities against PyTorch's (float32, CPU) on the whole test array.
 
 `models/model.int8.onnx` is the same graph with 8-bit weights and activations (ONNX Runtime's static
@@ -28,21 +30,39 @@ import torch
 from torch import nn
 
 from cxr14.data.loader import to_model_input
-from cxr14.deployment.onnx_file import FORMAT, INPUT_NAME, METADATA_KEY, OUTPUT_NAME, session
+from cxr14.deployment.onnx_file import CAM_NAME, FORMAT, INPUT_NAME, METADATA_KEY, OUTPUT_NAME, session
+from cxr14.explanation.gradcam import GradCAM, last_block_maps
+from cxr14.explanation.heatmaps import normalise, resample
+from cxr14.model.factory import gradcam_layer
 from cxr14.runtime.errors import PipelineError
 from cxr14.runtime.progress import progress
 
 
 class Deployable(nn.Module):
-    """uint8 grey images (B, 1, S, S) -> probabilities (B, C): the model with the pipeline's normalisation in front
-    (`to_model_input`, the same arithmetic evaluate uses) and a sigmoid behind."""
+    """uint8 grey images (B, 1, S, S) -> probabilities (B, C) and Grad-CAM cells (B, C, h, w): the model with the
+    pipeline's normalisation in front (`to_model_input`, the same arithmetic evaluate uses), a sigmoid behind, and
+    the last block's Grad-CAM beside (`last_block_maps`)."""
 
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         self.model, self.mean, self.std = model, tuple(mean), tuple(std)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model(to_model_input(images.float(), self.mean, self.std)).float())
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, cams = last_block_maps(self.model, to_model_input(images.float(), self.mean, self.std))
+        return torch.sigmoid(logits.float()), cams.float()
+
+
+def cam_geometry(model: nn.Module, arch: str, size: int) -> dict[str, Any]:
+    """The `cam` output's metadata: which layer it is Grad-CAM of, and where its cells sit on the S x S input
+    (`GradCAM.geometry`, read from one forward pass), which predict needs to resample them as the torch engine
+    does, without PyTorch."""
+    name, layer = gradcam_layer(model, arch)
+    with GradCAM(model, layer) as cam, torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+        cells = [int(n) for n in cam.activations.shape[-2:]]
+        stride, offset = cam.geometry((size, size))
+    return {"output": CAM_NAME, "layer": name, "cells": cells, "stride": [float(v) for v in stride],
+            "offset": [float(v) for v in offset]}
 
 
 def metadata(ckpt: dict[str, Any], thresholds: dict[str, float | None], calibrator: dict[str, Any] | None,
@@ -53,7 +73,9 @@ def metadata(ckpt: dict[str, Any], thresholds: dict[str, float | None], calibrat
             "mean": [float(v) for v in ckpt["mean"]], "std": [float(v) for v in ckpt["std"]],
             "input": f"{INPUT_NAME}: uint8 (batch, 1, {size}, {size}), the grey image resized as "
                      "cxr14.data.images.load_gray does",
-            "output": f"{OUTPUT_NAME}: float32 (batch, {len(ckpt['classes'])}), raw probabilities",
+            "output": f"{OUTPUT_NAME}: float32 (batch, {len(ckpt['classes'])}), raw probabilities; {CAM_NAME}: "
+                      f"float32 (batch, {len(ckpt['classes'])}, h, w), Grad-CAM of the last block per class, before "
+                      "resampling (metadata cam: its cells' stride and offset on the input)",
             "arch": ckpt["arch"], "calibrator": calibrator, "thresholds": thresholds, "source": source,
             "best_epoch": ckpt.get("epoch"), "best_val_mean_auc": ckpt.get("val_mean_auc"),
             "precision": "float32"}  # quantize_int8 rewrites it
@@ -92,18 +114,20 @@ def file_opset(path: Path | str) -> int | None:
 
 
 def export_onnx(model: nn.Module, ckpt: dict[str, Any], meta: dict[str, Any], out: Path | str, opset: int) -> None:
-    """Write the model (CPU, eval mode) to `out` with a dynamic batch axis and `meta` embedded. Not atomic by
-    itself: the export stage writes to a temporary name, checks that file, and only then renames it."""
+    """Write the model (CPU, eval mode) to `out` with a dynamic batch axis and `meta` embedded, with the `cam`
+    output's geometry (`cam_geometry`) added to it. Not atomic by itself: the export stage writes to a temporary
+    name, checks that file, and only then renames it."""
     import onnx
 
     size = int(ckpt["image_size"])
+    meta = meta | {"cam": cam_geometry(model, ckpt["arch"], size)}
     wrapped = Deployable(model, tuple(ckpt["mean"]), tuple(ckpt["std"])).eval()
     example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
     try:
         program = torch.onnx.export(wrapped, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), opset_version=opset,
-                                    verbose=False)
+                                    output_names=[OUTPUT_NAME, CAM_NAME], dynamic_shapes=({0: batch},),
+                                    opset_version=opset, verbose=False)
     except Exception as exc:  # the exporter fails in many ways (an unsupported operator, an opset it lacks)
         raise PipelineError(f"export.opset {opset}: the ONNX exporter failed ({' '.join(str(exc).split())[:300]})"
                             ) from None
@@ -126,7 +150,7 @@ def head_nodes(proto: Any) -> list[str]:
     MatMul), which stay in float32: quantized, the probabilities would come out on a grid of 256 levels clipped
     to the range the calibration images reached, too coarse for thresholds and margins."""
     producer = {o: n for n in proto.graph.node for o in n.output}
-    names, frontier = [], [o.name for o in proto.graph.output]
+    names, frontier = [], [OUTPUT_NAME]  # by name: the graph has other outputs (cam)
     while frontier:
         node = producer.get(frontier.pop())
         if node is None or node.op_type not in HEAD_OPS or node.name in names:
@@ -237,28 +261,63 @@ def update_metadata(path: Path | str, **fields: Any) -> None:
 
 def verify(model: nn.Module, ckpt: dict[str, Any], onnx_path: Path | str, images: np.ndarray,
            batch_size: int) -> dict[str, Any]:
-    """Largest |ONNX Runtime - PyTorch| probability over `images` (uint8 (N, S, S)), and each engine's speed."""
+    """Largest |ONNX Runtime - PyTorch| probability over `images` (uint8 (N, S, S)), and each engine's speed; and
+    the largest difference of their heatmaps (`cam_max_abs_difference`: every class's `cam` resampled onto the
+    input and normalised as predict draws it, against PyTorch's closed-form Grad-CAM), recorded, not a gate."""
     wrapped = Deployable(model, tuple(ckpt["mean"]), tuple(ckpt["std"])).eval()
     try:
         ort_session = session(onnx_path)
     except Exception as exc:  # an opset or operator this ONNX Runtime cannot run
         raise PipelineError(f"ONNX Runtime cannot load the exported model ({' '.join(str(exc).split())[:300]}); "
                             "try another export.opset") from None
-    worst, seconds, probabilities = 0.0, {"torch": 0.0, "onnxruntime": 0.0}, []
+    size = int(ckpt["image_size"])
+    geometry = cam_geometry(model, ckpt["arch"], size)
+    worst, cam_worst, seconds, probabilities = 0.0, 0.0, {"torch": 0.0, "onnxruntime": 0.0}, []
     for start in progress(range(0, len(images), batch_size), desc="export: verify", unit="batch"):
         x = np.array(images[start:start + batch_size, None])  # a writable copy of the memory map's rows
         t = time.perf_counter()
         with torch.no_grad():
-            expected = wrapped(torch.from_numpy(x)).numpy()
+            expected, expected_cam = (out.numpy() for out in wrapped(torch.from_numpy(x)))
         seconds["torch"] += time.perf_counter() - t
         t = time.perf_counter()
-        got = ort_session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        got, got_cam = ort_session.run([OUTPUT_NAME, CAM_NAME], {INPUT_NAME: x})
         seconds["onnxruntime"] += time.perf_counter() - t
         if got.shape != expected.shape or not np.isfinite(got).all():
             raise PipelineError(f"{onnx_path}: ONNX Runtime gave {got.shape} probabilities with non-finite values or "
                                 f"the wrong shape; expected finite {expected.shape}")
         worst = max(worst, float(np.abs(got.astype(np.float64) - expected).max()))
+        cam_worst = max(cam_worst, heatmap_difference(got_cam, expected_cam, geometry, size))
         probabilities.append(got)
     n = len(images)
     return {"images": n, "max_abs_difference": worst, "probabilities": np.concatenate(probabilities),
+            "cam_max_abs_difference": cam_worst,
             "images_per_s": {k: round(n / v, 1) if v > 0 else None for k, v in seconds.items()}}
+
+
+def heatmap_difference(a: np.ndarray, b: np.ndarray, geometry: dict[str, Any], size: int) -> float:
+    """Largest difference between two (B, C, h, w) `cam` outputs as predict draws them: resampled onto the
+    S x S input with the file's cell geometry and each map normalised to [0, 1]."""
+    if a.shape != b.shape or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("inf")
+    drawn = [normalise(resample(m, (size, size), geometry["stride"], geometry["offset"])) for m in (a, b)]
+    return float(np.abs(drawn[0] - drawn[1]).max()) if a.size else 0.0
+
+
+CAM_CHECK_IMAGES = 64  # test images on which the int8 file's heatmaps are compared with float32's
+
+
+def int8_cam_difference(float32: Path | str, int8: Path | str, images: np.ndarray, batch_size: int) -> dict[str, Any]:
+    """How far the int8 file's heatmaps are from the float32 file's (`heatmap_difference`) on the first
+    CAM_CHECK_IMAGES of `images`: the largest difference and the mean of each image's largest one."""
+    from cxr14.deployment.onnx_file import read_metadata
+
+    sessions = [session(float32), session(int8)]
+    meta = read_metadata(float32, sessions[0])
+    size, images = int(meta["image_size"]), images[:CAM_CHECK_IMAGES]
+    per_image = []
+    for start in progress(range(0, len(images), batch_size), desc="export: int8 heatmaps", unit="batch"):
+        x = np.array(images[start:start + batch_size, None])
+        a, b = (s.run([CAM_NAME], {INPUT_NAME: x})[0] for s in sessions)
+        per_image += [heatmap_difference(a[i:i + 1], b[i:i + 1], meta["cam"], size) for i in range(len(x))]
+    return {"images": len(per_image), "max_abs_difference_to_float32": float(f"{max(per_image, default=0):.3g}"),
+            "mean_max_abs_difference_to_float32": float(f"{np.mean(per_image) if per_image else 0:.3g}")}

@@ -11,6 +11,7 @@ predicting one image should spend its time on the image, not on imports.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from cxr14.runtime.errors import PipelineError
 
 METADATA_KEY = "cxr14"
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+CAM_NAME = "cam"  # Grad-CAM of the last block at cell resolution (batch, classes, h, w); absent in older files
 FORMAT = 1  # version of the metadata layout; predict refuses files from a newer layout
 
 
@@ -52,23 +54,63 @@ def read_metadata(path: Path | str, ort_session: Any = None) -> dict[str, Any]:
         meta = json.loads(props[METADATA_KEY])
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{where}: '{METADATA_KEY}' metadata is not JSON ({exc})") from None
-    return check_metadata(meta, where, graph_shape(ort_session, where))
+    meta = check_metadata(meta, where, graph_shape(ort_session, where))
+    meta["cam"] = check_cam(meta, where, ort_session)
+    return meta
 
 
 def graph_shape(ort_session: Any, where: str) -> tuple[int | None, int | None]:
-    """The graph's image size and output width (None where a dimension is symbolic), once its input and output are
-    the export stage's: a foreign graph fails here in one line, not in ONNX Runtime's words at the first batch."""
-    inputs, outputs = ort_session.get_inputs(), ort_session.get_outputs()
-    if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
-        raise PipelineError(f"{where}: graph inputs {[i.name for i in inputs]}, outputs {[o.name for o in outputs]}; "
-                            f"expected ['{INPUT_NAME}'] and ['{OUTPUT_NAME}'], as the export stage writes them")
-    shape, out = list(inputs[0].shape), list(outputs[0].shape)
+    """The graph's image size and output width (None where a dimension is symbolic), once its input and its
+    probabilities output (looked up by name: a graph may have other outputs, such as `cam`) are the export stage's:
+    a foreign graph fails here in one line, not in ONNX Runtime's words at the first batch."""
+    inputs, outputs = ort_session.get_inputs(), {o.name: o for o in ort_session.get_outputs()}
+    if [i.name for i in inputs] != [INPUT_NAME] or OUTPUT_NAME not in outputs:
+        raise PipelineError(f"{where}: graph inputs {[i.name for i in inputs]}, outputs {list(outputs)}; "
+                            f"expected ['{INPUT_NAME}'] and '{OUTPUT_NAME}' among the outputs, as the export stage "
+                            "writes them")
+    shape, out = list(inputs[0].shape), list(outputs[OUTPUT_NAME].shape)
     square = len(shape) == 4 and not (isinstance(shape[2], int) and isinstance(shape[3], int) and shape[2] != shape[3])
     if inputs[0].type != "tensor(uint8)" or not square or shape[1] != 1 or len(out) != 2:
         raise PipelineError(f"{where}: graph {INPUT_NAME} {inputs[0].type} {shape} -> {OUTPUT_NAME} {out}; expected "
                             f"tensor(uint8) [batch, 1, S, S] -> [batch, classes], as the export stage writes them")
     size = shape[2] if isinstance(shape[2], int) and shape[2] == shape[3] else None
     return size, out[1] if isinstance(out[1], int) else None
+
+
+def check_cam(meta: dict[str, Any], where: str, ort_session: Any) -> dict[str, Any] | None:
+    """The `cam` output's metadata (None where the file has no such output: exported before heatmaps were),
+    checked against the graph: predict resamples the cells with this stride and offset, so a wrong one would draw
+    heatmaps in the wrong place without a word."""
+    outputs = {o.name: o for o in ort_session.get_outputs()}
+    cam = meta.get("cam")
+    if CAM_NAME not in outputs:
+        if cam is not None:
+            raise PipelineError(f"{where}: metadata cam describes an output '{CAM_NAME}' the graph lacks (outputs "
+                                f"{list(outputs)}); expected the export stage's file")
+        return None
+    shape = list(outputs[CAM_NAME].shape)
+    if not isinstance(cam, dict):
+        raise PipelineError(f"{where}: metadata cam: {shown(cam)}; expected the '{CAM_NAME}' output's geometry "
+                            "(layer, cells, stride, offset), as the export stage writes it")
+    cells, stride, offset = cam.get("cells"), cam.get("stride"), cam.get("offset")
+    if not (isinstance(cells, list) and len(cells) == 2 and all(integer(n) and n > 0 for n in cells)
+            and len(shape) == 4 and all(not isinstance(d, int) or d == n for d, n in zip(shape[2:], cells, strict=True))
+            and (not isinstance(shape[1], int) or shape[1] == len(meta["classes"]))):
+        raise PipelineError(f"{where}: metadata cam cells: {shown(cells)}; expected two positive integers, the "
+                            f"'{CAM_NAME}' output's last two dimensions ({shape}, one map per class)")
+    for key, value, low in (("stride", stride, 0.0), ("offset", offset, None)):
+        if not (isinstance(value, list) and len(value) == 2 and all(number(v) and (low is None or v > low)
+                                                                    for v in value)):
+            raise PipelineError(f"{where}: metadata cam {key}: {shown(value)}; expected two "
+                                f"{'positive' if low is not None else 'finite'} numbers (pixels)")
+    if not isinstance(cam.get("layer"), str):
+        raise PipelineError(f"{where}: metadata cam layer: {shown(cam.get('layer'))}; expected a module name")
+    return cam
+
+
+def number(value: Any) -> bool:
+    """A finite int or float as JSON gives one (not a bool)."""
+    return (integer(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 def check_metadata(meta: Any, where: str, graph: tuple[int | None, int | None]) -> dict[str, Any]:

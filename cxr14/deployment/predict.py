@@ -9,10 +9,11 @@ file is reported (`Failed`) while the other files are still processed, and a war
 passed on for the caller to print.
 
 Two engines. `OnnxEngine` runs the export stage's model with ONNX Runtime and never imports PyTorch: the file
-carries its classes, image size, calibrator and thresholds. On a CPU with 8-bit dot products that is
+carries its classes, image size, calibrator and thresholds, and Grad-CAM of the last block as a second output
+(`cam`), which it resamples and draws as the torch engine does. On a CPU with 8-bit dot products that is
 models/model.int8.onnx, 8-bit for speed, within the test-AUC loss the export stage allowed; elsewhere
 models/model.onnx, what a GPU runs. `TorchEngine` runs the train stage's checkpoint with calibrate's JSON
-files, and is the one that draws Grad-CAM heatmaps.
+files, and draws Grad-CAM of any layer (`--layer`).
 """
 
 from __future__ import annotations
@@ -202,14 +203,52 @@ class OnnxEngine:
         self.input, self.output = INPUT_NAME, OUTPUT_NAME
         self.classes, self.image_size = list(self.meta["classes"]), int(self.meta["image_size"])
         self.calibrator, self.thresholds = self.meta["calibrator"], self.meta["thresholds"]
+        self.cam: dict | None = self.meta["cam"]  # the cam output's geometry; None: a file exported before it
+        self.fetch_cam = False  # ask for the cam output with every batch's probabilities (`want_heatmaps`)
+        self._cells: tuple[np.ndarray, np.ndarray] | None = None  # (images, cam cells) of the last batch
+
+    def want_heatmaps(self, layer: str, layer_key: str) -> None:
+        """Fetch the `cam` output beside the probabilities from now on (one run per batch for both); refused in one
+        line where the file has none, or where another layer than the one it carries (the last block) is asked
+        for."""
+        self.require_cam()
+        if layer not in ("auto", self.cam["layer"]):
+            raise PipelineError(f"{layer_key}: {layer}; the exported model carries Grad-CAM of {self.cam['layer']} "
+                                "only (auto): use --engine torch for another layer")
+        self.fetch_cam = True
+
+    def require_cam(self) -> None:
+        if self.cam is None:
+            raise PipelineError(f"--gradcam: {self.file} has no 'cam' output (exported before heatmaps were); run "
+                                "the export stage again (dvc repro export), or use --engine torch")
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (B, S, S) -> raw probabilities (B, C)."""
-        return self.session.run([self.output], {self.input: images[:, None]})[0].astype(np.float64)
+        """uint8 (B, S, S) -> raw probabilities (B, C); the cam cells too, in the same run, after `want_heatmaps`
+        (without it ONNX Runtime is asked for the probabilities only)."""
+        if not self.fetch_cam:
+            return self.session.run([self.output], {self.input: images[:, None]})[0].astype(np.float64)
+        probs, cells = self.session.run([self.output, self.cam["output"]], {self.input: images[:, None]})
+        self._cells = (images, cells)
+        return probs.astype(np.float64)
+
+    def gradcam(self, images: np.ndarray, chosen: list[list[int]]) -> list[list[np.ndarray]]:
+        """Heatmaps of the chosen classes of each image: the `cam` cells (those fetched with the probabilities of
+        the same batch, else a run of their own) resampled onto the input and normalised as `GradCAM` does, in
+        numpy."""
+        from cxr14.explanation.heatmaps import normalise, resample
+
+        self.require_cam()
+        if self._cells is not None and self._cells[0] is images:
+            cells = self._cells[1]
+        else:
+            cells = self.session.run([self.cam["output"]], {self.input: images[:, None]})[0]
+        size = (self.image_size, self.image_size)
+        return [list(normalise(resample(cells[i, classes], size, self.cam["stride"], self.cam["offset"])))
+                for i, classes in enumerate(chosen)]
 
 
 class TorchEngine:
-    """The train stage's checkpoint in PyTorch: what draws Grad-CAM. Imported only when asked for."""
+    """The train stage's checkpoint in PyTorch, Grad-CAM of any layer by autograd. Imported only when asked for."""
 
     name = "torch"
 
@@ -245,6 +284,9 @@ class TorchEngine:
 
         with self.torch.no_grad():
             return self.torch.sigmoid(forward(self.model, self.inputs(images))).cpu().numpy().astype(np.float64)
+
+    def want_heatmaps(self, layer: str, layer_key: str) -> None:
+        """Nothing to prepare: the layer was checked when the engine opened."""
 
     def gradcam(self, images: np.ndarray, chosen: list[list[int]]) -> list[list[np.ndarray]]:
         """Heatmaps of the chosen classes of each image (one backward pass per image and class)."""
@@ -403,7 +445,8 @@ def predict_images(engine: OnnxEngine | TorchEngine, files: Sequence[str], calib
                    gradcam: Path | None = None, voi: bool = True) -> Iterator[dict | Failed | Notice]:
     """Each file's result in order, or a `Failed` for it: a result is {"image", "model", "predictions" (rows_for's
     table), "dicom" (the DICOM tags, `DicomTags.as_dict`; None for PNG/JPEG)}, and "gradcam" (the heatmap files
-    written into `gradcam`) when asked for (torch engine). `voi`: see `cxr14.data.dicom.read_dicom`.
+    written into `gradcam`) when asked for (the engine's `want_heatmaps` called first). `voi`: see
+    `cxr14.data.dicom.read_dicom`.
 
     A failure, or a `Notice` (a warning about a file), is yielded as soon as decoding meets it; results come a
     batch at a time.
@@ -457,7 +500,7 @@ def predict_batch(engine: OnnxEngine | TorchEngine, batch: list[tuple[int, str, 
     tables = [rows_for(raw[i], cal[i], engine.classes, thresholds) for i in range(len(batch))]
     if gradcam is not None:
         chosen = [heatmap_classes(rows, cal[i]) for i, rows in enumerate(tables)]
-        maps = engine.gradcam(images, chosen)  # type: ignore[union-attr]
+        maps = engine.gradcam(images, chosen)
     for i, (index, path, gray, tags) in enumerate(batch):
         result = image_result(path, engine, tables[i], tags)
         if gradcam is not None:
@@ -493,7 +536,7 @@ def heatmap_classes(rows: list[dict], cal: np.ndarray) -> list[int]:
 
 def draw_heatmaps(result: dict, gray: np.ndarray, maps: list[np.ndarray], chosen: list[int], folder: Path,
                   stem: str) -> None:
-    from cxr14.explanation.gradcam import overlay
+    from cxr14.explanation.heatmaps import overlay
 
     folder.mkdir(parents=True, exist_ok=True)
     result["gradcam"] = []

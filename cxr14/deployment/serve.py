@@ -92,8 +92,9 @@ class Model:
 
     @property
     def heatmaps(self) -> bool:
-        """Whether this engine draws heatmaps (predict's torch engine; the onnx one once its file has them)."""
-        return callable(getattr(self.engine, "gradcam", None))
+        """Whether this engine draws heatmaps: predict's torch engine, and the onnx one where its file has the `cam`
+        output (every file the export stage writes since it has one)."""
+        return self.engine.name == "torch" or self.engine.cam is not None
 
 
 def load(options: Options) -> Model:
@@ -297,7 +298,7 @@ def heatmap_png(heat: np.ndarray) -> str:
     the image (the model's input is the image stretched to a square, so stretched back it covers the image)."""
     from PIL import Image
 
-    from cxr14.explanation.gradcam import jet
+    from cxr14.explanation.heatmaps import jet  # no PyTorch: the onnx engine draws heatmaps too
 
     heat = np.clip(np.asarray(heat, dtype=np.float64), 0, 1)
     rgba = np.dstack([jet(heat), np.rint(210 * heat**0.75).astype(np.uint8)])
@@ -435,8 +436,8 @@ def wanted_heatmaps(request: Any, model: Model) -> str | list[str] | None:
     if asked in (None, "", "none", "false", "0"):
         return None
     if not model.heatmaps:
-        raise Fail(400, "heatmaps: this engine cannot draw them (an ONNX graph without a features output); start "
-                        "cxr14-serve with --engine torch")
+        raise Fail(400, "heatmaps: this engine cannot draw them (an ONNX file exported before its cam output: run "
+                        "the export stage again); or start cxr14-serve with --engine torch")
     if asked in ("auto", "all"):
         return asked
     names = [n.strip() for n in asked.split(",")]

@@ -14,7 +14,8 @@ import torch
 from cxr14.data.images import open_image
 from cxr14.data.loader import PreparedImages, to_model_input
 from cxr14.data.nih import CLASSES
-from cxr14.explanation.gradcam import GradCAM, overlay
+from cxr14.explanation.gradcam import GradCAM
+from cxr14.explanation.heatmaps import overlay
 from cxr14.explanation.localisation import score_box, summarise
 from cxr14.runtime.errors import PipelineError
 from cxr14.runtime.progress import progress

@@ -5,21 +5,20 @@ The hooks exist only inside `with` (`release()` removes them too).
 
 The original recipe used the deprecated module backward hook, never removed it (hooks piled up per call) and
 drew over the normalised tensor; here heatmaps are returned in [0, 1] at the input resolution and
-drawn over the original grayscale pixels by `overlay`.
+drawn over the original grayscale pixels by `heatmaps.overlay`. `last_block_maps` is the same Grad-CAM of the
+last block in closed form, without autograd: what the exported ONNX graph computes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+import torchvision
 from torch import nn
 
-from cxr14.runtime.outputs import atomic_path
+from cxr14.runtime.errors import PipelineError
 
 STRIDED = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 
@@ -131,44 +130,35 @@ def resample(cams: torch.Tensor, size: tuple[int, int], stride: tuple[float, flo
     return F.grid_sample(cams, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-def jet(values: np.ndarray) -> np.ndarray:
-    """The classic 'jet' colour map (blue -> cyan -> yellow -> red) as uint8 RGB, for values in [0, 1]."""
-    v = np.clip(values, 0, 1)[..., None]
-    rgb = np.clip(1.5 - np.abs(4 * v - np.array([3.0, 2.0, 1.0])), 0, 1)
-    return (255 * rgb).astype(np.uint8)
+def last_block_maps(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, C), maps (B, C, h, w)): the forward pass and, in closed form, Grad-CAM of the last block
+    (`gradcam_layer`'s default) for every class at cell resolution, rectified, before resampling: what the export
+    stage puts into the ONNX graph, where there is no autograd (`tests/test_export.py` checks it against `GradCAM`).
 
-
-def overlay(gray: np.ndarray, heatmap: np.ndarray, title: str, path: Path | str,
-            boxes: Sequence[tuple[float, float, float, float]] = (), alpha: float = 0.4) -> None:
-    """The heatmap over the original grayscale pixels (not the normalised tensor), the expert boxes (x, y, w, h
-    in the image's pixels) in white, a title (class, probability, threshold) and a colour bar.
-
-    Drawn with Pillow: matplotlib would add a second to every predict call just to import.
+    Behind the last block every arch here has only per-channel ops, a global average pool and one Linear layer, so
+    d logit_c / d A_k(i, j) is W_ck / (h w) times the per-channel ops' derivative at (k, i, j). In a ResNet (layer4
+    -> avgpool -> fc) that derivative is 1, and Grad-CAM's weight of channel k is the class's linear weight W_ck /
+    (h w): the map is CAM's. In densenet121 (denseblock4 -> norm5 -> ReLU -> pool -> classifier) it is norm5's
+    scale where norm5's output is positive and 0 elsewhere, so the averaged weight is W_ck * scale_k * (the share of
+    channel k's cells past the ReLU) / (h w), a weight that depends on the image. Eval mode only (norm5's running
+    statistics).
     """
-    h, w = gray.shape
-    scale = 320 / max(h, w)
-    size = (round(w * scale), round(h * scale))
-    base = np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
-    heat = np.asarray(Image.fromarray(heatmap.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
-    mixed = (1 - alpha) * base[..., None] + alpha * jet(heat).astype(np.float32)
-    picture = Image.fromarray(np.clip(mixed, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(picture)
-    for x, y, bw, bh in boxes:
-        draw.rectangle([x * scale, y * scale, (x + bw) * scale - 1, (y + bh) * scale - 1], outline="white", width=2)
-
-    font = ImageFont.load_default(size=12)
-    lines = title.splitlines()
-    top, bar = 8 + 16 * len(lines), 64
-    canvas = Image.new("RGB", (size[0] + bar, size[1] + top + 8), "white")
-    canvas.paste(picture, (0, top))
-    pen = ImageDraw.Draw(canvas)
-    for i, line in enumerate(lines):
-        pen.text((4, 4 + 16 * i), line, fill="black", font=font)
-    ramp = jet(np.linspace(1, 0, size[1])[:, None].repeat(14, axis=1))
-    canvas.paste(Image.fromarray(ramp), (size[0] + 8, top))
-    for value in (1.0, 0.5, 0.0):
-        y = top + round((1 - value) * (size[1] - 1))
-        pen.text((size[0] + 26, min(max(y - 7, top), top + size[1] - 14)), f"{value:.1f}", fill="black", font=font)
-    pen.text((size[0] + 4, top - 16), "CAM", fill="black", font=font)
-    with atomic_path(path) as tmp:
-        canvas.quantize(256, method=Image.Quantize.FASTOCTREE).save(tmp, format="png")  # a quarter of the bytes
+    if isinstance(model, torchvision.models.ResNet):
+        m = model
+        block = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
+        logits = m.fc(torch.flatten(m.avgpool(block), 1))
+        weighted, linear = block, m.fc.weight
+    elif isinstance(model, torchvision.models.DenseNet):
+        norm5 = model.features.norm5
+        block = model.features[:-1](x)  # through denseblock4
+        normed = norm5(block)
+        logits = model.classifier(torch.flatten(F.adaptive_avg_pool2d(F.relu(normed), (1, 1)), 1))
+        scale = norm5.weight / torch.sqrt(norm5.running_var + norm5.eps)
+        passed = (normed > 0).to(block.dtype).mean(dim=(2, 3))  # (B, K): the ReLU's derivative, averaged
+        weighted, linear = block * (scale * passed)[:, :, None, None], model.classifier.weight
+    else:
+        raise PipelineError(f"Grad-CAM in closed form: {type(model).__name__} is no ResNet or DenseNet; expected a "
+                            "model of cxr14.model.factory")
+    cells = block.shape[-2] * block.shape[-1]
+    maps = torch.einsum("ck,bkhw->bchw", linear / cells, weighted)
+    return logits, F.relu(maps)
