@@ -7,7 +7,8 @@ an older one over it); `train.resume: true` continues a killed run from there wi
 uninterrupted run. When training ends, the best epoch goes to models/model.pt, the per-epoch log to
 dvclive/, the summary with its timings to reports/train.json and the best val mean AUC, its epoch and the
 epochs run to metrics/train.json (timings vary by machine: no figure to compare experiments on), all from
-the resume point.
+the resume point. The checkpoint carries the out-of-distribution fit of its weights (`cxr14.model.ood`): a
+Gaussian on the train images' penultimate features and its threshold on val.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 
+import numpy as np
 import torch
 
 from cxr14 import paths
@@ -22,6 +24,7 @@ from cxr14.data.loader import PreparedImages, read_labels
 from cxr14.data.nih import CLASSES
 from cxr14.model.checkpoint import save_checkpoint
 from cxr14.model.factory import build_model, freeze, imagenet_weights
+from cxr14.model.ood import fit_ood
 from cxr14.params import PARAMS_FILE, load_params
 from cxr14.runtime.devices import cpu_count, cpu_kernels, pick_device
 from cxr14.runtime.errors import PipelineError
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     state = final.state
     # Derived from the resume point in this order; a kill between two of them is undone by any re-run.
     best = best_checkpoint(final.best_model, state, train, train_set.image_size, pretrained, data)
+    best["ood"] = fit_best(best, device, train.batch_size)
     save_checkpoint(paths.MODEL, best)
     write_log(state.history, paths.DVCLIVE)
     report = {"best_epoch": state.best_epoch, "best_val_mean_auc": rounded(state.best_auc),
@@ -81,6 +85,16 @@ def main(argv: list[str] | None = None) -> None:
     write_json(TRAIN_REPORT, report)
     write_json(TRAIN_METRICS, {"val_auc": report["best_val_mean_auc"], "best_epoch": state.best_epoch,
                                "epochs_run": state.epoch})
+
+
+def fit_best(best: dict, device: torch.device, batch_size: int) -> dict:
+    """The out-of-distribution fit of the best epoch's weights (eval mode, no augmentation): carried in the
+    checkpoint, so evaluate, export and predict score images against the model they run."""
+    model = build_model(best["arch"], "none", len(best["classes"]), best["output_stride"])
+    model.load_state_dict(best["state_dict"])
+    model.to(device).eval()
+    images = [np.load(paths.PREPARED / f"{split}.npy", mmap_mode="r") for split in ("train", "val")]
+    return fit_ood(model, *images, best["arch"], tuple(best["mean"]), tuple(best["std"]), batch_size)
 
 
 def under_torchrun() -> bool:
