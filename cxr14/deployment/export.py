@@ -28,21 +28,44 @@ import torch
 from torch import nn
 
 from cxr14.data.loader import to_model_input
-from cxr14.deployment.onnx_file import FORMAT, INPUT_NAME, METADATA_KEY, OUTPUT_NAME, session
+from cxr14.deployment.onnx_file import FORMAT, INPUT_NAME, METADATA_KEY, OOD_NAME, OUTPUT_NAME, session
 from cxr14.runtime.errors import PipelineError
 from cxr14.runtime.progress import progress
 
 
 class Deployable(nn.Module):
     """uint8 grey images (B, 1, S, S) -> probabilities (B, C): the model with the pipeline's normalisation in front
-    (`to_model_input`, the same arithmetic evaluate uses) and a sigmoid behind."""
+    (`to_model_input`, the same arithmetic evaluate uses) and a sigmoid behind. With a checkpoint's `ood` fit (and
+    its `arch`), also the out-of-distribution score (B,) of the same pass's penultimate features (`OodScore`):
+    the backbone runs once, with its head split off (torch.export traces no hooks)."""
 
-    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                 ood: dict[str, Any] | None = None, arch: str | None = None) -> None:
         super().__init__()
         self.model, self.mean, self.std = model, tuple(mean), tuple(std)
+        self.ood = None
+        if ood is not None:
+            import copy
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model(to_model_input(images.float(), self.mean, self.std)).float())
+            from cxr14.model.factory import ARCHS
+            from cxr14.model.ood import OodScore
+
+            head = ARCHS[arch][1]
+            self.head, self.body = getattr(model, head), copy.deepcopy(model)
+            setattr(self.body, head, nn.Identity())
+            self.ood = OodScore(ood)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        x = to_model_input(images.float(), self.mean, self.std)
+        if self.ood is None:
+            return torch.sigmoid(self.model(x).float())
+        features = self.body(x)
+        return torch.sigmoid(self.head(features).float()), self.ood(features)
+
+
+def deployable(model: nn.Module, ckpt: dict[str, Any]) -> Deployable:
+    """The checkpoint's model as exported: with its out-of-distribution score where the checkpoint has the fit."""
+    return Deployable(model, tuple(ckpt["mean"]), tuple(ckpt["std"]), ckpt.get("ood"), ckpt["arch"]).eval()
 
 
 def metadata(ckpt: dict[str, Any], thresholds: dict[str, float | None], calibrator: dict[str, Any] | None,
@@ -53,7 +76,10 @@ def metadata(ckpt: dict[str, Any], thresholds: dict[str, float | None], calibrat
             "mean": [float(v) for v in ckpt["mean"]], "std": [float(v) for v in ckpt["std"]],
             "input": f"{INPUT_NAME}: uint8 (batch, 1, {size}, {size}), the grey image resized as "
                      "cxr14.data.images.load_gray does",
-            "output": f"{OUTPUT_NAME}: float32 (batch, {len(ckpt['classes'])}), raw probabilities",
+            "output": f"{OUTPUT_NAME}: float32 (batch, {len(ckpt['classes'])}), raw probabilities"
+                      + (f"; {OOD_NAME}: float32 (batch), out-of-distribution score (above ood_threshold: flagged)"
+                         if ckpt.get("ood") else ""),
+            "ood_threshold": float(ckpt["ood"]["threshold"]) if ckpt.get("ood") else None,
             "arch": ckpt["arch"], "calibrator": calibrator, "thresholds": thresholds, "source": source,
             "best_epoch": ckpt.get("epoch"), "best_val_mean_auc": ckpt.get("val_mean_auc"),
             "precision": "float32"}  # quantize_int8 rewrites it
@@ -97,12 +123,13 @@ def export_onnx(model: nn.Module, ckpt: dict[str, Any], meta: dict[str, Any], ou
     import onnx
 
     size = int(ckpt["image_size"])
-    wrapped = Deployable(model, tuple(ckpt["mean"]), tuple(ckpt["std"])).eval()
+    wrapped = deployable(model, ckpt)
     example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
+    outputs = [OUTPUT_NAME, OOD_NAME] if wrapped.ood is not None else [OUTPUT_NAME]
     try:
         program = torch.onnx.export(wrapped, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), opset_version=opset,
+                                    output_names=outputs, dynamic_shapes=({0: batch},), opset_version=opset,
                                     verbose=False)
     except Exception as exc:  # the exporter fails in many ways (an unsupported operator, an opset it lacks)
         raise PipelineError(f"export.opset {opset}: the ONNX exporter failed ({' '.join(str(exc).split())[:300]})"
@@ -119,21 +146,26 @@ def export_onnx(model: nn.Module, ckpt: dict[str, Any], meta: dict[str, Any], ou
 
 
 HEAD_OPS = ("Sigmoid", "Cast", "Add", "Gemm", "MatMul")
+OOD_OPS = ("Mul", "ReduceSum", "MatMul", "Sub", "Sqrt", "Clip", "Max", "Cast", "Pow")
+OOD_FIRST = ("Clip", "Max")  # the clamp at the branch's start: its input is the backbone's pooled features
 
 
 def head_nodes(proto: Any) -> list[str]:
-    """The classifier and the sigmoid behind it (walking back from the output through HEAD_OPS to the Gemm or
-    MatMul), which stay in float32: quantized, the probabilities would come out on a grid of 256 levels clipped
-    to the range the calibration images reached, too coarse for thresholds and margins."""
+    """The classifier and the sigmoid behind it (walking back from the probabilities through HEAD_OPS to the Gemm
+    or MatMul), and the out-of-distribution score's arithmetic (back from ood_score to its clamp of the features),
+    which stay in float32: quantized, the probabilities would come out on a grid of 256 levels clipped to the range
+    the calibration images reached, too coarse for thresholds and margins, and so would the score."""
     producer = {o: n for n in proto.graph.node for o in n.output}
-    names, frontier = [], [o.name for o in proto.graph.output]
-    while frontier:
-        node = producer.get(frontier.pop())
-        if node is None or node.op_type not in HEAD_OPS or node.name in names:
-            continue
-        names.append(node.name)
-        if node.op_type not in ("Gemm", "MatMul"):  # past the classifier is the backbone's pooled features
-            frontier += list(node.input)
+    names = []
+    for output, ops, last in ((OUTPUT_NAME, HEAD_OPS, ("Gemm", "MatMul")), (OOD_NAME, OOD_OPS, OOD_FIRST)):
+        frontier = [o.name for o in proto.graph.output if o.name == output]
+        while frontier:
+            node = producer.get(frontier.pop())
+            if node is None or node.op_type not in ops or node.name in names:
+                continue
+            names.append(node.name)
+            if node.op_type not in last:  # past it is the backbone's pooled features
+                frontier += list(node.input)
     return names
 
 
@@ -187,6 +219,22 @@ def ort_probabilities(onnx_path: Path | str, images: np.ndarray, batch_size: int
     return probs
 
 
+def ort_ood(onnx_path: Path | str, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """ONNX Runtime's out-of-distribution scores (N,) for uint8 images (N, S, S) (the ood_score output, by name)."""
+    ort_session = session(onnx_path)
+    return np.concatenate([ort_session.run([OOD_NAME], {INPUT_NAME: np.array(images[s:s + batch_size, None])})[0]
+                           for s in progress(range(0, len(images), batch_size), desc="export: ood", unit="batch")])
+
+
+def ood_check(scores: np.ndarray, reference: np.ndarray, threshold: float) -> dict[str, Any]:
+    """An engine's scores against the reference's: largest relative difference, flags at the threshold that
+    differ, and the share each flags."""
+    return {"max_relative_difference": float(f"{relative_difference(scores.astype(np.float64), reference):.3g}"),
+            "flags_differ": int(((scores > threshold) != (reference > threshold)).sum()),
+            "flagged": round(float((scores > threshold).mean()), 6),
+            "flagged_float32": round(float((reference > threshold).mean()), 6)}
+
+
 def int8_check(labels: np.ndarray, float32: np.ndarray, int8: np.ndarray, calibrator: dict[str, Any] | None,
                thresholds: dict[str, float | None], classes: list[str], max_auc_drop: float) -> dict[str, Any]:
     """How far the int8 model's probabilities are from the float32 model's on one split: the largest difference,
@@ -237,28 +285,52 @@ def update_metadata(path: Path | str, **fields: Any) -> None:
 
 def verify(model: nn.Module, ckpt: dict[str, Any], onnx_path: Path | str, images: np.ndarray,
            batch_size: int) -> dict[str, Any]:
-    """Largest |ONNX Runtime - PyTorch| probability over `images` (uint8 (N, S, S)), and each engine's speed."""
-    wrapped = Deployable(model, tuple(ckpt["mean"]), tuple(ckpt["std"])).eval()
+    """Largest |ONNX Runtime - PyTorch| probability over `images` (uint8 (N, S, S)), each engine's speed, and where
+    the checkpoint has the out-of-distribution fit, the largest relative score difference and the flags that
+    differ (outputs read by name)."""
+    wrapped = deployable(model, ckpt)
     try:
         ort_session = session(onnx_path)
     except Exception as exc:  # an opset or operator this ONNX Runtime cannot run
         raise PipelineError(f"ONNX Runtime cannot load the exported model ({' '.join(str(exc).split())[:300]}); "
                             "try another export.opset") from None
+    names = [OUTPUT_NAME, OOD_NAME] if wrapped.ood is not None else [OUTPUT_NAME]
+    threshold = ckpt["ood"]["threshold"] if wrapped.ood is not None else None
     worst, seconds, probabilities = 0.0, {"torch": 0.0, "onnxruntime": 0.0}, []
+    ood_worst, flags_differ, ood_scores = 0.0, 0, []
     for start in progress(range(0, len(images), batch_size), desc="export: verify", unit="batch"):
         x = np.array(images[start:start + batch_size, None])  # a writable copy of the memory map's rows
         t = time.perf_counter()
         with torch.no_grad():
-            expected = wrapped(torch.from_numpy(x)).numpy()
+            out = wrapped(torch.from_numpy(x))
+        expected = (out[0] if isinstance(out, tuple) else out).numpy()
         seconds["torch"] += time.perf_counter() - t
         t = time.perf_counter()
-        got = ort_session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        got, *ood = ort_session.run(names, {INPUT_NAME: x})
         seconds["onnxruntime"] += time.perf_counter() - t
         if got.shape != expected.shape or not np.isfinite(got).all():
             raise PipelineError(f"{onnx_path}: ONNX Runtime gave {got.shape} probabilities with non-finite values or "
                                 f"the wrong shape; expected finite {expected.shape}")
         worst = max(worst, float(np.abs(got.astype(np.float64) - expected).max()))
         probabilities.append(got)
+        if ood:
+            want, have = out[1].numpy().astype(np.float64), ood[0].astype(np.float64)
+            if have.shape != want.shape or not np.isfinite(have).all():
+                raise PipelineError(f"{onnx_path}: ONNX Runtime gave {have.shape} {OOD_NAME} values with non-finite "
+                                    f"values or the wrong shape; expected finite {want.shape}")
+            ood_worst = max(ood_worst, relative_difference(have, want))
+            flags_differ += int(((have > threshold) != (want > threshold)).sum())
+            ood_scores.append(have)
     n = len(images)
-    return {"images": n, "max_abs_difference": worst, "probabilities": np.concatenate(probabilities),
-            "images_per_s": {k: round(n / v, 1) if v > 0 else None for k, v in seconds.items()}}
+    result = {"images": n, "max_abs_difference": worst, "probabilities": np.concatenate(probabilities),
+              "images_per_s": {k: round(n / v, 1) if v > 0 else None for k, v in seconds.items()}}
+    if ood_scores:
+        result |= {"ood_max_relative_difference": ood_worst, "ood_flags_differ": flags_differ,
+                   "ood_scores": np.concatenate(ood_scores)}
+    return result
+
+
+def relative_difference(got: np.ndarray, expected: np.ndarray) -> float:
+    """Largest |got - expected| / max(1, |expected|): absolute below 1, relative above (scores reach the hundreds,
+    where float32 engines agree to a few units in the seventh digit)."""
+    return float((np.abs(got - expected) / np.maximum(1.0, np.abs(expected))).max()) if len(got) else 0.0
