@@ -5,7 +5,9 @@ expert labels where adjudicated, so calibrate re-runs in seconds without the mod
 (test AUC with patient-bootstrap intervals, AP, prevalence, the demo's oracle, per class; against Google's
 expert labels when the data root has them; per subgroup), metrics/evaluate.json (the headline figures of that
 report, what `dvc exp show` compares) and plots/evaluate/ (ROC and PR curves, score distributions, AUC per
-subgroup).
+subgroup). With the checkpoint's out-of-distribution fit, each image's score goes into the predictions
+(`ood_score`) and the share of val and test flagged at its threshold into the report (`ood`), test's into the
+headline (`ood_flagged`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from cxr14.evaluation.scoring import (
     forest_rows,
     headline,
     headline_rows,
+    ood_summary,
     predict_split,
     score_plot,
     score_test,
@@ -66,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     test = preds["test"]
     # Everything is computed before anything is written: a failure in scoring leaves the old outputs as they were.
     report = score(test, root, expert_file, evaluate)
+    ood = ood_summary(preds, ckpt)
+    if ood is not None:
+        report["ood"] = ood
     roc, pr = curves(test)
     for split, frame in preds.items():
         write_csv(paths.PREDICTIONS / f"{split}.csv", frame, float_format="%.6g")
@@ -103,6 +109,10 @@ def print_summary(report: dict, expert: bool) -> None:
         print(f"evaluate: against expert labels on {report['expert']['images']} test images: "
               + ", ".join(f"{f} AUC {v}" for f, v in scored.items()))
     print(f"evaluate: mean ROC-AUC per subgroup, worst-to-best gap: {summary(report['subgroups'])}")
+    if "ood" in report:
+        o = report["ood"]
+        print(f"evaluate: out of distribution at the val threshold {o['threshold']}: val {o['val']['flagged']:.1%}, "
+              f"test {o['test']['flagged']:.1%} flagged")
 
 
 if __name__ == "__main__":
