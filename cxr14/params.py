@@ -382,6 +382,10 @@ class Params:
     def export(self) -> Export:
         return self.section(Export)
 
+    @property
+    def ood(self) -> Ood:
+        return self.section(Ood)
+
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
     """The params file at `path`, read once; its sections typed and checked on first use."""

@@ -85,7 +85,7 @@ def features(model: nn.Module, arch: str, images: np.ndarray, mean: tuple[float,
     out = []
     with captured_features(model, arch) as found:
         for start in progress(range(0, len(images), batch_size), desc=desc, unit="batch"):
-            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))[:, None].to(device)
+            x = torch.from_numpy(np.array(images[start:start + batch_size]))[:, None].to(device)
             forward(model, to_model_input(x.float(), tuple(mean), tuple(std)))
             out.append(found.pop().cpu().numpy().astype(np.float64))
     return np.concatenate(out) if out else np.zeros((0, 0))
