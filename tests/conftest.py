@@ -446,6 +446,7 @@ def outputs(folder: Path = Path()) -> dict[str, bytes]:
 
 # The exported tiny model (tests/test_export.py, and the deployment side of the fault catalogue).
 DEPLOYED_SIZE = 32
+DEPLOYED_PHANTOMS = 40  # train and val images of its out-of-distribution fit
 
 
 @pytest.fixture(scope="session")
@@ -463,12 +464,17 @@ def build_deployed(folder: Path) -> None:
     from cxr14.deployment.export import export_onnx, metadata
     from cxr14.evaluation.calibration import fit_calibrator
     from cxr14.model.factory import build_model
+    from cxr14.model.ood import fit_ood
 
     torch.manual_seed(0)
     model = build_model("resnet18", "none").eval()
     ckpt = {"state_dict": model.state_dict(), "arch": "resnet18", "classes": list(CLASSES),
             "image_size": DEPLOYED_SIZE, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "epoch": 3,
             "val_mean_auc": 0.5}
+    # the out-of-distribution fit on phantom radiographs (DEPLOYED_PHANTOMS train, then as many val)
+    phantoms = np.stack([phantom(DEPLOYED_SIZE, DEPLOYED_SIZE, seed) for seed in range(2 * DEPLOYED_PHANTOMS)])
+    ckpt["ood"] = fit_ood(model, phantoms[:DEPLOYED_PHANTOMS], phantoms[DEPLOYED_PHANTOMS:], "resnet18", ckpt["mean"],
+                          ckpt["std"])
     torch.save(ckpt, folder / "model.pt")
     rng = np.random.default_rng(0)
     probs = rng.random((200, len(CLASSES)))
