@@ -296,6 +296,7 @@ TINY_DVC = {
     "prepare": {"image_size": 48, "workers": 2},
     "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "workers": 1},
     "evaluate": {"bootstrap": 20},
+    "ood": {"images": 8},
 }
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
 
@@ -464,7 +465,7 @@ def build_deployed(folder: Path) -> None:
     from cxr14.deployment.export import export_onnx, metadata
     from cxr14.evaluation.calibration import fit_calibrator
     from cxr14.model.factory import build_model
-    from cxr14.model.ood import fit_ood
+    from cxr14.model.ood import features, fit_gaussian
 
     torch.manual_seed(0)
     model = build_model("resnet18", "none").eval()
@@ -473,8 +474,8 @@ def build_deployed(folder: Path) -> None:
             "val_mean_auc": 0.5}
     # the out-of-distribution fit on phantom radiographs (DEPLOYED_PHANTOMS train, then as many val)
     phantoms = np.stack([phantom(DEPLOYED_SIZE, DEPLOYED_SIZE, seed) for seed in range(2 * DEPLOYED_PHANTOMS)])
-    ckpt["ood"] = fit_ood(model, phantoms[:DEPLOYED_PHANTOMS], phantoms[DEPLOYED_PHANTOMS:], "resnet18", ckpt["mean"],
-                          ckpt["std"])
+    feats = features(model, "resnet18", phantoms, ckpt["mean"], ckpt["std"])  # one pass: fit_ood makes two
+    ckpt["ood"] = fit_gaussian(feats[:DEPLOYED_PHANTOMS], feats[DEPLOYED_PHANTOMS:])
     torch.save(ckpt, folder / "model.pt")
     rng = np.random.default_rng(0)
     probs = rng.random((200, len(CLASSES)))

@@ -138,9 +138,9 @@ def test_evaluate_summary_and_headline() -> None:
     assert ood_summary(preds, {}) is None
 
 
-@pytest.fixture
-def fitted_project(workdir: Path) -> Path:
-    """The tiny project with a random resnet10 checkpoint and its out-of-distribution fit, as train writes them."""
+def tiny_checkpoint(project: Path, fit: bool) -> Path:
+    """`project` (the tiny data) with a random resnet10 checkpoint, with its out-of-distribution fit as train
+    writes it when `fit`, and the ood params section."""
     from cxr14.data.nih import CLASSES
     from cxr14.model.ood import fit_ood
 
@@ -148,16 +148,18 @@ def fitted_project(workdir: Path) -> Path:
     model = build_model("resnet10", "none").eval()
     ckpt = {"state_dict": model.state_dict(), "arch": "resnet10", "classes": list(CLASSES), "image_size": 48,
             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "output_stride": 32}
-    train, val = (np.load(workdir / f"data/prepared/{s}.npy") for s in ("train", "val"))
-    ckpt["ood"] = fit_ood(model, train, val, "resnet10", ckpt["mean"], ckpt["std"])
-    (workdir / "models").mkdir()
-    torch.save(ckpt, workdir / "models/model.pt")
-    params = (workdir / "params.yaml").read_text()
-    (workdir / "params.yaml").write_text(params + "ood:\n  images: 6\n  seed: 0\n  batch_size: 64\n")
-    return workdir
+    if fit:
+        train, val = (np.load(project / f"data/prepared/{s}.npy") for s in ("train", "val"))
+        ckpt["ood"] = fit_ood(model, train, val, "resnet10", ckpt["mean"], ckpt["std"])
+    (project / "models").mkdir()
+    torch.save(ckpt, project / "models/model.pt")
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(params + "ood:\n  images: 6\n  seed: 0\n  batch_size: 64\n")
+    return project
 
 
-def test_ood_stage_on_tiny_data(fitted_project: Path, capsys) -> None:
+def test_ood_stage_on_tiny_data(workdir: Path, capsys) -> None:
+    fitted_project = tiny_checkpoint(workdir, fit=True)
     code, err = stage_result(stage_main("ood"), ["--params", "params.yaml"], capsys)
     assert code == 0, err
     metrics = json.loads((fitted_project / "metrics/ood.json").read_text())
@@ -171,10 +173,21 @@ def test_ood_stage_on_tiny_data(fitted_project: Path, capsys) -> None:
     assert not math.isnan(metrics["synthetic_auroc"])
 
 
-def test_ood_stage_refuses_a_checkpoint_without_the_fit(fitted_project: Path, capsys) -> None:
-    ckpt = torch.load(fitted_project / "models/model.pt", weights_only=True)
-    del ckpt["ood"]
-    torch.save(ckpt, fitted_project / "models/model.pt")
+def test_ood_stage_refuses_a_checkpoint_without_the_fit(workdir: Path, capsys) -> None:
+    tiny_checkpoint(workdir, fit=False)
     code, err = stage_result(stage_main("ood"), ["--params", "params.yaml"], capsys)
     assert code == 1 and err == ["error: models/model.pt: no out-of-distribution fit (ood); expected a checkpoint "
                                  "of this revision's train stage: run dvc repro train"]
+
+
+def test_a_checkpoint_with_a_broken_fit_is_refused_in_one_line(deployed: Path, mixed: Path, tmp_path: Path,
+                                                               capsys) -> None:
+    ckpt = torch.load(deployed / "model.pt", weights_only=True)
+    ckpt["ood"]["factor"] = ckpt["ood"]["factor"][:3]
+    torch.save(ckpt, tmp_path / "broken.pt")
+    code, err = stage_result(cli.predict, [mixed / "a0.png", "--model", tmp_path / "broken.pt", "--thresholds",
+                                           deployed / "thresholds.json", "--calibrator",
+                                           deployed / "calibrator.json"], capsys)
+    d = len(ckpt["ood"]["mean"])
+    assert code == 1 and err == [f"error: {tmp_path / 'broken.pt'}: ood: factor is (3, {d}); expected ({d}, {d}) "
+                                 f"for {d} features"]
