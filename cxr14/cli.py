@@ -36,8 +36,10 @@ if TYPE_CHECKING:
     from cxr14.deployment.predict import Failed, Notice
 
 CSV_COLUMNS = ("image", "class", "probability", "calibrated", "threshold", "decision", "margin", "relative_margin",
-               "view", "sex", "age")  # the DICOM tags last (empty for PNG/JPEG): older readers keep their columns
+               "view", "sex", "age", "in_distribution", "ood_score")  # the DICOM tags, then the out-of-distribution
+# score, last (empty where there is none): older readers keep their columns
 DICOM_COLUMNS = ("view", "sex", "age")
+OOD_COLUMNS = ("in_distribution", "ood_score")
 BAR_AFTER = 8  # a progress bar for more images than this
 PREDICT_DOC = ("Predict: per-image probabilities, calibrated probabilities, thresholds, decisions and margins, plus "
                "Grad-CAM.")
@@ -189,6 +191,9 @@ def print_table(result: dict) -> None:
         age = "-" if d["age"] is None else f"{d['age']:g}"
         print(f"DICOM {d['modality'] or '-'}, view {d['view'] or '-'}, sex {d['sex'] or '-'}, age {age}, "
               f"{d['transfer_syntax']}")
+    if result.get("in_distribution") is not None:
+        verdict = "yes" if result["in_distribution"] else "NO, the findings below are not to be trusted"
+        print(f"in distribution: {verdict} (out-of-distribution score {result['ood_score']:.3f})")
     print(f"{'class':<20}{'prob':>8}{'calib':>8}{'thresh':>8}  {'dec':<4}{'margin':>9}{'rel':>9}")
     for r in result["predictions"]:
         t = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
@@ -203,8 +208,10 @@ def csv_rows(result: dict) -> Iterator[list]:
     """Long format: one row per image and class; empty cells where a class has no threshold."""
     tags = result.get("dicom") or {}
     extra = ["" if tags.get(c) is None else tags[c] for c in DICOM_COLUMNS]
+    extra += ["" if result.get(c) is None else result[c] for c in OOD_COLUMNS]
+    own = CSV_COLUMNS[1:-len(DICOM_COLUMNS) - len(OOD_COLUMNS)]
     for r in result["predictions"]:
-        yield [result["image"], *("" if r[c] is None else r[c] for c in CSV_COLUMNS[1:-len(DICOM_COLUMNS)]), *extra]
+        yield [result["image"], *("" if r[c] is None else r[c] for c in own), *extra]
 
 
 def predict_main(argv: list[str] | None = None) -> None:

@@ -294,8 +294,18 @@ class Export(Section):
              "warns, and predict's default runs `model.onnx`")
 
 
+@dataclasses.dataclass(frozen=True)
+class Ood(Section):
+    SECTION: ClassVar[str] = "ood"
+    images: int = field(low=1, high=100_000,
+        help="images generated per out-of-distribution variant (photographs, blank, noise, checkerboard, CT/MR); "
+             "the misread radiographs are every test image inverted, rotated and upside down")
+    seed: int = field(low=0, high=2**32 - 1, help="crops, noise and checkerboard sizes of the generated images")
+    batch_size: int = field(low=1, help="inference batch size")
+
+
 SECTIONS: tuple[type[Section], ...] = (Data, Demo, Split, Prepare, Train, Evaluate, Calibrate, Explain, Export,
-                                       Predict)
+                                       Ood, Predict)
 S = TypeVar("S", bound=Section)
 
 
@@ -397,6 +407,10 @@ class Params:
     @property
     def export(self) -> Export:
         return self.section(Export)
+
+    @property
+    def ood(self) -> Ood:
+        return self.section(Ood)
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:

@@ -7,7 +7,9 @@ expert labels when the data root has them; per subgroup), metrics/evaluate.json 
 report, what `dvc exp show` compares) and plots/evaluate/ (ROC and PR curves, score distributions, AUC per
 subgroup). metrics/evaluate.json also names the model scored (`model`: the first 8 hex digits of models/model.pt's
 MD5) and the data it was scored on (`data`: the val and test split tables and arrays). Google's expert labels and
-the demo's clean labels are NIH-layout files: an own-data table (`data.format: table`) has neither.
+the demo's clean labels are NIH-layout files: an own-data table (`data.format: table`) has neither. With the
+checkpoint's out-of-distribution fit, each image's score goes into the predictions (`ood_score`) and the share of
+val and test flagged at its threshold into the report (`ood`), test's into the headline (`ood_flagged`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from cxr14.evaluation.scoring import (
     forest_rows,
     headline,
     headline_rows,
+    ood_summary,
     predict_split,
     score_plot,
     score_test,
@@ -68,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     test = preds["test"]
     # Everything is computed before anything is written: a failure in scoring leaves the old outputs as they were.
     report = score(test, root, expert_file, evaluate, data.format)
+    ood = ood_summary(preds, ckpt)
+    if ood is not None:
+        report["ood"] = ood
     roc, pr = curves(test)
     ids = {"model": short_id([file_digest(args.model)]),
            "data": short_id([file_digest(paths.PREPARED / f"{s}.npy") for s in ("val", "test")]
@@ -112,6 +118,10 @@ def print_summary(report: dict, expert: bool) -> None:
         print(f"evaluate: against expert labels on {report['expert']['images']} test images: "
               + ", ".join(f"{f} AUC {v}" for f, v in scored.items()))
     print(f"evaluate: mean ROC-AUC per subgroup, worst-to-best gap: {summary(report['subgroups'])}")
+    if "ood" in report:
+        o = report["ood"]
+        print(f"evaluate: out of distribution at the val threshold {o['threshold']}: val {o['val']['flagged']:.1%}, "
+              f"test {o['test']['flagged']:.1%} flagged")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ from cxr14.deployment.export import (
     int8_cam_difference,
     int8_check,
     metadata,
+    ood_check,
+    ort_ood,
     ort_probabilities,
     quantize_int8,
     require_opset,
@@ -87,8 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     # nor a new model.onnx beside an old model.int8.onnx
     with atomic_path(out) as tmp, atomic_path(out8) as tmp8:
         check = export_checked(model, ckpt, meta, tmp, images["test"], export)
-        on = int8_checked(tmp, tmp8, images, {"val": val_labels, "test": test_labels}, check["probabilities"],
-                          calibrator, thresholds, export)
+        on = int8_checked(tmp, tmp8, images, {"val": val_labels, "test": test_labels}, check, meta, calibrator,
+                          thresholds, export)
     # bf16 autocast on a GPU moves evaluate's probabilities (benchmarks/gpu_check.py): recorded
     against_evaluate = float(np.abs(check["probabilities"] - evaluated).max())
     report = export_report(check, against_evaluate, on, export, min(len(images["val"]), export.int8_calibration_images))
@@ -118,16 +120,20 @@ def export_checked(model: torch.nn.Module, ckpt: dict, meta: dict, tmp: Path, im
         raise PipelineError(f"{paths.ONNX}: ONNX Runtime's probabilities differ from PyTorch's by up to "
                             f"{check['max_abs_difference']:.3g} on {paths.PREPARED / 'test.npy'}; expected at most "
                             f"export.tolerance {export.tolerance:g} (not written; try another export.opset)")
+    if not check.get("ood_max_relative_difference", 0.0) <= export.tolerance:
+        raise PipelineError(f"{paths.ONNX}: ONNX Runtime's out-of-distribution scores differ from PyTorch's by up to "
+                            f"{check['ood_max_relative_difference']:.3g} (relative) on {paths.PREPARED / 'test.npy'}; "
+                            f"expected at most export.tolerance {export.tolerance:g} (not written)")
     return check
 
 
 def int8_checked(tmp: Path, tmp8: Path, images: dict[str, np.ndarray], labels: dict[str, np.ndarray],
-                 test32: np.ndarray, calibrator: dict | None, thresholds: dict, export: Export) -> dict:
+                 check: dict, meta: dict, calibrator: dict | None, thresholds: dict, export: Export) -> dict:
     """Quantize `tmp` to `tmp8` and score the int8 file against float32 on val (the gate: test is reported, never
     used to choose) and test; the gate's verdict goes into the int8 file's metadata."""
     quantize_int8(tmp, tmp8, images["val"][:export.int8_calibration_images], export.batch_size)
     float32 = {"val": ort_probabilities(tmp, images["val"], export.batch_size, "export: val, float32", str(paths.ONNX)),
-               "test": test32}
+               "test": check["probabilities"]}
     on = {}
     for split in ("val", "test"):
         int8 = ort_probabilities(tmp8, images[split], export.batch_size, f"export: {split}, int8", str(paths.ONNX_INT8))
@@ -136,6 +142,9 @@ def int8_checked(tmp: Path, tmp8: Path, images: dict[str, np.ndarray], labels: d
     update_metadata(tmp8, int8_within_limit=on["val"]["within_limit"], int8_val_mean_auc=on["val"]["mean_auc"],
                     float32_val_mean_auc=on["val"]["mean_auc_float32"])
     on["cam"] = int8_cam_difference(tmp, tmp8, images["test"], export.batch_size)  # heatmaps, reported
+    if check.get("ood_scores") is not None:  # the int8 file's score against float32's, at the same threshold
+        on["test"]["ood"] = ood_check(ort_ood(tmp8, images["test"], export.batch_size), check["ood_scores"],
+                                      meta["ood_threshold"])
     return on
 
 
@@ -143,7 +152,9 @@ def export_report(check: dict, against_evaluate: float, on: dict, export: Export
     """reports/export.json: both files' checks, their sizes, and the versions that made them."""
     import onnxruntime
 
-    return {"images": check["images"], "max_abs_difference": float(f"{check['max_abs_difference']:.3g}"),
+    ood = ({"ood_max_relative_difference": float(f"{check['ood_max_relative_difference']:.3g}"),
+            "ood_flags_differ": check["ood_flags_differ"]} if "ood_scores" in check else {})
+    return {"images": check["images"], "max_abs_difference": float(f"{check['max_abs_difference']:.3g}"), **ood,
             "tolerance": export.tolerance, "max_abs_difference_to_evaluate": float(f"{against_evaluate:.3g}"),
             "cam_max_abs_difference": float(f"{check['cam_max_abs_difference']:.3g}"),
             "file_bytes": paths.ONNX.stat().st_size, "opset": check["opset"], "onnxruntime": onnxruntime.__version__,
@@ -158,6 +169,10 @@ def print_summary(report: dict, check: dict, against_evaluate: float, export: Ex
           f"PyTorch on {check['images']} test images: max |difference| {check['max_abs_difference']:.2g} (tolerance "
           f"{export.tolerance:g}), vs evaluate's predictions {against_evaluate:.2g}; {speed['onnxruntime']} vs "
           f"{speed['torch']} images/s here")
+    if "ood_max_relative_difference" in report:
+        print(f"export: out-of-distribution score, ONNX Runtime vs PyTorch: max relative difference "
+              f"{report['ood_max_relative_difference']:.2g}, {report['ood_flags_differ']} flag(s) differ; int8 vs "
+              f"float32: {report['int8']['test']['ood']['flags_differ']} of {check['images']} test flags differ")
     t8 = q["test"]
     print(f"export: {out8} ({rounded(q['file_bytes'] / 2**20, 1)} MiB): mean AUC against float32 on val "
           f"{q['val']['mean_auc']} vs {q['val']['mean_auc_float32']}, on test {t8['mean_auc']} vs "

@@ -7,12 +7,14 @@ an older one over it); `train.resume: true` continues a killed run from there wi
 uninterrupted run. When training ends, the best epoch goes to models/model.pt, the per-epoch log to
 dvclive/, the summary with its timings to reports/train.json and the best val mean AUC, its epoch and the
 epochs run to metrics/train.json (timings vary by machine: no figure to compare experiments on), all from
-the resume point.
+the resume point. The checkpoint carries the out-of-distribution fit of its weights (`cxr14.model.ood`): a
+Gaussian on the train images' penultimate features and its threshold on val.
 
 `train.init` starts from a checkpoint (fine-tuning on this data); with `train.epochs: 0` that checkpoint is
 copied to models/model.pt byte for byte and only scored on val: external validation, evaluating a model trained
-elsewhere on these images (docs/datasets.md). metrics/train.json names the model written (`model`: the first 8
-hex digits of its MD5) and the data it was trained and validated on (`data`).
+elsewhere on these images (docs/datasets.md), with the out-of-distribution fit it came with (its training
+images are what it knows). metrics/train.json names the model written (`model`: the first 8 hex digits of its MD5)
+and the data it was trained and validated on (`data`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cxr14 import paths
@@ -30,6 +33,7 @@ from cxr14.data.nih import CLASSES
 from cxr14.model.checkpoint import read_init, save_checkpoint
 from cxr14.model.factory import build_model, freeze, imagenet_weights
 from cxr14.model.inference import Batches, evaluate
+from cxr14.model.ood import fit_ood
 from cxr14.params import PARAMS_FILE, Train, load_params
 from cxr14.runtime.devices import cpu_count, cpu_kernels, pick_device
 from cxr14.runtime.errors import PipelineError
@@ -98,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     state = final.state
     # Derived from the resume point in this order; a kill between two of them is undone by any re-run.
     best = best_checkpoint(final.best_model, state, train, train_set.image_size, pretrained, data)
+    best["ood"] = fit_best(best, device, train.batch_size)
     save_checkpoint(paths.MODEL, best)
     report = {"best_epoch": state.best_epoch, "best_val_mean_auc": rounded(state.best_auc),
               "epochs_run": state.epoch, "seconds": rounded(state.seconds, 1),
@@ -110,8 +115,6 @@ def main(argv: list[str] | None = None) -> None:
 def finish(history: list[dict[str, float]], report: dict, data: dict[str, str]) -> None:
     """What follows models/model.pt, whichever way it was made (trained, or `train.init` as it is): the log, the
     report and the headline, which names the model written and the data (train and val files) behind it."""
-    # The out-of-distribution model (cxr14/model/ood.py) is fitted here, on models/model.pt and the train split,
-    # so that a model used as it is (train.epochs: 0) gets one fitted on this dataset too.
     write_log(history, paths.DVCLIVE)
     split_files = [d for f, d in data.items() if f.startswith((str(paths.PREPARED), str(paths.SPLIT)))]
     ids = {"model": short_id([file_digest(paths.MODEL)]), "data": short_id(split_files)}
@@ -153,6 +156,16 @@ def use_as_is(train: Train, device: torch.device) -> None:
     finish([row], report, data)
     print(f"train: {train.init} used as it is (train.epochs: 0) -> {paths.MODEL}; val mean AUC here "
           f"{report['best_val_mean_auc']}")
+
+
+def fit_best(best: dict, device: torch.device, batch_size: int) -> dict:
+    """The out-of-distribution fit of the best epoch's weights (eval mode, no augmentation): carried in the
+    checkpoint, so evaluate, export and predict score images against the model they run."""
+    model = build_model(best["arch"], "none", len(best["classes"]), best["output_stride"])
+    model.load_state_dict(best["state_dict"])
+    model.to(device).eval()
+    images = [np.load(paths.PREPARED / f"{split}.npy", mmap_mode="r") for split in ("train", "val")]
+    return fit_ood(model, *images, best["arch"], tuple(best["mean"]), tuple(best["std"]), batch_size)
 
 
 def under_torchrun() -> bool:

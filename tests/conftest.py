@@ -297,6 +297,7 @@ TINY_DVC = {
     "train": {"epochs": 2, "batch_size": 16, "device": "cpu", "workers": 1},  # 2: the baseline is the
     # uninterrupted run a killed two-epoch experiment must resume to (tests/test_faults_dvc.py)
     "evaluate": {"bootstrap": 20},
+    "ood": {"images": 8},
 }
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
 
@@ -447,6 +448,7 @@ def outputs(folder: Path = Path()) -> dict[str, bytes]:
 
 # The exported tiny model (tests/test_export.py, and the deployment side of the fault catalogue).
 DEPLOYED_SIZE = 32
+DEPLOYED_PHANTOMS = 40  # train and val images of its out-of-distribution fit
 
 
 @pytest.fixture(scope="session")
@@ -464,12 +466,17 @@ def build_deployed(folder: Path) -> None:
     from cxr14.deployment.export import export_onnx, metadata
     from cxr14.evaluation.calibration import fit_calibrator
     from cxr14.model.factory import build_model
+    from cxr14.model.ood import features, fit_gaussian
 
     torch.manual_seed(0)
     model = build_model("resnet18", "none").eval()
     ckpt = {"state_dict": model.state_dict(), "arch": "resnet18", "classes": list(CLASSES),
             "image_size": DEPLOYED_SIZE, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "epoch": 3,
             "val_mean_auc": 0.5}
+    # the out-of-distribution fit on phantom radiographs (DEPLOYED_PHANTOMS train, then as many val)
+    phantoms = np.stack([phantom(DEPLOYED_SIZE, DEPLOYED_SIZE, seed) for seed in range(2 * DEPLOYED_PHANTOMS)])
+    feats = features(model, "resnet18", phantoms, ckpt["mean"], ckpt["std"])  # one pass: fit_ood makes two
+    ckpt["ood"] = fit_gaussian(feats[:DEPLOYED_PHANTOMS], feats[DEPLOYED_PHANTOMS:])
     torch.save(ckpt, folder / "model.pt")
     rng = np.random.default_rng(0)
     probs = rng.random((200, len(CLASSES)))
@@ -484,6 +491,15 @@ def build_deployed(folder: Path) -> None:
     for i in range(5):
         Image.fromarray(rng.integers(0, 256, (60 + 10 * i, 50), dtype=np.uint8)).save(images / f"img{i}.png")
     Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "images" / "colour.jpg")
+
+
+OOD_WARNING = ": out of distribution (score "  # predict's warning about an image the model should not judge
+
+
+def besides_ood(lines: Iterable[str]) -> list[str]:
+    """Stderr lines other than out-of-distribution warnings: the deployed fixture's random model scores real and
+    random images far from its phantom fit, which tests of other warnings do not look at (tests/test_ood.py does)."""
+    return [line for line in lines if OOD_WARNING not in line]
 
 
 def own(folder: Path, onnx: bool = True) -> list[str]:

@@ -119,7 +119,7 @@ def test_no_sys_path_edits() -> None:
 SECTIONS_READ = {  # params sections each stage reads, as `params.<section>` of cxr14.params.load_params
     "demo": {"demo"}, "split": {"data", "split"}, "prepare": {"prepare"}, "train": {"train"},
     "evaluate": {"evaluate", "data", "train"}, "calibrate": {"calibrate", "evaluate"},
-    "explain": {"explain", "data", "train"}, "export": {"export", "train"},
+    "explain": {"explain", "data", "train"}, "export": {"export", "train"}, "ood": {"ood", "train"},
 }
 
 

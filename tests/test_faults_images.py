@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import NIH, TINY_I16, TINY_ROWS, own, phantom, stage_result
+from conftest import NIH, TINY_I16, TINY_ROWS, besides_ood, own, phantom, stage_result
 from PIL import Image
 
 from cxr14 import cli
@@ -121,7 +121,7 @@ def test_12bit_export_of_a_real_radiograph_decodes_and_predicts_as_the_original(
         assert np.abs(load_gray(file, 32).astype(int) - load_gray(NIH_IMAGE, 32)).max() <= 1
     cli.predict_main([*files, *own(deployed), "--json", "--threads", "2"])
     out = capsys.readouterr()
-    assert out.err == ""
+    assert besides_ood(out.err.splitlines()) == []
     probabilities = np.array([[r["probability"] for r in result["predictions"]] for result in json.loads(out.out)])
     assert np.abs(probabilities[1:] - probabilities[0]).max() <= 1e-2
     dark = np.rint(twelve / 257.0)  # the old rule, every file divided by 257: a nearly black image
@@ -155,7 +155,7 @@ def test_predict_warns_once_about_a_very_large_image(bomb_limit, deployed: Path,
                                                      capsys: pytest.CaptureFixture, recwarn) -> None:
     small, big = deployed / "images" / "nested" / "img0.png", big_image(tmp_path / "big.png")
     code, err = stage_result(cli.predict, [small, big, small, *own(deployed), "--threads", "2", "--json"], capsys)
-    assert code == 0 and err == [bomb_warning(big)]
+    assert code == 0 and besides_ood(err) == [bomb_warning(big)]
     no_pillow_warning(recwarn, "\n".join(err))
     refused = big_image(tmp_path / "huge.png", 120)  # over twice the limit: Pillow's error, one line
     code, err = stage_result(cli.predict, [refused, *own(deployed), "--json"], capsys)

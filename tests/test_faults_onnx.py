@@ -137,9 +137,9 @@ def test_a_broken_calibrator_is_refused(proto, deployed, tmp_path, capsys, monke
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    (lambda m: m.update(format="1"), "metadata format: '1'; expected an integer from 1 to 1, the formats this cxr14 "
+    (lambda m: m.update(format="1"), "metadata format: '1'; expected an integer from 1 to 2, the formats this cxr14 "
                                      "reads"),
-    (lambda m: m.update(format=2), "metadata format: 2; expected an integer from 1 to 1, the formats this cxr14 "
+    (lambda m: m.update(format=3), "metadata format: 3; expected an integer from 1 to 2, the formats this cxr14 "
                                    "reads (update cxr14 to read newer files)"),
     (lambda m: m.update(image_size=64), f"metadata image_size: 64; expected {DEPLOYED_SIZE}, the graph's input size"),
     (lambda m: m.update(image_size="32"), f"metadata image_size: '32'; expected {DEPLOYED_SIZE}, the graph's input "
@@ -152,8 +152,15 @@ def test_a_broken_calibrator_is_refused(proto, deployed, tmp_path, capsys, monke
     (lambda m: m["cam"].update(cells=[2, 2]), "metadata cam cells: [2, 2]; expected two positive integers, the 'cam' "
                                               "output's last two dimensions (['batch', 14, 1, 1], one map per class)"),
     (lambda m: m["cam"].update(stride=[32, 0]), "metadata cam stride: [32, 0]; expected two positive numbers"),
+    (lambda m: m.update(ood_threshold=None), "metadata ood_threshold: None; expected a finite number >= 0 for the "
+                                             "graph's ood_score output"),
+    (lambda m: m.update(ood_threshold="3"), "metadata ood_threshold: '3'; expected a finite number >= 0 for the "
+                                            "graph's ood_score output"),
+    (lambda m: m.update(ood_threshold=-1), "metadata ood_threshold: -1; expected a finite number >= 0 for the "
+                                           "graph's ood_score output"),
 ], ids=["format-string", "format-newer", "image-size", "image-size-string", "no-thresholds",
-        "no-calibrator", "int8-flag", "no-cam", "cam-cells", "cam-stride"])
+        "no-calibrator", "int8-flag", "no-cam", "cam-cells", "cam-stride", "ood-threshold-null",
+        "ood-threshold-string", "ood-threshold-negative"])
 def test_other_metadata_fields_are_refused_by_name(proto, deployed, tmp_path, capsys, monkeypatch, edit,
                                                    message: str) -> None:
     """These were tracebacks (or, for a missing key, named `<onnxruntime...InferenceSession object at 0x...>`)."""

@@ -23,6 +23,7 @@ from cxr14.deployment.export import headline as export_headline
 from cxr14.evaluation.calibration import headline as calibrate_headline
 from cxr14.evaluation.scoring import headline as evaluate_headline
 from cxr14.explanation.examples import headline as explain_headline
+from stages import ood as ood_stage
 from stages import split as split_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def test_metrics_files_hold_a_few_flat_numbers() -> None:
         nested = [k for k, v in values.items() if isinstance(v, (dict, list))]
         assert not nested, f"{path.relative_to(ROOT)}: nested keys {nested}; expected flat headline figures"
         counts[name] = sum(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values())
-    assert set(counts) == {"split", "train", "evaluate", "calibrate", "export", "explain"}
+    assert set(counts) == {"split", "train", "evaluate", "calibrate", "export", "explain", "ood"}
     assert sum(counts.values()) <= MAX_NUMBERS, counts
 
 
@@ -94,6 +95,7 @@ def test_committed_headlines_are_picked_from_the_committed_reports() -> None:
     assert metrics("explain") == explain_headline(report("explain"))
     assert metrics("export") == export_headline(report("export"))
     assert metrics("split") == split_stage.headline(report("split"))
+    assert metrics("ood") == ood_stage.headline(report("ood"))
     train = report("train")
     assert metrics("train") == {"val_auc": train["best_val_mean_auc"], "best_epoch": train["best_epoch"],
                                 "epochs_run": train["epochs_run"]}

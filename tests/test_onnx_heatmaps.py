@@ -40,7 +40,7 @@ def test_closed_form_grad_cam_equals_autograd_grad_cam(arch: str, output_stride:
         probs, expected = cam(x, list(range(len(CLASSES))))
         geometry = cam.geometry((SIZE, SIZE))
     with torch.no_grad():
-        logits, cells = last_block_maps(model, x)
+        logits, cells, _ = last_block_maps(model, x)
         assert torch.equal(logits, model(x))  # the same forward pass as the model's own
     got = normalise(resample(cells.numpy(), (SIZE, SIZE), *geometry))
     assert np.abs(got - expected.numpy()).max() < 1e-4
@@ -97,7 +97,7 @@ def test_onnx_heatmaps_equal_the_torch_engines(cam_model: Path) -> None:
     assert (got.max(axis=(2, 3)) > got.min(axis=(2, 3))).sum() >= 21  # of 42 maps: most have a shape
     x = to_model_input(torch.from_numpy(images)[:, None].float())
     with torch.no_grad():  # and the map is the image's: another image's cells would not match
-        _, cells = last_block_maps(reference.model, x.flip(-1))
+        _, cells, _ = last_block_maps(reference.model, x.flip(-1))
     flipped = normalise(resample(cells.numpy(), (SIZE, SIZE), (16.0, 16.0), (0.0, 0.0)))
     assert np.abs(flipped - expected).max() > 0.1
 

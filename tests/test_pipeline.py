@@ -37,7 +37,11 @@ def test_repro_builds_every_output(project: Path) -> None:
         assert len(table) == split[name]["images"] > 0
         assert array.std() > 0  # real pixels, not an empty buffer
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"demo", "split", "prepare", "train", "evaluate", "calibrate", "explain", "export"}
+    assert set(lock["stages"]) == {"demo", "split", "prepare", "train", "evaluate", "calibrate", "explain", "export",
+                                   "ood"}
+    ood = breakdown(project, "ood")  # every generated variant at TINY_DVC's size, scored against the test images
+    assert ood["variants"]["noise"]["images"] == TINY_DVC["ood"]["images"] == ood["sets"]["photographs"]["images"]
+    assert ood["test"]["images"] == split["test"]["images"] and set(metrics(project, "ood")) >= {"test_flagged"}
     evaluate = evaluated = breakdown(project, "evaluate")
     assert metrics(project, "evaluate")["auc"] == evaluate["mean_auc"]  # the headline, picked from the report
     assert evaluate["images"] == split["test"]["images"] and "oracle_mean_auc" in evaluate

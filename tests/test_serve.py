@@ -165,10 +165,11 @@ def test_not_ready_until_the_model_is_loaded(deployed: Path) -> None:
 
 
 def test_concurrent_requests_share_model_calls_and_a_lone_one_never_waits() -> None:
-    async def scenario() -> tuple[list[int], list[np.ndarray], float]:
-        batcher = serve.Batcher(lambda images: images.mean(axis=(1, 2))[:, None], max_batch=4, max_wait_s=2.0)
+    async def scenario() -> tuple[list[int], list[tuple[np.ndarray | None, ...]], float]:
+        batcher = serve.Batcher(lambda images: (images.mean(axis=(1, 2))[:, None], None), max_batch=4,
+                                max_wait_s=2.0)
 
-        async def one(value: int) -> np.ndarray:
+        async def one(value: int) -> tuple[np.ndarray | None, ...]:
             batcher.incoming -= 1  # decoded: as Service.decode does
             return await batcher.submit(np.full((1, 2, 2), value, np.uint8))
 
@@ -181,7 +182,8 @@ def test_concurrent_requests_share_model_calls_and_a_lone_one_never_waits() -> N
         return batcher.calls, results, lone
 
     calls, results, lone = asyncio.run(scenario())
-    assert calls == [4, 2, 1] and [float(r[0, 0]) for r in results] == list(range(6)) and lone < 0.5
+    assert calls == [4, 2, 1] and [float(r[0][0, 0]) for r in results] == list(range(6)) and lone < 0.5
+    assert all(r[1] is None for r in results)  # a model without the out-of-distribution score
 
 
 def test_heatmaps_on_request_from_either_engine(deployed: Path, capsys) -> None:

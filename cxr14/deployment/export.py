@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from cxr14.data.loader import to_model_input
-from cxr14.deployment.onnx_file import CAM_NAME, FORMAT, INPUT_NAME, METADATA_KEY, OUTPUT_NAME, session
+from cxr14.deployment.onnx_file import CAM_NAME, FORMAT, INPUT_NAME, METADATA_KEY, OOD_NAME, OUTPUT_NAME, session
 from cxr14.explanation.gradcam import GradCAM, last_block_maps
 from cxr14.explanation.heatmaps import normalise, resample
 from cxr14.model.factory import gradcam_layer
@@ -41,15 +41,30 @@ from cxr14.runtime.progress import progress
 class Deployable(nn.Module):
     """uint8 grey images (B, 1, S, S) -> probabilities (B, C) and Grad-CAM cells (B, C, h, w): the model with the
     pipeline's normalisation in front (`to_model_input`, the same arithmetic evaluate uses), a sigmoid behind, and
-    the last block's Grad-CAM beside (`last_block_maps`)."""
+    the last block's Grad-CAM beside (`last_block_maps`). With a checkpoint's `ood` fit, also the
+    out-of-distribution score (B,) of the same pass's penultimate features (`OodScore`): the backbone runs once."""
 
-    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                 ood: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.model, self.mean, self.std = model, tuple(mean), tuple(std)
+        self.ood = None
+        if ood is not None:
+            from cxr14.model.ood import OodScore
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, cams = last_block_maps(self.model, to_model_input(images.float(), self.mean, self.std))
-        return torch.sigmoid(logits.float()), cams.float()
+            self.ood = OodScore(ood)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, cams, features = last_block_maps(self.model, to_model_input(images.float(), self.mean, self.std))
+        probabilities = torch.sigmoid(logits.float())
+        if self.ood is None:
+            return probabilities, cams.float()
+        return probabilities, cams.float(), self.ood(features)
+
+
+def deployable(model: nn.Module, ckpt: dict[str, Any]) -> Deployable:
+    """The checkpoint's model as exported: with its out-of-distribution score where the checkpoint has the fit."""
+    return Deployable(model, tuple(ckpt["mean"]), tuple(ckpt["std"]), ckpt.get("ood")).eval()
 
 
 def cam_geometry(model: nn.Module, arch: str, size: int) -> dict[str, Any]:
@@ -75,7 +90,10 @@ def metadata(ckpt: dict[str, Any], thresholds: dict[str, float | None], calibrat
                      "cxr14.data.images.load_gray does",
             "output": f"{OUTPUT_NAME}: float32 (batch, {len(ckpt['classes'])}), raw probabilities; {CAM_NAME}: "
                       f"float32 (batch, {len(ckpt['classes'])}, h, w), Grad-CAM of the last block per class, before "
-                      "resampling (metadata cam: its cells' stride and offset on the input)",
+                      "resampling (metadata cam: its cells' stride and offset on the input)"
+                      + (f"; {OOD_NAME}: float32 (batch), out-of-distribution score (above ood_threshold: flagged)"
+                         if ckpt.get("ood") else ""),
+            "ood_threshold": float(ckpt["ood"]["threshold"]) if ckpt.get("ood") else None,
             "arch": ckpt["arch"], "calibrator": calibrator, "thresholds": thresholds, "source": source,
             "best_epoch": ckpt.get("epoch"), "best_val_mean_auc": ckpt.get("val_mean_auc"),
             "precision": "float32"}  # quantize_int8 rewrites it
@@ -121,13 +139,14 @@ def export_onnx(model: nn.Module, ckpt: dict[str, Any], meta: dict[str, Any], ou
 
     size = int(ckpt["image_size"])
     meta = meta | {"cam": cam_geometry(model, ckpt["arch"], size)}
-    wrapped = Deployable(model, tuple(ckpt["mean"]), tuple(ckpt["std"])).eval()
+    wrapped = deployable(model, ckpt)
     example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
+    outputs = [OUTPUT_NAME, CAM_NAME, *([OOD_NAME] if wrapped.ood is not None else [])]
     try:
         program = torch.onnx.export(wrapped, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME, CAM_NAME], dynamic_shapes=({0: batch},),
-                                    opset_version=opset, verbose=False)
+                                    output_names=outputs, dynamic_shapes=({0: batch},), opset_version=opset,
+                                    verbose=False)
     except Exception as exc:  # the exporter fails in many ways (an unsupported operator, an opset it lacks)
         raise PipelineError(f"export.opset {opset}: the ONNX exporter failed ({' '.join(str(exc).split())[:300]})"
                             ) from None
@@ -143,21 +162,26 @@ def export_onnx(model: nn.Module, ckpt: dict[str, Any], meta: dict[str, Any], ou
 
 
 HEAD_OPS = ("Sigmoid", "Cast", "Add", "Gemm", "MatMul")
+OOD_OPS = ("Mul", "ReduceSum", "MatMul", "Sub", "Sqrt", "Clip", "Max", "Cast", "Pow")
+OOD_FIRST = ("Clip", "Max")  # the clamp at the branch's start: its input is the backbone's pooled features
 
 
 def head_nodes(proto: Any) -> list[str]:
-    """The classifier and the sigmoid behind it (walking back from the output through HEAD_OPS to the Gemm or
-    MatMul), which stay in float32: quantized, the probabilities would come out on a grid of 256 levels clipped
-    to the range the calibration images reached, too coarse for thresholds and margins."""
+    """The classifier and the sigmoid behind it (walking back from the probabilities through HEAD_OPS to the Gemm
+    or MatMul), and the out-of-distribution score's arithmetic (back from ood_score to its clamp of the features),
+    which stay in float32: quantized, the probabilities would come out on a grid of 256 levels clipped to the range
+    the calibration images reached, too coarse for thresholds and margins, and so would the score."""
     producer = {o: n for n in proto.graph.node for o in n.output}
-    names, frontier = [], [OUTPUT_NAME]  # by name: the graph has other outputs (cam)
-    while frontier:
-        node = producer.get(frontier.pop())
-        if node is None or node.op_type not in HEAD_OPS or node.name in names:
-            continue
-        names.append(node.name)
-        if node.op_type not in ("Gemm", "MatMul"):  # past the classifier is the backbone's pooled features
-            frontier += list(node.input)
+    names = []
+    for output, ops, last in ((OUTPUT_NAME, HEAD_OPS, ("Gemm", "MatMul")), (OOD_NAME, OOD_OPS, OOD_FIRST)):
+        frontier = [o.name for o in proto.graph.output if o.name == output]
+        while frontier:
+            node = producer.get(frontier.pop())
+            if node is None or node.op_type not in ops or node.name in names:
+                continue
+            names.append(node.name)
+            if node.op_type not in last:  # past it is the backbone's pooled features
+                frontier += list(node.input)
     return names
 
 
@@ -211,6 +235,22 @@ def ort_probabilities(onnx_path: Path | str, images: np.ndarray, batch_size: int
     return probs
 
 
+def ort_ood(onnx_path: Path | str, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """ONNX Runtime's out-of-distribution scores (N,) for uint8 images (N, S, S) (the ood_score output, by name)."""
+    ort_session = session(onnx_path)
+    return np.concatenate([ort_session.run([OOD_NAME], {INPUT_NAME: np.array(images[s:s + batch_size, None])})[0]
+                           for s in progress(range(0, len(images), batch_size), desc="export: ood", unit="batch")])
+
+
+def ood_check(scores: np.ndarray, reference: np.ndarray, threshold: float) -> dict[str, Any]:
+    """An engine's scores against the reference's: largest relative difference, flags at the threshold that
+    differ, and the share each flags."""
+    return {"max_relative_difference": float(f"{relative_difference(scores.astype(np.float64), reference):.3g}"),
+            "flags_differ": int(((scores > threshold) != (reference > threshold)).sum()),
+            "flagged": round(float((scores > threshold).mean()), 6),
+            "flagged_float32": round(float((reference > threshold).mean()), 6)}
+
+
 def int8_check(labels: np.ndarray, float32: np.ndarray, int8: np.ndarray, calibrator: dict[str, Any] | None,
                thresholds: dict[str, float | None], classes: list[str], max_auc_drop: float) -> dict[str, Any]:
     """How far the int8 model's probabilities are from the float32 model's on one split: the largest difference,
@@ -261,10 +301,11 @@ def update_metadata(path: Path | str, **fields: Any) -> None:
 
 def verify(model: nn.Module, ckpt: dict[str, Any], onnx_path: Path | str, images: np.ndarray,
            batch_size: int) -> dict[str, Any]:
-    """Largest |ONNX Runtime - PyTorch| probability over `images` (uint8 (N, S, S)), and each engine's speed; and
-    the largest difference of their heatmaps (`cam_max_abs_difference`: every class's `cam` resampled onto the
-    input and normalised as predict draws it, against PyTorch's closed-form Grad-CAM), recorded, not a gate."""
-    wrapped = Deployable(model, tuple(ckpt["mean"]), tuple(ckpt["std"])).eval()
+    """Largest |ONNX Runtime - PyTorch| probability over `images` (uint8 (N, S, S)), and each engine's speed; the
+    largest difference of their heatmaps (`cam_max_abs_difference`: every class's `cam` resampled onto the input
+    and normalised as predict draws it, against PyTorch's closed-form Grad-CAM), recorded, not a gate; and where the
+    checkpoint has the out-of-distribution fit, how far the scores and flags differ (`ood_agreement`)."""
+    wrapped = deployable(model, ckpt)
     try:
         ort_session = session(onnx_path)
     except Exception as exc:  # an opset or operator this ONNX Runtime cannot run
@@ -272,15 +313,17 @@ def verify(model: nn.Module, ckpt: dict[str, Any], onnx_path: Path | str, images
                             "try another export.opset") from None
     size = int(ckpt["image_size"])
     geometry = cam_geometry(model, ckpt["arch"], size)
+    names = [OUTPUT_NAME, CAM_NAME, *([OOD_NAME] if wrapped.ood is not None else [])]  # outputs read by name
     worst, cam_worst, seconds, probabilities = 0.0, 0.0, {"torch": 0.0, "onnxruntime": 0.0}, []
+    scores: list[tuple[np.ndarray, np.ndarray]] = []  # (ONNX Runtime's, PyTorch's) out-of-distribution scores
     for start in progress(range(0, len(images), batch_size), desc="export: verify", unit="batch"):
         x = np.array(images[start:start + batch_size, None])  # a writable copy of the memory map's rows
         t = time.perf_counter()
         with torch.no_grad():
-            expected, expected_cam = (out.numpy() for out in wrapped(torch.from_numpy(x)))
+            expected, expected_cam, *expected_ood = (out.numpy() for out in wrapped(torch.from_numpy(x)))
         seconds["torch"] += time.perf_counter() - t
         t = time.perf_counter()
-        got, got_cam = ort_session.run([OUTPUT_NAME, CAM_NAME], {INPUT_NAME: x})
+        got, got_cam, *got_ood = ort_session.run(names, {INPUT_NAME: x})
         seconds["onnxruntime"] += time.perf_counter() - t
         if got.shape != expected.shape or not np.isfinite(got).all():
             raise PipelineError(f"{onnx_path}: ONNX Runtime gave {got.shape} probabilities with non-finite values or "
@@ -288,10 +331,37 @@ def verify(model: nn.Module, ckpt: dict[str, Any], onnx_path: Path | str, images
         worst = max(worst, float(np.abs(got.astype(np.float64) - expected).max()))
         cam_worst = max(cam_worst, heatmap_difference(got_cam, expected_cam, geometry, size))
         probabilities.append(got)
+        if got_ood:
+            scores.append((got_ood[0], expected_ood[0]))
     n = len(images)
-    return {"images": n, "max_abs_difference": worst, "probabilities": np.concatenate(probabilities),
-            "cam_max_abs_difference": cam_worst,
-            "images_per_s": {k: round(n / v, 1) if v > 0 else None for k, v in seconds.items()}}
+    result = {"images": n, "max_abs_difference": worst, "probabilities": np.concatenate(probabilities),
+              "cam_max_abs_difference": cam_worst,
+              "images_per_s": {k: round(n / v, 1) if v > 0 else None for k, v in seconds.items()}}
+    if scores:
+        result |= ood_agreement(scores, float(ckpt["ood"]["threshold"]), onnx_path)
+    return result
+
+
+def ood_agreement(scores: list[tuple[np.ndarray, np.ndarray]], threshold: float, onnx_path: Path | str
+                  ) -> dict[str, Any]:
+    """ONNX Runtime's out-of-distribution scores against PyTorch's, batch by batch: the largest relative
+    difference, how many flags at `threshold` differ, and ONNX Runtime's scores."""
+    worst, differ = 0.0, 0
+    for have, want in scores:
+        have, want = have.astype(np.float64), want.astype(np.float64)
+        if have.shape != want.shape or not np.isfinite(have).all():
+            raise PipelineError(f"{onnx_path}: ONNX Runtime gave {have.shape} {OOD_NAME} values with non-finite "
+                                f"values or the wrong shape; expected finite {want.shape}")
+        worst = max(worst, relative_difference(have, want))
+        differ += int(((have > threshold) != (want > threshold)).sum())
+    return {"ood_max_relative_difference": worst, "ood_flags_differ": differ,
+            "ood_scores": np.concatenate([have for have, _ in scores])}
+
+
+def relative_difference(got: np.ndarray, expected: np.ndarray) -> float:
+    """Largest |got - expected| / max(1, |expected|): absolute below 1, relative above (scores reach the hundreds,
+    where float32 engines agree to a few units in the seventh digit)."""
+    return float((np.abs(got - expected) / np.maximum(1.0, np.abs(expected))).max()) if len(got) else 0.0
 
 
 def heatmap_difference(a: np.ndarray, b: np.ndarray, geometry: dict[str, Any], size: int) -> float:

@@ -23,7 +23,10 @@ from cxr14.runtime.errors import PipelineError
 METADATA_KEY = "cxr14"
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 CAM_NAME = "cam"  # Grad-CAM of the last block at cell resolution (batch, classes, h, w); absent in older files
-FORMAT = 1  # version of the metadata layout; predict refuses files from a newer layout
+OOD_NAME = "ood_score"  # float32 (batch,): the out-of-distribution score (cxr14.model.ood); outputs go by name
+# version of the metadata layout; predict refuses files from a newer layout. 2: `ood_threshold` (null: the graph
+# has no ood_score output), the threshold of the graph's out-of-distribution score
+FORMAT = 2
 
 
 def session(path: Path | str, providers: list[str] | None = None, threads: int | None = None,
@@ -59,22 +62,27 @@ def read_metadata(path: Path | str, ort_session: Any = None) -> dict[str, Any]:
     return meta
 
 
-def graph_shape(ort_session: Any, where: str) -> tuple[int | None, int | None]:
-    """The graph's image size and output width (None where a dimension is symbolic), once its input and its
-    probabilities output (looked up by name: a graph may have other outputs, such as `cam`) are the export stage's:
-    a foreign graph fails here in one line, not in ONNX Runtime's words at the first batch."""
-    inputs, outputs = ort_session.get_inputs(), {o.name: o for o in ort_session.get_outputs()}
-    if [i.name for i in inputs] != [INPUT_NAME] or OUTPUT_NAME not in outputs:
-        raise PipelineError(f"{where}: graph inputs {[i.name for i in inputs]}, outputs {list(outputs)}; "
+def graph_shape(ort_session: Any, where: str) -> tuple[int | None, int | None, bool]:
+    """The graph's image size and output width (None where a dimension is symbolic), and whether it has the
+    ood_score output, once its input and outputs are the export stage's (outputs found by name, whatever their
+    order or company, such as `cam`): a foreign graph fails here in one line, not in ONNX Runtime's words at the
+    first batch."""
+    inputs, outputs = ort_session.get_inputs(), ort_session.get_outputs()
+    named = {o.name: o for o in outputs}
+    if [i.name for i in inputs] != [INPUT_NAME] or OUTPUT_NAME not in named:
+        raise PipelineError(f"{where}: graph inputs {[i.name for i in inputs]}, outputs {list(named)}; "
                             f"expected ['{INPUT_NAME}'] and '{OUTPUT_NAME}' among the outputs, as the export stage "
                             "writes them")
-    shape, out = list(inputs[0].shape), list(outputs[OUTPUT_NAME].shape)
+    if OOD_NAME in named and (named[OOD_NAME].type != "tensor(float)" or len(named[OOD_NAME].shape) != 1):
+        raise PipelineError(f"{where}: graph {OOD_NAME} {named[OOD_NAME].type} {list(named[OOD_NAME].shape)}; "
+                            "expected tensor(float) [batch], as the export stage writes it")
+    shape, out = list(inputs[0].shape), list(named[OUTPUT_NAME].shape)
     square = len(shape) == 4 and not (isinstance(shape[2], int) and isinstance(shape[3], int) and shape[2] != shape[3])
     if inputs[0].type != "tensor(uint8)" or not square or shape[1] != 1 or len(out) != 2:
         raise PipelineError(f"{where}: graph {INPUT_NAME} {inputs[0].type} {shape} -> {OUTPUT_NAME} {out}; expected "
                             f"tensor(uint8) [batch, 1, S, S] -> [batch, classes], as the export stage writes them")
     size = shape[2] if isinstance(shape[2], int) and shape[2] == shape[3] else None
-    return size, out[1] if isinstance(out[1], int) else None
+    return size, out[1] if isinstance(out[1], int) else None, OOD_NAME in named
 
 
 def check_cam(meta: dict[str, Any], where: str, ort_session: Any) -> dict[str, Any] | None:
@@ -113,9 +121,9 @@ def number(value: Any) -> bool:
     return (integer(value) or isinstance(value, float)) and math.isfinite(value)
 
 
-def check_metadata(meta: Any, where: str, graph: tuple[int | None, int | None]) -> dict[str, Any]:
+def check_metadata(meta: Any, where: str, graph: tuple[int | None, int | None, bool]) -> dict[str, Any]:
     """The metadata's fields by the rules the calibrate stage's files meet (the same checks: `check_thresholds`,
-    `check_calibrator`), and consistent with the graph's (image size, output width) `graph`."""
+    `check_calibrator`), and consistent with the graph's (image size, output width, has ood_score) `graph`."""
     if not isinstance(meta, dict):
         raise PipelineError(f"{where}: metadata: {shown(meta)}; expected a JSON object (the export stage's)")
     fmt = meta.get("format", FORMAT)
@@ -126,7 +134,7 @@ def check_metadata(meta: Any, where: str, graph: tuple[int | None, int | None]) 
     missing = [k for k in ("format", "classes", "image_size", "thresholds", "calibrator") if k not in meta]
     if missing:
         raise PipelineError(f"{where}: metadata lacks {', '.join(missing)}; expected the export stage's")
-    size, width = graph
+    size, width, has_ood = graph
     classes = check_class_names(meta["classes"], where, "metadata classes", width)
     image_size = meta["image_size"]
     if not (integer(image_size) and image_size > 0 and image_size == (size or image_size)):
@@ -138,7 +146,20 @@ def check_metadata(meta: Any, where: str, graph: tuple[int | None, int | None]) 
     if meta.get("int8_within_limit") not in (None, True, False):  # open_onnx's fallback reads it
         raise PipelineError(f"{where}: metadata int8_within_limit: {shown(meta['int8_within_limit'])}; expected "
                             "true, false or null")
+    check_ood_threshold(meta, where, has_ood)
     return meta
+
+
+def check_ood_threshold(meta: dict[str, Any], where: str, has_ood: bool) -> None:
+    """`ood_threshold`: a number >= 0 where the graph has the ood_score output (predict flags an image above it),
+    null or absent where it has none (format 1 files predate the score)."""
+    t = meta.get("ood_threshold")
+    if has_ood and (not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0):
+        raise PipelineError(f"{where}: metadata ood_threshold: {shown(t)}; expected a finite number >= 0 for the "
+                            f"graph's {OOD_NAME} output")
+    if not has_ood and t is not None:
+        raise PipelineError(f"{where}: metadata ood_threshold: {shown(t)}, but the graph has no {OOD_NAME} output; "
+                            "expected null")
 
 
 def integer(value: Any) -> bool:

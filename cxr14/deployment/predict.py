@@ -178,7 +178,7 @@ class OnnxEngine:
     name = "onnx"
 
     def __init__(self, model: Path, device: str, device_key: str = "--device") -> None:
-        from cxr14.deployment.onnx_file import INPUT_NAME, OUTPUT_NAME, read_metadata, session
+        from cxr14.deployment.onnx_file import INPUT_NAME, OOD_NAME, OUTPUT_NAME, read_metadata, session
 
         if not model.is_file():
             raise PipelineError(f"{model}: not found; run the export stage (dvc repro export), or use --engine torch "
@@ -200,12 +200,14 @@ class OnnxEngine:
             raise PipelineError(f"{device_key} {device}: ONNX Runtime could not start on that GPU (see above); use "
                                 "--device cpu or --engine torch")
         self.file, self.meta = model, read_metadata(model, self.session)  # checked against the graph
-        self.input, self.output = INPUT_NAME, OUTPUT_NAME
+        self.input, self.output, self.ood_output = INPUT_NAME, OUTPUT_NAME, OOD_NAME
         self.classes, self.image_size = list(self.meta["classes"]), int(self.meta["image_size"])
         self.calibrator, self.thresholds = self.meta["calibrator"], self.meta["thresholds"]
         self.cam: dict | None = self.meta["cam"]  # the cam output's geometry; None: a file exported before it
         self.fetch_cam = False  # ask for the cam output with every batch's probabilities (`want_heatmaps`)
         self._cells: tuple[np.ndarray, np.ndarray] | None = None  # (images, cam cells) of the last batch
+        # checked against the graph by read_metadata: a threshold exactly where the graph has the output
+        self.ood_threshold = self.meta.get("ood_threshold")
 
     def want_heatmaps(self, layer: str, layer_key: str) -> None:
         """Fetch the `cam` output beside the probabilities from now on (one run per batch for both); refused in one
@@ -223,13 +225,19 @@ class OnnxEngine:
                                 "the export stage again (dvc repro export), or use --engine torch")
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (B, S, S) -> raw probabilities (B, C); the cam cells too, in the same run, after `want_heatmaps`
-        (without it ONNX Runtime is asked for the probabilities only)."""
-        if not self.fetch_cam:
-            return self.session.run([self.output], {self.input: images[:, None]})[0].astype(np.float64)
-        probs, cells = self.session.run([self.output, self.cam["output"]], {self.input: images[:, None]})
-        self._cells = (images, cells)
-        return probs.astype(np.float64)
+        """uint8 (B, S, S) -> raw probabilities (B, C)."""
+        return self.run(images)[0]
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 (B, S, S) -> raw probabilities (B, C) and out-of-distribution scores (B,) (None: the model has
+        no score), from one pass; the cam cells too, after `want_heatmaps` (without it ONNX Runtime is not asked
+        for them). Outputs are asked for by name."""
+        scored = self.ood_threshold is not None
+        names = [self.output, *([self.ood_output] if scored else []), *([self.cam["output"]] if self.fetch_cam else [])]
+        out = self.session.run(names, {self.input: images[:, None]})
+        if self.fetch_cam:
+            self._cells = (images, out[-1])
+        return out[0].astype(np.float64), out[1].astype(np.float64) if scored else None
 
     def gradcam(self, images: np.ndarray, chosen: list[list[int]]) -> list[list[np.ndarray]]:
         """Heatmaps of the chosen classes of each image: the `cam` cells (those fetched with the probabilities of
@@ -268,6 +276,12 @@ class TorchEngine:
         self.file = model
         self.model, self.ckpt = load_checkpoint(model, self.device)
         self.classes, self.image_size = list(self.ckpt["classes"]), int(self.ckpt["image_size"])
+        self.ood, self.ood_threshold = None, None
+        if self.ckpt.get("ood") is not None:  # checkpoints from before the out-of-distribution fit have none
+            from cxr14.model.ood import OodScore, check_ood
+
+            fit = check_ood(self.ckpt["ood"], str(model))
+            self.ood, self.ood_threshold = OodScore(fit).to(self.device), float(fit["threshold"])
         try:
             _, self.layer = gradcam_layer(self.model, self.ckpt["arch"], layer_name)
         except PipelineError as exc:
@@ -280,10 +294,17 @@ class TorchEngine:
         return to_model_input(x.float(), tuple(self.ckpt["mean"]), tuple(self.ckpt["std"]))
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        from cxr14.model.inference import forward
+        return self.run(images)[0]
 
-        with self.torch.no_grad():
-            return self.torch.sigmoid(forward(self.model, self.inputs(images))).cpu().numpy().astype(np.float64)
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw probabilities (B, C) and out-of-distribution scores (B,) (None without the fit), from one pass."""
+        from cxr14.model.inference import forward
+        from cxr14.model.ood import captured_features
+
+        with self.torch.no_grad(), captured_features(self.model, self.ckpt["arch"]) as found:
+            probs = self.torch.sigmoid(forward(self.model, self.inputs(images))).cpu().numpy().astype(np.float64)
+            ood = None if self.ood is None else self.ood(found[-1]).cpu().numpy().astype(np.float64)
+        return probs, ood
 
     def want_heatmaps(self, layer: str, layer_key: str) -> None:
         """Nothing to prepare: the layer was checked when the engine opened."""
@@ -495,23 +516,42 @@ def predict_batch(engine: OnnxEngine | TorchEngine, batch: list[tuple[int, str, 
                   stems: list[str]) -> Iterator[dict]:
     """One forward pass over decoded (position, file, image, tags) rows; their results in order (`predict_images`)."""
     images = np.stack([row[2] for row in batch])
-    raw = engine.probabilities(images)
+    raw, ood = engine.run(images)
     cal = apply_calibrator(calibrator, raw, engine.classes) if calibrator else raw
     tables = [rows_for(raw[i], cal[i], engine.classes, thresholds) for i in range(len(batch))]
     if gradcam is not None:
         chosen = [heatmap_classes(rows, cal[i]) for i, rows in enumerate(tables)]
         maps = engine.gradcam(images, chosen)
     for i, (index, path, gray, tags) in enumerate(batch):
-        result = image_result(path, engine, tables[i], tags)
+        result = image_result(path, engine, tables[i], tags, None if ood is None else float(ood[i]))
         if gradcam is not None:
             draw_heatmaps(result, gray, maps[i], chosen[i], gradcam, stems[index])
+        if result["in_distribution"] is False:
+            yield Notice(path, ood_warning(result["ood_score"], engine.ood_threshold))
         yield result
 
 
-def image_result(image: str, engine: OnnxEngine | TorchEngine, table: list[dict], tags: DicomTags | None) -> dict:
+def image_result(image: str, engine: OnnxEngine | TorchEngine, table: list[dict], tags: DicomTags | None,
+                 ood_score: float | None) -> dict:
     """One image's result as `cxr14-predict --json` prints it (and `cxr14-serve` returns it)."""
     return {"image": image, "model": str(engine.file), "predictions": table,
-            "dicom": tags.as_dict() if tags is not None else None}
+            "dicom": tags.as_dict() if tags is not None else None,
+            **in_distribution(ood_score, engine.ood_threshold)}
+
+
+def in_distribution(score: float | None, threshold: float | None) -> dict[str, Any]:
+    """A result's `in_distribution` (score at or below the threshold) and `ood_score`; both None for a model
+    exported before the out-of-distribution score."""
+    if score is None or threshold is None:
+        return {"in_distribution": None, "ood_score": None}
+    return {"in_distribution": bool(score <= threshold), "ood_score": score}
+
+
+def ood_warning(score: float, threshold: float) -> str:
+    """The warning line of an image the model should not judge."""
+    return (f"out of distribution (score {score:.3g} above the model's threshold {threshold:.3g}): unlike the images "
+            "this model was trained on (a photograph, another modality, an inverted or rotated radiograph?); its "
+            "findings are not to be trusted")
 
 
 def rows_for(raw: np.ndarray, cal: np.ndarray, classes: Sequence[str], thresholds: dict) -> list[dict]:

@@ -119,7 +119,8 @@ def load(options: Options) -> Model:
 class Batcher:
     """Images from concurrent requests into shared model calls, one call at a time on one thread."""
 
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_s: float) -> None:
+    def __init__(self, run: Callable[[np.ndarray], tuple[np.ndarray | None, ...]], max_batch: int,
+                 max_wait_s: float) -> None:
         self.run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
         self.incoming = 0  # requests decoding now, whose images will come: worth waiting for
         self.calls: list[int] = []  # images per model call (the last 1000), for the tests and the log
@@ -127,8 +128,9 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task = asyncio.get_running_loop().create_task(self.loop())
 
-    async def submit(self, images: np.ndarray) -> np.ndarray:
-        """Raw probabilities (n, C) of uint8 images (n, S, S)."""
+    async def submit(self, images: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        """The model's outputs for uint8 images (n, S, S): raw probabilities (n, C) and out-of-distribution scores
+        (n,) (None where the model has none)."""
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((images, future))
         return await future
@@ -155,7 +157,7 @@ class Batcher:
         images = np.concatenate([i for i, _ in items])
         self.calls = [*self.calls[-999:], len(images)]
         try:
-            probs = await asyncio.get_running_loop().run_in_executor(self.pool, self.run, images)
+            outputs = await asyncio.get_running_loop().run_in_executor(self.pool, self.run, images)
         except Exception as exc:  # the engine failed: every request in the batch is answered with it
             for _, future in items:
                 if not future.done():
@@ -164,7 +166,7 @@ class Batcher:
         start = 0
         for chunk, future in items:
             if not future.done():  # a client gone meanwhile
-                future.set_result(probs[start:start + len(chunk)])
+                future.set_result(tuple(None if o is None else o[start:start + len(chunk)] for o in outputs))
             start += len(chunk)
 
     async def in_model_thread(self, work: Callable[[], Any]) -> Any:
@@ -192,7 +194,7 @@ class Service:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
-        self.batcher = Batcher(self.probabilities, self.options.max_batch, self.options.max_wait_ms / 1000)
+        self.batcher = Batcher(self.outputs, self.options.max_batch, self.options.max_wait_ms / 1000)
         if self.model is None:  # a worker process: ready once its model is loaded, in a thread
             threading.Thread(target=self.load_model, name="cxr14-load", daemon=True).start()
         try:
@@ -208,8 +210,9 @@ class Service:
             self.load_error = str(exc)
             log.error("model not loaded: %s", exc)
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        return self.ready_model().engine.probabilities(images)
+    def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw probabilities and out-of-distribution scores (None: the model has none), from one pass."""
+        return self.ready_model().engine.run(images)
 
     def ready_model(self) -> Model:
         if self.model is None:
@@ -232,17 +235,18 @@ class Service:
             timing(scope, "decode_ms", time.perf_counter() - start)
         return image, notes, tags
 
-    async def forward(self, images: np.ndarray, scope: dict) -> tuple[np.ndarray, np.ndarray]:
-        """Raw and calibrated probabilities (n, C) through the batcher."""
+    async def forward(self, images: np.ndarray, scope: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Raw and calibrated probabilities (n, C) and out-of-distribution scores (n,) (None: the model has none),
+        through the batcher."""
         from cxr14.evaluation.calibration import apply_calibrator
 
         model = self.ready_model()
         assert self.batcher is not None
         start = time.perf_counter()
-        raw = await self.batcher.submit(images)
+        raw, ood = await self.batcher.submit(images)
         timing(scope, "model_ms", time.perf_counter() - start)
         cal = apply_calibrator(model.calibrator, raw, model.classes) if model.calibrator else raw
-        return raw, cal
+        return raw, cal, ood
 
 
 def timing(scope: dict, key: str, seconds: float) -> None:
@@ -465,8 +469,8 @@ async def upload(request: Any) -> Any:
              else [(request.query_params.get("name", "upload"), body)])
     decoded = await asyncio.gather(*(service.decode(data, name, request.scope) for name, data in files))
     images = np.stack([d[0] for d in decoded])
-    raw, cal = await service.forward(images, request.scope)
-    results = predict_results(model, [n for n, _ in files], raw, cal, [d[2] for d in decoded])
+    raw, cal, ood = await service.forward(images, request.scope)
+    results = predict_results(model, [n for n, _ in files], raw, cal, [d[2] for d in decoded], ood)
     for result, (_, notes, _) in zip(results, decoded, strict=True):
         if notes:
             result["warnings"] = notes
@@ -475,11 +479,12 @@ async def upload(request: Any) -> Any:
     return JSONResponse(results)
 
 
-def predict_results(model: Model, names: list[str], raw: np.ndarray, cal: np.ndarray, tags: list) -> list[dict]:
+def predict_results(model: Model, names: list[str], raw: np.ndarray, cal: np.ndarray, tags: list,
+                    ood: np.ndarray | None) -> list[dict]:
     from cxr14.deployment.predict import image_result, rows_for
 
-    return [image_result(name, model.engine, rows_for(raw[i], cal[i], model.classes, model.thresholds), tags[i])
-            for i, name in enumerate(names)]
+    return [image_result(name, model.engine, rows_for(raw[i], cal[i], model.classes, model.thresholds), tags[i],
+                         None if ood is None else float(ood[i])) for i, name in enumerate(names)]
 
 
 async def add_heatmaps(service: Service, model: Model, results: list[dict], images: np.ndarray, cal: np.ndarray,
@@ -629,7 +634,7 @@ async def infer(request: Any) -> Any:
         decoded = await asyncio.gather(*(service.decode(d, f"image_file[{i}]", request.scope)
                                          for i, d in enumerate(data)))
         data = np.stack([d[0] for d in decoded])
-    raw, cal = await service.forward(np.asarray(data), request.scope)
+    raw, cal, _ = await service.forward(np.asarray(data), request.scope)
     outputs, blobs = infer_outputs(req, model, raw, cal)
     answer = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION, "outputs": outputs}
     if "id" in req:

@@ -35,12 +35,14 @@ from cxr14.evaluation.metrics import (
 from cxr14.evaluation.metrics import auc as auc_of
 from cxr14.evaluation.predictions import PROB_PREFIX
 from cxr14.model.inference import Batches, evaluate
+from cxr14.model.ood import captured_features, check_ood, score_features
 from cxr14.runtime.errors import warn
 from cxr14.runtime.outputs import atomic_path, rounded
 
 GRID = np.linspace(0, 1, 101)
 TRIM_EVERY = 4  # batches between two malloc_trim calls: resident memory stays flat, the calls stay rare
 T = TypeVar("T")
+OOD_COLUMN = "ood_score"  # data/predictions: each image's out-of-distribution score
 
 
 def malloc_trim() -> Callable[[int], int] | None:
@@ -72,11 +74,39 @@ def predict_split(model: torch.nn.Module, ckpt: dict, split: str, device: torch.
     table = read_split_table(paths.SPLIT / f"{split}.csv")  # read once: its labels and its ids
     data = PreparedImages(paths.PREPARED / f"{split}.npy", table[list(CLASSES)].to_numpy(dtype=np.float32))
     data.require_size(ckpt["image_size"])
-    result = evaluate(model, heap_trimmed(make_loader(data, batch_size, shuffle=False)),
-                      torch.nn.BCEWithLogitsLoss(), Batches(device, reuse=True))
+    with captured_features(model, ckpt["arch"]) as found:  # the out-of-distribution score from the same pass
+        result = evaluate(model, heap_trimmed(keep_features(make_loader(data, batch_size, shuffle=False), found)),
+                          torch.nn.BCEWithLogitsLoss(), Batches(device, reuse=True))
     probs = pd.DataFrame(result["probs"], columns=[PROB_PREFIX + c for c in CLASSES])
     meta = [c for c in META_COLUMNS if c in table.columns]  # for subgroup metrics, here and in calibrate
-    return pd.concat([table[["Image Index", "Patient ID", *meta, *CLASSES]], probs], axis=1)
+    frame = pd.concat([table[["Image Index", "Patient ID", *meta, *CLASSES]], probs], axis=1)
+    if ckpt.get("ood") is not None:  # a checkpoint from before the out-of-distribution fit has none
+        frame[OOD_COLUMN] = score_features(check_ood(ckpt["ood"], "checkpoint"), np.concatenate(found))
+    return frame
+
+
+def keep_features(batches: Iterable[T], found: list) -> Iterator[T]:
+    """The batches, with each one's captured features moved to the CPU once the next is asked for (the hook
+    appends them on the device)."""
+    for batch in batches:
+        yield batch
+        if found and found[-1].device.type != "cpu":
+            found[-1] = found[-1].cpu()
+    found[:] = [f.cpu().numpy() for f in found]
+
+
+def ood_summary(preds: dict[str, pd.DataFrame], ckpt: dict) -> dict | None:
+    """reports/evaluate.json's `ood`: the share of each scored split flagged at the checkpoint's threshold (val
+    keeps about the threshold's coverage by construction; test says whether that holds on unseen images)."""
+    if ckpt.get("ood") is None:
+        return None
+    threshold = float(ckpt["ood"]["threshold"])
+    out = {"threshold": rounded(threshold), "coverage": ckpt["ood"].get("coverage")}
+    for split, frame in preds.items():
+        scores = frame[OOD_COLUMN].to_numpy()
+        out[split] = {"images": len(scores), "flagged": rounded(float((scores > threshold).mean())),
+                      "median_score": rounded(float(np.median(scores)))}
+    return out
 
 
 def clean_labels(root: Path, names: pd.Series) -> np.ndarray | None:
@@ -145,6 +175,8 @@ def headline(report: dict) -> dict:
     gaps = [a["gap"] for a in report.get("subgroups", {}).values() if isinstance(a, dict) and a["gap"] is not None]
     if gaps:
         out["group_gap"] = max(gaps)
+    if report.get("ood"):  # test images the out-of-distribution score flags at the val threshold (~5% expected)
+        out["ood_flagged"] = report["ood"]["test"]["flagged"]
     return out
 
 

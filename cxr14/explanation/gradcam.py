@@ -130,8 +130,9 @@ def resample(cams: torch.Tensor, size: tuple[int, int], stride: tuple[float, flo
     return F.grid_sample(cams, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-def last_block_maps(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (B, C), maps (B, C, h, w)): the forward pass and, in closed form, Grad-CAM of the last block
+def last_block_maps(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (B, C), maps (B, C, h, w), features (B, K)): the forward pass, the head's input (the pooled
+    penultimate features, which the out-of-distribution score reads) and, in closed form, Grad-CAM of the last block
     (`gradcam_layer`'s default) for every class at cell resolution, rectified, before resampling: what the export
     stage puts into the ONNX graph, where there is no autograd (`tests/test_export.py` checks it against `GradCAM`).
 
@@ -146,13 +147,15 @@ def last_block_maps(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, to
     if isinstance(model, torchvision.models.ResNet):
         m = model
         block = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
-        logits = m.fc(torch.flatten(m.avgpool(block), 1))
+        pooled = torch.flatten(m.avgpool(block), 1)
+        logits = m.fc(pooled)
         weighted, linear = block, m.fc.weight
     elif isinstance(model, torchvision.models.DenseNet):
         norm5 = model.features.norm5
         block = model.features[:-1](x)  # through denseblock4
         normed = norm5(block)
-        logits = model.classifier(torch.flatten(F.adaptive_avg_pool2d(F.relu(normed), (1, 1)), 1))
+        pooled = torch.flatten(F.adaptive_avg_pool2d(F.relu(normed), (1, 1)), 1)
+        logits = model.classifier(pooled)
         scale = norm5.weight / torch.sqrt(norm5.running_var + norm5.eps)
         passed = (normed > 0).to(block.dtype).mean(dim=(2, 3))  # (B, K): the ReLU's derivative, averaged
         weighted, linear = block * (scale * passed)[:, :, None, None], model.classifier.weight
@@ -161,4 +164,4 @@ def last_block_maps(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, to
                             "model of cxr14.model.factory")
     cells = block.shape[-2] * block.shape[-1]
     maps = torch.einsum("ck,bkhw->bchw", linear / cells, weighted)
-    return logits, F.relu(maps)
+    return logits, F.relu(maps), pooled
