@@ -90,7 +90,9 @@ def test_each_metrics_file_has_a_report_output_beside_it() -> None:
 
 
 def test_committed_headlines_are_picked_from_the_committed_reports() -> None:
-    assert metrics("evaluate") == evaluate_headline(report("evaluate"))
+    ids = ("model", "data")  # which model was scored, on what data: in the report and the headline alike
+    evaluate = report("evaluate")
+    assert metrics("evaluate") == evaluate_headline(evaluate) | {k: evaluate[k] for k in ids}
     assert metrics("calibrate") == calibrate_headline(report("calibrate"))
     assert metrics("explain") == explain_headline(report("explain"))
     assert metrics("export") == export_headline(report("export"))
@@ -98,7 +100,7 @@ def test_committed_headlines_are_picked_from_the_committed_reports() -> None:
     assert metrics("ood") == ood_stage.headline(report("ood"))
     train = report("train")
     assert metrics("train") == {"val_auc": train["best_val_mean_auc"], "best_epoch": train["best_epoch"],
-                                "epochs_run": train["epochs_run"]}
+                                "epochs_run": train["epochs_run"], **{k: train[k] for k in ids}}
 
 
 def test_reports_hold_the_breakdowns() -> None:

@@ -143,3 +143,4 @@ def test_table_chain_external_validation_keeps_the_model_bytes(workdir: Path, ca
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     code, err = stage_result(stage_main("train"), ["--params", "params.yaml"], capsys)
     assert code != 0 and len(err) == 1 and "train.init: init.pt: arch resnet18; expected resnet34" in err[0]
+    assert (workdir / "models/model.pt").read_bytes() == (workdir / "init.pt").read_bytes()  # left as it was
