@@ -152,24 +152,25 @@ def test_random_kills_of_train_and_prepare_leave_no_process_no_temporary_and_the
     outputs DVC tracks are the old ones or the new whole ones (so `dvc status` does not change), SIGTERM and
     Ctrl-C leave no temporary at all, and what a SIGKILL leaves is hidden beside the outputs and removed by the
     stage's next run."""
-    durations = {}
-    for stage in ("prepare", "train"):
-        start = time.monotonic()
-        run([sys.executable, "-m", f"stages.{stage}"], project)
-        durations[stage] = time.monotonic() - start
-    dvc("commit", "--force", "train", cwd=project)  # train.json's timings are new; nothing else is
-    before = dvc("status", cwd=project).stdout
-    assert "up to date" in before
-    timings = (project / "reports/train.json").read_bytes()
+    timings = (project / "reports/train.json").read_bytes()  # the baseline's
 
     def status() -> str:
-        """dvc status, once a reports/train.json that differs only in its timings (a run killed after its last
-        write) is put back: seconds and images/s are the one thing a re-run may change."""
+        """dvc status, once a reports/train.json that differs from the baseline's only in its timings (any re-run,
+        or a run killed after its last write) is put back: seconds and images/s are the one thing a re-run may
+        change."""
         untimed = {"seconds", "images_per_second"}
         now, then = (json.loads(b) for b in ((project / "reports/train.json").read_bytes(), timings))
         if {k: v for k, v in now.items() if k not in untimed} == {k: v for k, v in then.items() if k not in untimed}:
             (project / "reports/train.json").write_bytes(timings)
         return dvc("status", cwd=project).stdout
+
+    durations = {}
+    for stage in ("prepare", "train"):  # how long each runs here: the kills below come at a random moment of it
+        start = time.monotonic()
+        run([sys.executable, "-m", f"stages.{stage}"], project)
+        durations[stage] = time.monotonic() - start
+    before = status()
+    assert "up to date" in before
     rng = random.Random(11)
     # each stage SIGKILLed once and stopped once by SIGTERM or Ctrl-C (which of the two: drawn), in a drawn
     # order, each at a random moment of its run
