@@ -64,8 +64,8 @@ def predict_figures(files: list[Path], model: list[str]) -> dict:
             "one_image_ms_p99": 1000 * float(np.percentile(times, 99))}
 
 
-def start_server(model: list[str], port: int, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "cxr14.deployment.serve", *model, "--port", str(port)],
+def start_server(model: list[str], port: int, log: Path, extra: list[str]) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "cxr14.deployment.serve", *model, "--port", str(port), *extra],
                             cwd=ROOT, env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     for _ in range(600):
         try:
@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=616, help="requests per concurrency level (default 616)")
     parser.add_argument("--memory-requests", type=int, default=10_000)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--serve-args", default="", help="more cxr14-serve options, e.g. '--threads 4'")
     args = parser.parse_args()
     files = sorted((args.nih / "images").glob("*.png"))
     model = ["--model", str(args.model)] if args.model else []
@@ -129,7 +130,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = Path(tempfile.mkdtemp()) / "serve.log"
-    proc = start_server(model, port, log)
+    proc = start_server(model, port, log, args.serve_args.split())
     try:
         server = psutil.Process(proc.pid)
         load(port, bodies, 4, len(bodies))  # warm-up: every image once
