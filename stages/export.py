@@ -39,7 +39,6 @@ from cxr14.deployment.export import (
     int8_check,
     metadata,
     ood_check,
-    ort_ood,
     ort_probabilities,
     quantize_int8,
     require_opset,
@@ -134,17 +133,19 @@ def int8_checked(tmp: Path, tmp8: Path, images: dict[str, np.ndarray], labels: d
     quantize_int8(tmp, tmp8, images["val"][:export.int8_calibration_images], export.batch_size)
     float32 = {"val": ort_probabilities(tmp, images["val"], export.batch_size, "export: val, float32", str(paths.ONNX)),
                "test": check["probabilities"]}
-    on = {}
+    on, scored = {}, check.get("ood_scores") is not None
     for split in ("val", "test"):
-        int8 = ort_probabilities(tmp8, images[split], export.batch_size, f"export: {split}, int8", str(paths.ONNX_INT8))
+        # test: the probabilities and, where the model has one, the score, in one pass
+        out = ort_probabilities(tmp8, images[split], export.batch_size, f"export: {split}, int8", str(paths.ONNX_INT8),
+                                ood=scored and split == "test")
+        int8, ood = out if isinstance(out, tuple) else (out, None)
         on[split] = int8_check(labels[split], float32[split], int8, calibrator, thresholds, list(CLASSES),
                                export.int8_max_auc_drop)
+        if ood is not None:  # the int8 file's score against float32's, at the same threshold
+            on[split]["ood"] = ood_check(ood, check["ood_scores"], meta["ood_threshold"])
     update_metadata(tmp8, int8_within_limit=on["val"]["within_limit"], int8_val_mean_auc=on["val"]["mean_auc"],
                     float32_val_mean_auc=on["val"]["mean_auc_float32"])
     on["cam"] = int8_cam_difference(tmp, tmp8, images["test"], export.batch_size)  # heatmaps, reported
-    if check.get("ood_scores") is not None:  # the int8 file's score against float32's, at the same threshold
-        on["test"]["ood"] = ood_check(ort_ood(tmp8, images["test"], export.batch_size), check["ood_scores"],
-                                      meta["ood_threshold"])
     return on
 
 

@@ -223,23 +223,19 @@ def quantize_int8(source: Path | str, out: Path | str, images: np.ndarray, batch
 
 
 def ort_probabilities(onnx_path: Path | str, images: np.ndarray, batch_size: int, desc: str,
-                      where: str | None = None) -> np.ndarray:
+                      where: str | None = None, ood: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """ONNX Runtime's probabilities (N, C) for uint8 images (N, S, S), batch by batch; non-finite ones are an
-    error naming `where` (the file's final name)."""
+    error naming `where` (the file's final name). With `ood`, the out-of-distribution scores (N,) too, from the same
+    runs (the ood_score output, by name): one pass over the images for both."""
     ort_session = session(onnx_path)
-    probs = np.concatenate([ort_session.run([OUTPUT_NAME], {INPUT_NAME: np.array(images[s:s + batch_size, None])})[0]
-                            for s in progress(range(0, len(images), batch_size), desc=desc, unit="batch")])
+    names = [OUTPUT_NAME, OOD_NAME] if ood else [OUTPUT_NAME]
+    runs = [ort_session.run(names, {INPUT_NAME: np.array(images[s:s + batch_size, None])})
+            for s in progress(range(0, len(images), batch_size), desc=desc, unit="batch")]
+    probs = np.concatenate([run[0] for run in runs])
     if not np.isfinite(probs).all():
         raise PipelineError(f"{where or onnx_path}: ONNX Runtime gave non-finite probabilities; expected finite "
                             "ones (not written)")
-    return probs
-
-
-def ort_ood(onnx_path: Path | str, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """ONNX Runtime's out-of-distribution scores (N,) for uint8 images (N, S, S) (the ood_score output, by name)."""
-    ort_session = session(onnx_path)
-    return np.concatenate([ort_session.run([OOD_NAME], {INPUT_NAME: np.array(images[s:s + batch_size, None])})[0]
-                           for s in progress(range(0, len(images), batch_size), desc="export: ood", unit="batch")])
+    return (probs, np.concatenate([run[1] for run in runs])) if ood else probs
 
 
 def ood_check(scores: np.ndarray, reference: np.ndarray, threshold: float) -> dict[str, Any]:
