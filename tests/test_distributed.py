@@ -148,7 +148,7 @@ def test_validation_blocks_cover_every_row_once() -> None:
             assert rows == list(range(total))
 
 
-TWO_PROCESSES = {"epochs": 2, "batch_size": 8, "nproc": 2}
+TWO_PROCESSES = {"arch": "resnet10", "epochs": 2, "batch_size": 8, "nproc": 2}  # resnet10: the demo's, the cheapest
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_a_run_killed_after_an_epoch_resumes_with_two_processes_to_the_uninterru
 
 @pytest.mark.slow
 def test_a_rank_that_dies_stops_the_others_with_one_line(workdir: Path) -> None:
-    write_train_params(workdir, epochs=50, batch_size=8, nproc=2, patience=50)
+    write_train_params(workdir, arch="resnet10", epochs=50, batch_size=8, nproc=2, patience=50)
     proc = run_train(workdir, popen=True)
     deadline = time.monotonic() + 120
     ranks: list[psutil.Process] = []
@@ -227,7 +227,7 @@ def test_a_rank_that_dies_stops_the_others_with_one_line(workdir: Path) -> None:
 
 @pytest.mark.slow
 def test_sigterm_stops_every_rank_and_exits_143(workdir: Path) -> None:
-    write_train_params(workdir, epochs=50, batch_size=8, nproc=2, patience=50)
+    write_train_params(workdir, arch="resnet10", epochs=50, batch_size=8, nproc=2, patience=50)
     proc = run_train(workdir, popen=True)
     deadline = time.monotonic() + 120
     while not (workdir / "models/resume/last.pt").exists() and time.monotonic() < deadline:

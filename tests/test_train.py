@@ -46,7 +46,7 @@ def test_one_epoch_writes_checkpoint_metrics_and_logs(workdir: Path) -> None:
 @pytest.mark.slow
 def test_resume_after_a_kill_gives_the_uninterrupted_result(workdir: Path, monkeypatch, ema: float,
                                                              scheduler: str) -> None:
-    write_train_params(workdir, epochs=2, scheduler=scheduler, ema=ema)
+    write_train_params(workdir, arch="resnet10", epochs=2, scheduler=scheduler, ema=ema)  # the demo's: the cheapest
     train.main([])
     straight = outputs()
     shutil.rmtree("models"), shutil.rmtree("dvclive")
@@ -66,7 +66,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(workdir: Path, monke
     assert torch.load("models/resume/last.pt", weights_only=True)["state"]["epoch"] == 1
     assert not Path("models/model.pt").exists() and not Path("dvclive").exists()  # written when training ends
     monkeypatch.setattr(training, "train_one_epoch", real_epoch)
-    write_train_params(workdir, epochs=2, scheduler=scheduler, resume=True, ema=ema)
+    write_train_params(workdir, arch="resnet10", epochs=2, scheduler=scheduler, resume=True, ema=ema)
     train.main([])
     resumed = outputs()
     assert resumed.keys() == straight.keys()
@@ -161,13 +161,17 @@ def test_resume_on_other_data_is_refused(workdir: Path) -> None:
         train.main([])
 
 
+# resnet10 (the demo's): fifteen trainings below, the same code whatever the arch, at half resnet18's cost
+RECIPE = {"arch": "resnet10", "epochs": 2, "scheduler": "cosine", "lr_head": 3e-3, "lr_backbone": 3e-3, "patience": 5}
+
+
 @pytest.mark.slow
 def test_a_kill_before_any_write_leaves_the_old_outputs_and_resumes_to_the_uninterrupted_result(
         workdir: Path, monkeypatch) -> None:
     """Killed before each write (the resume point every epoch, then model.pt, dvclive/, metrics/train.json):
     the outputs of the previous run stay as they were until the final writes, and a resume gives the
     uninterrupted run's bytes, best epoch and metrics whatever moment the run was killed at."""
-    write_train_params(workdir, epochs=2, scheduler="cosine", lr_head=3e-3, lr_backbone=3e-3, patience=5)
+    write_train_params(workdir, **RECIPE)
     train.main([])
     straight = outputs()
     straight_metrics = {k: v for k, v in json.loads(straight["metrics/train.json"]).items()
@@ -195,7 +199,7 @@ def test_a_kill_before_any_write_leaves_the_old_outputs_and_resumes_to_the_unint
     assert writes == ["resume point"] * 2 + ["model.pt", "dvclive", "train.json", "train.json"]
     assert outputs() == straight  # metrics/train.json holds no timing: the same bytes
     patch(lambda name, function: function)
-    write_train_params(workdir, epochs=1)
+    write_train_params(workdir, **{**RECIPE, "epochs": 1})
     train.main([])  # the previous run's outputs: other weights and a shorter log
     previous = outputs()
     for kill_at in range(len(writes)):
@@ -211,7 +215,7 @@ def test_a_kill_before_any_write_leaves_the_old_outputs_and_resumes_to_the_unint
             return kill
 
         patch(killing)
-        write_train_params(workdir, epochs=2, scheduler="cosine", lr_head=3e-3, lr_backbone=3e-3, patience=5)
+        write_train_params(workdir, **RECIPE)
         with pytest.raises(KeyboardInterrupt):
             train.main([])
         left = outputs()
@@ -222,8 +226,7 @@ def test_a_kill_before_any_write_leaves_the_old_outputs_and_resumes_to_the_unint
             if not written:
                 assert left[name] == content, (kill_at, name)  # the previous run's, untouched
         patch(lambda name, function: function)
-        write_train_params(workdir, epochs=2, scheduler="cosine", lr_head=3e-3, lr_backbone=3e-3, patience=5,
-                           resume=True)
+        write_train_params(workdir, **RECIPE, resume=True)
         train.main([])
         resumed = outputs()
         assert resumed.keys() == straight.keys(), kill_at
