@@ -23,7 +23,7 @@ from PIL import Image
 
 from cxr14 import cli
 from cxr14.data.arrays import _decode_chunk, write_array
-from cxr14.data.images import load_gray, png_significant_bits, to_gray8
+from cxr14.data.images import decode_image, gray8_png, load_gray, png_significant_bits, to_gray8
 from cxr14.explanation.examples import scaled_boxes
 
 NIH_IMAGE = NIH / "images" / "00000003_000.png"  # 8-bit 'L', 0-255
@@ -68,6 +68,64 @@ def test_8bit_png_is_unchanged(tmp_path: Path) -> None:
     values = ramp(8).astype(np.uint8)
     Image.fromarray(values).save(tmp_path / "gray.png")
     np.testing.assert_array_equal(load_gray(tmp_path / "gray.png"), values)
+
+
+def pillow_gray(source: Path | bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        return np.asarray(to_gray8(image))
+
+
+def test_nih_png_decodes_in_one_call_as_pillow_does() -> None:
+    """The one-call path (`gray8_png`) is taken for NIH's 8-bit files and gives Pillow's pixels, from bytes (serve)
+    and from a file (prepare, predict), whole and resized."""
+    data = NIH_IMAGE.read_bytes()
+    assert data.count(b"IDAT") > 10  # many chunks: what Pillow's loop feeds one at a time
+    whole = gray8_png(data)
+    assert whole is not None and whole.size == (1024, 1024)
+    np.testing.assert_array_equal(np.asarray(whole), pillow_gray(data))
+    for source in (data, NIH_IMAGE):
+        np.testing.assert_array_equal(decode_image(source)[0], pillow_gray(data))
+    with Image.open(NIH_IMAGE) as image:
+        image.load()
+        reference = np.asarray(image.resize((96, 96), Image.Resampling.BILINEAR, reducing_gap=2.0))
+    np.testing.assert_array_equal(decode_image(NIH_IMAGE, 96)[0], reference)
+
+
+@pytest.mark.parametrize("kind", ["16-bit", "rgb", "palette", "interlaced", "animated"])
+def test_other_pngs_are_left_to_pillow(tmp_path: Path, kind: str) -> None:
+    values = ramp(8).astype(np.uint8)[:1, :1] if kind == "interlaced" else ramp(8).astype(np.uint8)
+    image = {"16-bit": Image.fromarray(values.astype(np.uint16) * 257), "rgb": Image.fromarray(values).convert("RGB"),
+             "palette": Image.fromarray(values).convert("P")}.get(kind, Image.fromarray(values))
+    buffer = io.BytesIO()
+    if kind == "animated":
+        image.save(buffer, format="PNG", save_all=True, append_images=[Image.fromarray(255 - values)])
+    else:
+        image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    if kind == "interlaced":  # Pillow writes no Adam7; for one pixel its data are those of the plain layout
+        ihdr = data[12:28] + b"\x01"
+        data = data[:8] + data[8:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
+    assert gray8_png(data) is None
+    np.testing.assert_array_equal(decode_image(data)[0], pillow_gray(data))
+
+
+@pytest.mark.parametrize(("cut", "reason"), [(40, "cannot identify image file"), (2000, "truncated"),
+                                             (200_000, "truncated"), (-20, None)])
+def test_a_cut_png_decodes_or_fails_as_with_pillow(cut: int, reason: str | None) -> None:
+    """Cut in its header or image data: Pillow's reason; only IEND missing: Pillow decodes it, and so do we."""
+    data = NIH_IMAGE.read_bytes()[:cut]
+    if reason:
+        with pytest.raises(ValueError, match=reason):
+            decode_image(data)
+    else:
+        np.testing.assert_array_equal(decode_image(data)[0], pillow_gray(NIH_IMAGE))
+
+
+def test_a_corrupt_chunk_before_the_image_data_is_refused_as_pillow_refuses() -> None:
+    data = bytearray(NIH_IMAGE.read_bytes())
+    data[20] ^= 1  # IHDR's width: its CRC no longer matches
+    with pytest.raises(ValueError, match="cannot decode image"):
+        decode_image(bytes(data))
 
 
 @pytest.mark.parametrize(("sbit", "top", "bits"), [
