@@ -170,10 +170,10 @@ def test_concurrent_requests_share_model_calls_and_a_lone_one_never_waits() -> N
                                 max_wait_s=2.0)
 
         async def one(value: int) -> tuple[np.ndarray | None, ...]:
-            batcher.incoming -= 1  # decoded: as Service.decode does
-            return await batcher.submit(np.full((1, 2, 2), value, np.uint8))
+            return await batcher.submit(np.full((1, 2, 2), value, np.uint8), expected=True)  # decoded
 
-        batcher.incoming = 6
+        for _ in range(6):
+            batcher.expect()  # six images decoding, as Service.predict_file announces them
         results = await asyncio.gather(*(one(v) for v in range(6)))
         start = time.perf_counter()
         await batcher.submit(np.zeros((1, 2, 2), np.uint8))  # nobody else decoding: no wait for company
@@ -184,6 +184,55 @@ def test_concurrent_requests_share_model_calls_and_a_lone_one_never_waits() -> N
     calls, results, lone = asyncio.run(scenario())
     assert calls == [4, 2, 1] and [float(r[0][0, 0]) for r in results] == list(range(6)) and lone < 0.5
     assert all(r[1] is None for r in results)  # a model without the out-of-distribution score
+
+
+def test_a_lone_image_runs_on_its_decoding_thread_and_one_model_call_runs_at_a_time() -> None:
+    """`run_now_or_put`: a lone decoded image skips the hand-over to the model thread; with another image still
+    decoding, both go to the model thread and share a call; an inline call and the model thread's never overlap."""
+    running, calls, lock = [0, 0], [], threading.Lock()
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, None]:
+        with lock:
+            running[0] += 1
+            running[1] = max(running)
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+            calls.append((threading.current_thread().name, len(images)))
+        return images.mean(axis=(1, 2))[:, None], None
+
+    batcher = serve.Batcher(run, max_batch=4, max_wait_s=2.0)
+    answers: dict[int, float] = {}
+
+    def job(value: int) -> serve.Job:
+        return serve.Job(np.full((1, 2, 2), value, np.uint8), None,
+                         lambda out, error: answers.__setitem__(value, float(out[0][0, 0])))
+
+    def decoding_thread(value: int) -> threading.Thread:
+        thread = threading.Thread(target=batcher.run_now_or_put, args=(job(value),), name=f"decode-{value}")
+        thread.start()
+        return thread
+
+    batcher.expect()
+    decoding_thread(1).join()  # alone: run on its own thread
+    batcher.expect()
+    batcher.expect()  # two decoding: the first waits for the second
+    first = decoding_thread(2)
+    time.sleep(0.1)
+    decoding_thread(3).join()
+    first.join()
+    for _ in range(100):
+        if len(calls) == 2:
+            break
+        time.sleep(0.05)
+    batcher.expect()
+    inline = decoding_thread(4)  # alone again: runs here for 0.2 s ...
+    time.sleep(0.05)
+    batcher.put(job(5))  # ... while this one, queued, waits for it to end
+    inline.join()
+    batcher.close()
+    assert calls == [("decode-1", 1), ("cxr14-model", 2), ("decode-4", 1), ("cxr14-model", 1)]
+    assert answers == {v: float(v) for v in range(1, 6)} and running[1] == 1 and batcher.incoming == 0
 
 
 def test_heatmaps_on_request_from_either_engine(deployed: Path, capsys) -> None:

@@ -7,9 +7,12 @@ answer what was accepted, exit) and `--workers N` come with it. The model's work
 (`decode_or_reason`, `rows_for`, `image_result`, `heatmap_classes`, the engines), so a result cannot drift from
 the command's.
 
-Concurrent requests share model calls (`Batcher`): images decoded in a thread pool (off the event loop) queue
-for one model thread, which takes up to `max_batch` images at a time, waiting at most `max_wait_ms` for more
-only while other requests are still decoding, so a lone request never waits. Nothing a request carries is
+Concurrent requests share model calls (`Batcher`): images decoded in a thread pool (off the event loop) go from
+the decoding thread straight to one model thread, which takes up to `max_batch` images at a time, waiting at most
+`max_wait_ms` for more only while other images are still decoding, so a lone request never waits; probabilities
+are calibrated there too, a batch at a time. Measured at 16 clients on 2 cores: the event loop's share of the CPU
+fell from 16% to 11% of the wall time and throughput rose 157 -> 167 images/s against the loop-centred design
+(decode in the pool, back to the loop, queue, model thread, calibrate on the loop). Nothing a request carries is
 written to disk (multipart bodies are parsed in memory) or to the log, which holds a request id, byte counts,
 timings and the outcome (`Guard`).
 """
@@ -116,66 +119,167 @@ def load(options: Options) -> Model:
     return Model(engine, thresholds, calibrator, where.dicom_voi)
 
 
+@dataclass
+class Job:
+    """One item for the model thread: images to run in a shared call, or other work (heatmaps) run alone in turn;
+    `done(value, error)` hands the outcome back to the request waiting for it."""
+
+    images: np.ndarray | None
+    work: Callable[[], Any] | None
+    done: Callable[[Any, BaseException | None], None]
+
+
+def resolver(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> Callable[[Any, BaseException | None], None]:
+    """A `Job.done` for another thread: settles `future` on its event loop (unless the request is gone)."""
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if future.done():  # the client went away meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+    def done(value: Any, error: BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed at shutdown: nobody is waiting any more
+            loop.call_soon_threadsafe(settle, value, error)
+
+    return done
+
+
 class Batcher:
-    """Images from concurrent requests into shared model calls, one call at a time on one thread."""
+    """Images from concurrent requests into shared model calls, one call at a time on the model's own thread.
+
+    The decoding threads hand their images straight to this thread (`put`), which wakes at once, without a trip
+    through the event loop between decoding and the model; results go back to the loop with
+    `call_soon_threadsafe`. It takes up to `max_batch` images at a time and waits up to `max_wait_s` for more
+    only while images are still being decoded (`expect`), so a lone request never waits."""
 
     def __init__(self, run: Callable[[np.ndarray], tuple[np.ndarray | None, ...]], max_batch: int,
                  max_wait_s: float) -> None:
         self.run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
-        self.incoming = 0  # requests decoding now, whose images will come: worth waiting for
+        self.incoming = 0  # images being decoded now, which will come: worth waiting for
         self.calls: list[int] = []  # images per model call (the last 1000), for the tests and the log
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="cxr14-model")
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.task = asyncio.get_running_loop().create_task(self.loop())
+        self.jobs: list[Job] = []
+        self.changed = threading.Condition()
+        self.busy = False  # a model call is running (here or on a decoding thread: `run_now_or_put`)
+        self.closed = False
+        self.thread = threading.Thread(target=self.serve_jobs, name="cxr14-model", daemon=True)
+        self.thread.start()
 
-    async def submit(self, images: np.ndarray) -> tuple[np.ndarray | None, ...]:
-        """The model's outputs for uint8 images (n, S, S): raw probabilities (n, C) and out-of-distribution scores
-        (n,) (None where the model has none)."""
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((images, future))
-        return await future
+    def expect(self) -> None:
+        """An image is being decoded: the model thread may wait for it to share a call."""
+        with self.changed:
+            self.incoming += 1
 
-    async def loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            items = [await self.queue.get()]
-            count, deadline = len(items[0][0]), loop.time() + self.max_wait_s
-            while count < self.max_batch:
-                if not self.queue.empty():
-                    items.append(self.queue.get_nowait())
-                elif self.incoming > 0 and loop.time() < deadline:
-                    try:
-                        items.append(await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
-                    except TimeoutError:
-                        break
-                else:
-                    break
-                count += len(items[-1][0])
-            await self.call(items)
+    def unexpect(self) -> None:
+        """An expected image will not come (its decoding failed)."""
+        with self.changed:
+            self.incoming -= 1
+            self.changed.notify()
 
-    async def call(self, items: list[tuple[np.ndarray, asyncio.Future]]) -> None:
-        images = np.concatenate([i for i, _ in items])
-        self.calls = [*self.calls[-999:], len(images)]
-        try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self.pool, self.run, images)
-        except Exception as exc:  # the engine failed: every request in the batch is answered with it
-            for _, future in items:
-                if not future.done():
-                    future.set_exception(exc)
+    def put(self, job: Job, expected: bool = False) -> None:
+        """Queue a job, from any thread; `expected`: its image was announced by `expect`."""
+        with self.changed:
+            if self.closed:
+                raise RuntimeError("the model thread has stopped")
+            self.incoming -= expected
+            self.jobs.append(job)
+            self.changed.notify()
+
+    def run_now_or_put(self, job: Job) -> None:
+        """From a decoding thread, an image announced by `expect`: run at once on this thread when the model is
+        idle and no other image is queued or decoding (a lone request: no hand-over to the model thread, whose
+        cold start cost ~1 ms a request, measured), else queued for a shared call."""
+        with self.changed:
+            alone = not self.jobs and not self.busy and not self.closed and self.incoming == 1
+            if alone:
+                self.busy, self.incoming = True, 0
+        if not alone:
+            self.put(job, expected=True)
             return
-        start = 0
-        for chunk, future in items:
-            if not future.done():  # a client gone meanwhile
-                future.set_result(tuple(None if o is None else o[start:start + len(chunk)] for o in outputs))
-            start += len(chunk)
+        try:
+            self.execute([job])
+        finally:
+            with self.changed:
+                self.busy = False
+                self.changed.notify_all()
+
+    async def submit(self, images: np.ndarray, expected: bool = False) -> tuple[np.ndarray | None, ...]:
+        """The model's outputs for uint8 images (n, S, S): `run`'s arrays, each sliced to these images."""
+        future = asyncio.get_running_loop().create_future()
+        self.put(Job(images, None, resolver(asyncio.get_running_loop(), future)), expected)
+        return await future
 
     async def in_model_thread(self, work: Callable[[], Any]) -> Any:
         """Other work on the model (heatmaps), in turn with the batches."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, work)
+        future = asyncio.get_running_loop().create_future()
+        self.put(Job(None, work, resolver(asyncio.get_running_loop(), future)))
+        return await future
+
+    def serve_jobs(self) -> None:
+        while True:
+            with self.changed:
+                while (not self.jobs or self.busy) and not (self.closed and not self.busy):
+                    self.changed.wait()
+                if not self.jobs:  # closed, and nothing left to answer
+                    return
+                batch = self.next_batch()
+                self.busy = True
+            try:
+                self.execute(batch)
+            finally:
+                with self.changed:
+                    self.busy = False
+                    self.changed.notify_all()
+
+    def next_batch(self) -> list[Job]:
+        """The jobs of the next model call (the lock held): the first, and the images after it up to `max_batch`,
+        waiting for images still decoding while there is room and time."""
+        if self.jobs[0].work is not None:
+            return [self.jobs.pop(0)]
+        deadline = time.monotonic() + self.max_wait_s
+        while self.incoming > 0 and not self.closed:
+            queued = sum(len(j.images) for j in itertools.takewhile(lambda j: j.images is not None, self.jobs))
+            left = deadline - time.monotonic()
+            if queued >= self.max_batch or left <= 0:
+                break
+            self.changed.wait(left)
+        batch, count = [], 0
+        while self.jobs and self.jobs[0].images is not None and count < self.max_batch:
+            batch.append(self.jobs.pop(0))
+            count += len(batch[-1].images)
+        return batch
+
+    def execute(self, batch: list[Job]) -> None:
+        if batch[0].work is not None:
+            try:
+                value = batch[0].work()
+            except Exception as exc:
+                batch[0].done(None, exc)
+            else:
+                batch[0].done(value, None)
+            return
+        images = np.concatenate([j.images for j in batch])
+        self.calls = [*self.calls[-999:], len(images)]
+        try:
+            outputs = self.run(images)
+        except Exception as exc:  # the engine failed: every request in the batch is answered with it
+            for job in batch:
+                job.done(None, exc)
+            return
+        start = 0
+        for job in batch:
+            n = len(job.images)
+            job.done(tuple(None if o is None else o[start:start + n] for o in outputs), None)
+            start += n
 
     def close(self) -> None:
-        self.task.cancel()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """Answer what is queued, then stop the thread."""
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+        self.thread.join(60)
 
 
 class Service:
@@ -210,43 +314,81 @@ class Service:
             self.load_error = str(exc)
             log.error("model not loaded: %s", exc)
 
-    def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw probabilities and out-of-distribution scores (None: the model has none), from one pass."""
-        return self.ready_model().engine.run(images)
+    def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Raw and calibrated probabilities (n, C) and out-of-distribution scores (n,) (None: the model has none),
+        from one pass, on the model thread: calibrated there a batch at a time, off the event loop."""
+        from cxr14.evaluation.calibration import apply_calibrator
+
+        model = self.ready_model()
+        raw, ood = model.engine.run(images)
+        return raw, apply_calibrator(model.calibrator, raw, model.classes) if model.calibrator else raw, ood
 
     def ready_model(self) -> Model:
         if self.model is None:
             raise Fail(503, f"model not loaded ({self.load_error})" if self.load_error else "model is loading")
         return self.model
 
-    async def decode(self, data: bytes, what: str, scope: dict) -> tuple[np.ndarray, list[str], Any]:
-        """One encoded image (PNG, JPEG, DICOM) to the model's uint8 (S, S) input, in the decoding pool."""
+    async def predict_file(self, data: bytes, what: str, scope: dict) -> Prediction:
+        """One encoded image (PNG, JPEG, DICOM) decoded in the decoding pool, whose thread then hands it to the
+        model thread; its prediction comes back to this request."""
         model = self.ready_model()
-        assert self.batcher is not None
-        self.batcher.incoming += 1
-        start = time.perf_counter()
+        batcher = self.batcher
+        assert batcher is not None
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        answer, start = resolver(loop, future), time.perf_counter()
+
+        def decode_then_queue() -> None:
+            try:
+                image, notes, tags = decode_checked(data, model.engine.image_size, model.voi,
+                                                    self.options.max_pixels, what)
+            except BaseException as exc:  # refused (Fail): answered, and no longer waited for
+                batcher.unexpect()
+                answer(None, exc)
+                return
+            decoded = time.perf_counter()
+            try:
+                batcher.run_now_or_put(Job(image[None], None, lambda out, error: answer(
+                    None if error else Prediction(image, notes, tags, out[0][0], out[1][0],
+                                                  None if out[2] is None else float(out[2][0]), decoded), error)))
+            except RuntimeError as exc:  # the model thread has stopped (shutting down)
+                batcher.unexpect()
+                answer(None, exc)
+
+        batcher.expect()
         try:
-            loop = asyncio.get_running_loop()
-            image, notes, tags = await loop.run_in_executor(self.decoders, decode_checked, data,
-                                                            model.engine.image_size, model.voi,
-                                                            self.options.max_pixels, what)
-        finally:
-            self.batcher.incoming -= 1
-            timing(scope, "decode_ms", time.perf_counter() - start)
-        return image, notes, tags
+            self.decoders.submit(decode_then_queue)
+        except RuntimeError:  # shutting down
+            batcher.unexpect()
+            raise
+        result = await future
+        timing(scope, "decode_ms", result.decoded - start)
+        timing(scope, "model_ms", time.perf_counter() - result.decoded)
+        return result
 
     async def forward(self, images: np.ndarray, scope: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Raw and calibrated probabilities (n, C) and out-of-distribution scores (n,) (None: the model has none),
-        through the batcher."""
-        from cxr14.evaluation.calibration import apply_calibrator
-
-        model = self.ready_model()
+        """`outputs` for images already decoded (OIP's uint8 tensor), through the batcher."""
+        self.ready_model()
         assert self.batcher is not None
         start = time.perf_counter()
-        raw, ood = await self.batcher.submit(images)
+        raw, cal, ood = await self.batcher.submit(images)
         timing(scope, "model_ms", time.perf_counter() - start)
-        cal = apply_calibrator(model.calibrator, raw, model.classes) if model.calibrator else raw
         return raw, cal, ood
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One decoded image's input and outputs: the model's uint8 (S, S) input (for heatmaps), decoding's warnings
+    and DICOM tags, raw and calibrated probabilities (C,), the out-of-distribution score, and when decoding
+    ended (perf_counter: the log's timings)."""
+
+    image: np.ndarray
+    notes: list[str]
+    tags: Any
+    raw: np.ndarray
+    cal: np.ndarray
+    ood: float | None
+    decoded: float
 
 
 def timing(scope: dict, key: str, seconds: float) -> None:
@@ -467,24 +609,24 @@ async def upload(request: Any) -> Any:
     body = await read_body(request, service.options.max_body_mb)
     files = (parse_multipart(body, request.headers["content-type"]) if kind == "multipart/form-data"
              else [(request.query_params.get("name", "upload"), body)])
-    decoded = await asyncio.gather(*(service.decode(data, name, request.scope) for name, data in files))
-    images = np.stack([d[0] for d in decoded])
-    raw, cal, ood = await service.forward(images, request.scope)
-    results = predict_results(model, [n for n, _ in files], raw, cal, [d[2] for d in decoded], ood)
-    for result, (_, notes, _) in zip(results, decoded, strict=True):
-        if notes:
-            result["warnings"] = notes
+    done = await asyncio.gather(*(service.predict_file(data, name, request.scope) for name, data in files))
+    results = predict_results(model, [n for n, _ in files], done)
     if heat is not None:
-        await add_heatmaps(service, model, results, images, cal, heat, request.scope)
+        await add_heatmaps(service, model, results, np.stack([d.image for d in done]),
+                           np.stack([d.cal for d in done]), heat, request.scope)
     return JSONResponse(results)
 
 
-def predict_results(model: Model, names: list[str], raw: np.ndarray, cal: np.ndarray, tags: list,
-                    ood: np.ndarray | None) -> list[dict]:
+def predict_results(model: Model, names: list[str], done: list[Prediction]) -> list[dict]:
+    """`cxr14-predict --json`'s entry for each image, with `warnings` where decoding had some."""
     from cxr14.deployment.predict import image_result, rows_for
 
-    return [image_result(name, model.engine, rows_for(raw[i], cal[i], model.classes, model.thresholds), tags[i],
-                         None if ood is None else float(ood[i])) for i, name in enumerate(names)]
+    results = [image_result(name, model.engine, rows_for(d.raw, d.cal, model.classes, model.thresholds), d.tags,
+                            d.ood) for name, d in zip(names, done, strict=True)]
+    for result, d in zip(results, done, strict=True):
+        if d.notes:
+            result["warnings"] = d.notes
+    return results
 
 
 async def add_heatmaps(service: Service, model: Model, results: list[dict], images: np.ndarray, cal: np.ndarray,
@@ -631,10 +773,11 @@ async def infer(request: Any) -> Any:
     req, blob = split_binary(body, request.headers.get("inference-header-content-length"))
     name, data = input_tensor(req, blob, model.engine.image_size)
     if name == "image_file":
-        decoded = await asyncio.gather(*(service.decode(d, f"image_file[{i}]", request.scope)
-                                         for i, d in enumerate(data)))
-        data = np.stack([d[0] for d in decoded])
-    raw, cal, _ = await service.forward(np.asarray(data), request.scope)
+        done = await asyncio.gather(*(service.predict_file(d, f"image_file[{i}]", request.scope)
+                                      for i, d in enumerate(data)))
+        raw, cal = np.stack([d.raw for d in done]), np.stack([d.cal for d in done])
+    else:
+        raw, cal, _ = await service.forward(np.asarray(data), request.scope)
     outputs, blobs = infer_outputs(req, model, raw, cal)
     answer = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION, "outputs": outputs}
     if "id" in req:
