@@ -144,24 +144,32 @@ def test_with_a_token_a_request_without_it_gets_401_and_nothing_else(deployed: P
         assert batcher.calls == [1]
 
 
-def test_not_ready_until_the_model_is_loaded(deployed: Path) -> None:
-    loaded = threading.Event()
+def test_a_worker_serves_nothing_until_its_model_is_loaded(deployed: Path) -> None:
+    """`--workers N`: each worker loads its model during start-up, which uvicorn finishes before it accepts a
+    connection, so no request meets a worker still loading; one that fails to load does not start."""
+    loaded, started = threading.Event(), threading.Event()
 
     def slow(options: serve.Options) -> serve.Model:
         loaded.wait(30)
         return serve.load(options)
 
     app = serve.create_app(serve.Options(model=str(deployed / "model.onnx")), loader=slow)
-    with TestClient(app) as c:
-        assert c.get("/v2/health/live").status_code == 200
-        assert c.get("/v2/health/ready").status_code == 503 and c.get("/v2/models/cxr14/ready").status_code == 503
-        assert c.post("/predict", files={"file": ("a.png", NIH_IMAGE.read_bytes())}).status_code == 503
-        loaded.set()
-        for _ in range(100):
-            if c.get("/v2/health/ready").status_code == 200:
-                break
-            time.sleep(0.05)
+    c = TestClient(app)  # its __enter__ runs the lifespan's start-up, as uvicorn does before accepting
+    entered = threading.Thread(target=lambda: (c.__enter__(), started.set()))
+    entered.start()
+    time.sleep(0.5)
+    assert not started.is_set()  # still loading: not serving
+    loaded.set()
+    entered.join(30)
+    assert started.is_set()
+    try:
+        assert c.get("/v2/health/ready").status_code == 200
         assert c.post("/predict", files={"file": ("a.png", NIH_IMAGE.read_bytes())}).status_code == 200
+    finally:
+        c.__exit__(None, None, None)
+    broken = serve.create_app(serve.Options(model=str(deployed / "missing.onnx")))
+    with pytest.raises(Exception, match="missing.onnx: not found"), TestClient(broken):
+        pass
 
 
 def test_concurrent_requests_share_model_calls_and_a_lone_one_never_waits() -> None:

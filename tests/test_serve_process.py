@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from conftest import NIH, launch
 
@@ -44,7 +45,8 @@ def server(deployed: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as err:
         proc = launch([sys.executable, "-m", "cxr14.deployment.serve", *model_files(deployed),
-                       "--port", str(port), "--max-wait-ms", "20"], stdout=err, stderr=subprocess.STDOUT)
+                       "--port", str(port), "--max-wait-ms", "20", "--threads", "1"],  # 1: see the SIGTERM test
+                      stdout=err, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -121,14 +123,63 @@ def test_the_page_shows_the_apis_numbers_and_is_usable_from_the_keyboard(server:
         browser.close()
 
 
+def test_workers_answer_from_their_first_connection_and_stop_on_sigterm(deployed: Path, tmp_path: Path,
+                                                                        capsys) -> None:
+    """`--workers 2`: two worker processes on one port, each accepting only once its model is loaded (no 503 on
+    a fresh connection right after the first ready answer), the results predict's; SIGTERM stops them all."""
+    port, log = free_port(), tmp_path / "workers.log"
+    with open(log, "w") as err:
+        proc = launch([sys.executable, "-m", "cxr14.deployment.serve", *model_files(deployed), "--port", str(port),
+                       "--workers", "2"], stdout=err, stderr=subprocess.STDOUT)
+    try:
+        deadline, ready = time.monotonic() + 120, False
+        while not ready and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/v2/health/ready")
+                ready = conn.getresponse().status == 200
+            except OSError:
+                time.sleep(0.05)
+        assert ready, log.read_text()
+        answers, workers = [], set()
+        for i in range(24):  # a fresh connection each: the kernel hands them to either worker
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("POST", f"/predict?name={i}.png", body=NIH_IMAGE.read_bytes(),
+                         headers={"Content-Type": "image/png"})
+            response = conn.getresponse()
+            answers.append((response.status, json.loads(response.read())))
+            workers.add(response.getheader("x-request-id").split("-")[0])
+            conn.close()
+        assert all(status == 200 for status, _ in answers), answers
+        expected = predicted(deployed, NIH_IMAGE, capsys)[0]["predictions"]
+        assert all(doc[0]["predictions"] == expected for _, doc in answers)
+        children = {f"{c.pid:x}" for c in psutil.Process(proc.pid).children()}
+        assert workers and workers <= children  # answered by the workers, not the parent
+        assert log.read_text().count("Application startup complete") == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert log.read_text().count("Finished server process") == 2 and "Traceback" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_sigterm_answers_every_accepted_request_then_exits(server: dict) -> None:
-    """A burst, SIGTERM while it is served: every request whose connection was accepted gets its answer."""
-    body, answers, sent = NIH_IMAGE.read_bytes(), {}, threading.Barrier(17)
+    """A burst, SIGTERM while it is served: every request the server had accepted gets its answer.
+
+    Accepted: uvicorn closes, unanswered, a connection whose request it has not begun to read when the signal
+    comes (its graceful shutdown). So the burst is sent, then the signal waits 0.25 s: time for the event loop to
+    begin all 16 requests, not to answer them (64 images for one decoding thread, `--threads 1`: ~0.7 s here)."""
+    png = NIH_IMAGE.read_bytes()
+    answers, sent = {}, threading.Barrier(17)
 
     def one(i: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=60)
+        body = b"".join(b"--b\r\nContent-Disposition: form-data; name=file; filename=burst%d_%d.png\r\n\r\n%s\r\n"
+                        % (i, k, png) for k in range(4)) + b"--b--\r\n"
         try:
-            conn.request("POST", f"/predict?name=burst{i}.png", body=body, headers={"Content-Type": "image/png"})
+            conn.request("POST", "/predict", body=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
         finally:
             sent.wait()
         response = conn.getresponse()
@@ -138,12 +189,14 @@ def test_sigterm_answers_every_accepted_request_then_exits(server: dict) -> None
     for t in threads:
         t.start()
     sent.wait()
+    time.sleep(0.25)
     server["proc"].send_signal(signal.SIGTERM)
     for t in threads:
         t.join(60)
     assert server["proc"].wait(60) == 0
     assert sorted(answers) == list(range(16))
-    assert all(status == 200 and doc[0]["image"] == f"burst{i}.png" for i, (status, doc) in answers.items())
+    assert all(status == 200 and [r["image"] for r in doc] == [f"burst{i}_{k}.png" for k in range(4)]
+               for i, (status, doc) in answers.items())
     log = server["log"].read_text()
     assert log.count("POST /predict 200") >= 16
     assert log.index("Shutting down") < log.rindex("POST /predict 200")  # answered after the signal, not before

@@ -299,8 +299,11 @@ class Service:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
         self.batcher = Batcher(self.outputs, self.options.max_batch, self.options.max_wait_ms / 1000)
-        if self.model is None:  # a worker process: ready once its model is loaded, in a thread
-            threading.Thread(target=self.load_model, name="cxr14-load", daemon=True).start()
+        if self.model is None:  # a worker of `--workers N`: uvicorn accepts its first connection after this
+            await asyncio.to_thread(self.load_model)  # so no request meets a worker still loading (503)
+            if self.model is None:
+                self.batcher.close()
+                raise PipelineError(f"model not loaded: {self.load_error}")
         try:
             yield
         finally:
@@ -842,8 +845,9 @@ def routes() -> list:
 
 def create_app(options: Options, model: Model | None = None, token: str | None = None,
                loader: Callable[[Options], Model] = load) -> Any:
-    """The ASGI application: `model` already loaded (one process), or loaded by `loader` in a thread at start-up
-    (each worker of `--workers N`; not ready until then). `token`: required on every request when given."""
+    """The ASGI application: `model` already loaded (one process), or loaded by `loader` during the lifespan's
+    start-up (each worker of `--workers N`, which accepts connections only then). `token`: required on every
+    request when given."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
 
