@@ -17,6 +17,7 @@ from cxr14.data.arrays import open_array
 from cxr14.data.nih import CLASSES
 from cxr14.data.splits import read_split_table
 from cxr14.runtime.errors import PipelineError
+from cxr14.runtime.processes import process_context
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,6 +52,10 @@ class PreparedImages(Dataset):
         if self.image_size != size:
             raise PipelineError(f"{self.path}: images are {self.image_size} px, not {size} px as {model} was "
                                 "trained; run dvc repro")
+
+    def __getstate__(self) -> dict:
+        """Pickled by path (DataLoader workers from a fork server): an opened memory map would pickle its data."""
+        return {**self.__dict__, "_array": None}
 
     def __getitem__(self, rows: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if self._array is None:
@@ -87,7 +92,12 @@ def make_loader(
     part: tuple[int, int] = (0, 1), rows: Sequence[int] | None = None,
 ) -> DataLoader:
     """A DataLoader yielding whole batches; seeded so the shuffle order is reproducible. `part`: this process's
-    share of each batch (`SortedBatchSampler`); `rows`: only these rows, in order (not with `shuffle`)."""
+    share of each batch (`SortedBatchSampler`); `rows`: only these rows, in order (not with `shuffle`).
+
+    `workers` > 0: the worker processes come from a fork server (`process_context`), not forked from the
+    training process, whose threads (tqdm's monitor, gloo's under DDP) can hold a lock at the fork: a rank's
+    DataLoader worker once hung in CPython 3.11's after-fork clean-up (PyOS_AfterFork_Child ->
+    _PyThreadState_DeleteExcept), its rank waiting for it in validation and the other in all_gather."""
     if shuffle:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     else:
@@ -98,6 +108,7 @@ def make_loader(
         batch_size=None,
         num_workers=workers,
         persistent_workers=workers > 0,
+        multiprocessing_context=process_context(["cxr14.data.loader"]) if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
     )
 
