@@ -202,6 +202,42 @@ def test_leftovers_of_a_killed_write_are_removed_by_the_next(tmp_path: Path) -> 
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.k1l2.tmp", "m.json", "plots"]
 
 
+WORKER_THAT_FAILS_TO_START = """
+import sys
+from cxr14.runtime.processes import process_context
+
+
+def fail():
+    raise {error}("what the worker was to use is gone")
+
+
+class Breaks:
+    def __reduce__(self):  # unpickled in the new worker, before any of its code runs
+        return fail, ()
+
+
+if __name__ == "__main__":
+    worker = process_context([]).Process(target=print, args=(Breaks(),))
+    worker.start()
+    worker.join(60)
+    sys.exit(0 if worker.exitcode != 0 else 3)
+"""
+
+
+@pytest.mark.parametrize(("error", "printed"), [("FileNotFoundError", ""),
+                                                ("ValueError", "a worker process did not start: ValueError: what "
+                                                               "the worker was to use is gone\n")])
+def test_a_worker_that_cannot_start_says_so_in_one_line_or_not_at_all(tmp_path: Path, error: str,
+                                                                      printed: str) -> None:
+    """A fork-server worker whose start fails: its stage stopping on SIGTERM or Ctrl-C let go of its queues
+    (an OSError: nothing to say, the stage says it stopped), else one line; never multiprocessing's traceback."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_THAT_FAILS_TO_START.format(error=error))
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0 and done.stderr == printed
+
+
 @pytest.mark.slow
 def test_a_killed_prepare_leaves_no_process_and_its_next_run_no_file(nih_sample_split) -> None:
     """SIGKILL the prepare stage while its workers decode: they end with it, and a re-run leaves no temporaries."""
