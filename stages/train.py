@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from cxr14 import paths
-from cxr14.data.loader import PreparedImages, make_loader, read_labels, start_workers_server
+from cxr14.data.loader import PreparedImages, make_loader, read_labels
 from cxr14.data.nih import CLASSES
 from cxr14.model.checkpoint import read_init, save_checkpoint
 from cxr14.model.factory import build_model, freeze, imagenet_weights
@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> None:
             return launch(train.nproc, "stages.train", ["--params", str(args.params)], device.type == "cuda")
         if world.size > 1:
             device = start(world, device)
-        start_workers_server(train.workers)  # in the background, while the model is built
         torch.set_num_threads(cpu_count())
         torch.manual_seed(train.seed)
         # from train.init: its weights replace any others, so none are downloaded

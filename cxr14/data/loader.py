@@ -17,7 +17,6 @@ from cxr14.data.arrays import open_array
 from cxr14.data.nih import CLASSES
 from cxr14.data.splits import read_split_table
 from cxr14.runtime.errors import PipelineError
-from cxr14.runtime.processes import process_context, start_fork_server
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,7 +53,8 @@ class PreparedImages(Dataset):
                                 "trained; run dvc repro")
 
     def __getstate__(self) -> dict:
-        """Pickled by path (DataLoader workers from a fork server): an opened memory map would pickle its data."""
+        """Pickled by path (DataLoader workers started by spawn, as on macOS and Windows): an opened memory map
+        would pickle its pixels."""
         return {**self.__dict__, "_array": None}
 
     def __getitem__(self, rows: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,16 +87,6 @@ class SortedBatchSampler(BatchSampler):
             yield sorted(batch)[index * share:(index + 1) * share] if parts > 1 else sorted(batch)
 
 
-WORKER_PRELOAD = ["cxr14.data.loader"]  # what the DataLoader workers' fork server imports once (torch with it)
-
-
-def start_workers_server(workers: int) -> None:
-    """With DataLoader workers, start their fork server at once, to import torch (1.5 s here) while the stage
-    builds its model, not when the first batch is asked for."""
-    if workers > 0:
-        start_fork_server(WORKER_PRELOAD)
-
-
 def make_loader(
     dataset: PreparedImages, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 0, drop_last: bool = False,
     part: tuple[int, int] = (0, 1), rows: Sequence[int] | None = None,
@@ -104,10 +94,10 @@ def make_loader(
     """A DataLoader yielding whole batches; seeded so the shuffle order is reproducible. `part`: this process's
     share of each batch (`SortedBatchSampler`); `rows`: only these rows, in order (not with `shuffle`).
 
-    `workers` > 0: the worker processes come from a fork server (`process_context`), not forked from the
-    training process, whose threads (tqdm's monitor, gloo's under DDP) can hold a lock at the fork: a rank's
-    DataLoader worker once hung in CPython 3.11's after-fork clean-up (PyOS_AfterFork_Child ->
-    _PyThreadState_DeleteExcept), its rank waiting for it in validation and the other in all_gather."""
+    `workers` > 0 are forked (torch's default on Linux), from a process that may run threads (tqdm's monitor,
+    gloo's under DDP): once in CI a DDP rank's worker hung in CPython 3.11's after-fork clean-up. Workers from
+    a fork server were tried and were worse: a process making loaders hung in their IPC (the pid hand-over, a
+    shared tensor's fd) in several of ~30 SIGTERMs, where forked workers hung in none seen."""
     if shuffle:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     else:
@@ -118,7 +108,6 @@ def make_loader(
         batch_size=None,
         num_workers=workers,
         persistent_workers=workers > 0,
-        multiprocessing_context=process_context(WORKER_PRELOAD) if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
     )
 

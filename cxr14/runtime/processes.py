@@ -56,15 +56,6 @@ def process_context(preload: list[str]) -> multiprocessing.context.BaseContext:
     return context
 
 
-def start_fork_server(preload: list[str]) -> None:
-    """Start `process_context`'s fork server now, in the background, rather than when the first worker is asked
-    for: it imports `preload` while the stage goes on with its own start-up."""
-    if process_context(preload).get_start_method() == "forkserver":
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
-
-
 PR_SET_PDEATHSIG = 1
 
 def die_with_parent(parent: int) -> None:
