@@ -176,8 +176,11 @@ def gray8_png(head: bytes, rest: BinaryIO | None = None) -> Image.Image | None:
 
 def _decode_pillow(path: Source, size: int | None) -> tuple[np.ndarray, list[str]]:
     try:
-        with binary(path) as f:
-            gray = gray8_png(path, None) if isinstance(path, bytes) else gray8_png(f.read(33), f)
+        if isinstance(path, bytes):
+            gray = gray8_png(path)
+        else:
+            with open(path, "rb") as f:
+                gray = gray8_png(f.read(33), f)
         if gray is not None:
             return fit(gray, size), []
     except (ValueError, OSError, struct.error, zlib.error):
