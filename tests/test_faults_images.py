@@ -27,6 +27,7 @@ from cxr14.data.images import decode_image, gray8_png, load_gray, png_significan
 from cxr14.explanation.examples import scaled_boxes
 
 NIH_IMAGE = NIH / "images" / "00000003_000.png"  # 8-bit 'L', 0-255
+NIH_RGBA = NIH / "images" / "00000004_000.png"  # 8-bit RGBA, gray in its colour channels, opaque
 
 
 def png16(path: Path, values: np.ndarray, sbit: int | None = None) -> Path:
@@ -91,13 +92,36 @@ def test_nih_png_decodes_in_one_call_as_pillow_does() -> None:
     np.testing.assert_array_equal(decode_image(NIH_IMAGE, 96)[0], reference)
 
 
-@pytest.mark.parametrize("kind", ["16-bit", "rgb", "palette", "interlaced", "animated"])
+def test_nih_rgba_png_decodes_in_one_call_as_pillow_does() -> None:
+    """NIH's RGBA files (4 of the 308 here) take the one-call path too, and come out as Pillow's gray."""
+    data = NIH_RGBA.read_bytes()
+    assert data[25] == 6  # colour type RGBA
+    whole = gray8_png(data)
+    assert whole is not None and whole.mode == "L"
+    np.testing.assert_array_equal(np.asarray(whole), pillow_gray(data))
+    np.testing.assert_array_equal(decode_image(NIH_RGBA, 96)[0], decode_image(data, 96)[0])
+
+
+def test_colour_pngs_decode_in_one_call_as_pillow_does() -> None:
+    colours = np.random.default_rng(0).integers(0, 256, (16, 12, 4), dtype=np.uint8)
+    for mode in ("RGB", "RGBA"):
+        buffer = io.BytesIO()
+        Image.fromarray(colours[..., :len(mode)], mode=mode).save(buffer, format="PNG")
+        whole = gray8_png(buffer.getvalue())
+        assert whole is not None and whole.mode == "L"
+        np.testing.assert_array_equal(np.asarray(whole), pillow_gray(buffer.getvalue()))
+
+
+@pytest.mark.parametrize("kind", ["16-bit", "rgb with tRNS", "palette", "interlaced", "animated"])
 def test_other_pngs_are_left_to_pillow(tmp_path: Path, kind: str) -> None:
     values = ramp(8).astype(np.uint8)[:1, :1] if kind == "interlaced" else ramp(8).astype(np.uint8)
-    image = {"16-bit": Image.fromarray(values.astype(np.uint16) * 257), "rgb": Image.fromarray(values).convert("RGB"),
+    image = {"16-bit": Image.fromarray(values.astype(np.uint16) * 257),
+             "rgb with tRNS": Image.fromarray(values).convert("RGB"),
              "palette": Image.fromarray(values).convert("P")}.get(kind, Image.fromarray(values))
     buffer = io.BytesIO()
-    if kind == "animated":
+    if kind == "rgb with tRNS":
+        image.save(buffer, format="PNG", transparency=(0, 0, 0))
+    elif kind == "animated":
         image.save(buffer, format="PNG", save_all=True, append_images=[Image.fromarray(255 - values)])
     else:
         image.save(buffer, format="PNG")

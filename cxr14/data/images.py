@@ -22,6 +22,7 @@ from cxr14.runtime.errors import warn
 
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_8BIT_MODES = {0: "L", 2: "RGB", 6: "RGBA"}  # PNG colour type -> Pillow mode, for `gray8_png`
 _QUIET = ("ignore", None, Image.DecompressionBombWarning, None, 0)
 
 
@@ -137,20 +138,25 @@ def _decode_dicom(path: Source, size: int | None, voi: bool) -> tuple[np.ndarray
 
 
 def gray8_png(head: bytes, rest: BinaryIO | None = None) -> Image.Image | None:
-    """An 8-bit grayscale, non-interlaced PNG (the NIH layout) decoded in one call of Pillow's own PNG ("zip")
-    decoder, bit-identical to `Image.open(...).load()`; None for any other file, which Pillow opens as usual.
+    """An 8-bit gray, RGB or RGBA non-interlaced PNG (the NIH layout: of the 308 sample files 304 gray, 4 RGBA
+    with an opaque alpha) decoded in one call of Pillow's own PNG ("zip") decoder and made gray as `to_gray8`
+    does, bit-identical to `to_gray8(Image.open(...))`; None for any other file (and for a colour one with a
+    transparent colour, tRNS), which Pillow opens as usual.
 
     Why: Image.load feeds the decoder one IDAT chunk at a time (NIH files hold ~55 of 8 KB), re-taking the GIL
     between chunks. Alone that costs little (8.37 -> 8.20 ms per NIH image), but where other Python threads want
     the GIL (serve's event loop and model thread) each hand-over idled the cores: cxr14-serve at 16 clients,
     13% of 2 cores idle and 143 images/s with Pillow's loop, 5% and 157 images/s with this (docs/benchmarks.md).
+    NIH's RGBA files, whose decoding sets serve's one-client p99, take 14.3 against 15.1 ms (medians of 160
+    decodes alternated with Pillow's loop).
     `head`: the file's bytes, or its first 33 bytes with the rest readable from `rest`. A truncated or corrupt
     file raises ValueError here; the caller then lets Pillow say why in its words.
     """
     if len(head) < 33 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
         return None
     width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", head[16:29])
-    if (depth, colour, compression, filtering, interlace) != (8, 0, 0, 0, 0) or not width or not height:
+    mode = PNG_8BIT_MODES.get(colour)
+    if mode is None or (depth, compression, filtering, interlace) != (8, 0, 0, 0) or not width or not height:
         return None
     limit = Image.MAX_IMAGE_PIXELS  # over it, Pillow's path warns or refuses
     if limit is not None and width * height > limit:
@@ -168,10 +174,11 @@ def gray8_png(head: bytes, rest: BinaryIO | None = None) -> Image.Image | None:
             raise ValueError(f"{kind!r} chunk fails its CRC")
         elif kind == b"IEND":
             break
-        elif kind in (b"acTL", b"fcTL", b"fdAT"):  # an animated PNG: Pillow's frames
-            return None
+        elif kind in (b"acTL", b"fcTL", b"fdAT") or (kind == b"tRNS" and mode != "L"):  # Pillow's frames, or
+            return None  # a transparent colour that Pillow's conversion to gray reads
         at += 12 + length
-    return Image.frombytes("L", (width, height), b"".join(idat), "zip", "L", 0)
+    image = Image.frombytes(mode, (width, height), b"".join(idat), "zip", mode, 0)
+    return image if mode == "L" else image.convert("L")
 
 
 def _decode_pillow(path: Source, size: int | None) -> tuple[np.ndarray, list[str]]:
