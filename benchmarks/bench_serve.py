@@ -8,10 +8,14 @@
     bytes to /predict on persistent connections, 1, 4 and 16 at a time, `--requests` each level (cycling over
     the 308 images): throughput, p50 and p99 latency; the clients (raw sockets, `post`) run on the same cores as
     the server; at one client also each request's latency over predict's time on the same image;
+  - paired (the latency target): `--requests` rounds of predict's one-image time in this process, then one POST of
+    the same image, so that both sample the machine at the same moments (on a shared host its speed drifts by
+    20-40% over tens of seconds, measured: a sweep of predict before the server and the server after compare two
+    different machines);
   - memory: the server's resident memory after a warm-up, then across `--memory-requests` (10,000) more at 16
     clients, sampled every 1,000.
 Targets (issue 29): 16 clients >= 0.8x predict's CSV throughput; p99 at one client <= 1.5x the one-image predict
-time; memory growth <= 50 MB over 10,000 requests.
+time (its median, paired); memory growth <= 50 MB over 10,000 requests.
 
     python benchmarks/bench_serve.py [--nih ../shared/nih] [--model models/model.onnx] [--requests 616]
 """
@@ -29,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,22 +53,52 @@ def timed(cmd: list[str]) -> float:
 
 def predict_figures(files: list[Path], model: list[str]) -> dict:
     """Predict's CSV throughput past start-up (fresh processes, median of 3) and its one-image time in-process."""
-    from cxr14.deployment import predict
-
     with tempfile.TemporaryDirectory() as tmp:
         base = [sys.executable, "-m", "stages.predict", *model, "--csv", f"{tmp}/out.csv"]
         one = statistics.median(timed([*base, str(files[0])]) for _ in range(3))
         folder = statistics.median(timed([*base, str(files[0].parent)]) for _ in range(3))
-    engine = predict.open_engine("onnx", Path(model[1]) if model else None, "auto", predict.settings(None))
-    thresholds, calibrator = predict.calibration(engine, None, None)
-    times = []
-    for f in files:
-        start = time.perf_counter()
-        list(predict.predict_images(engine, [str(f)], calibrator, thresholds, 1, 1))
-        times.append(time.perf_counter() - start)
-    return {"model": str(engine.file), "csv_images_per_s": (len(files) - 1) / (folder - one),
+    one_image, file = one_image_predict(model)
+    times = [one_image(f) for f in files]
+    return {"model": str(file), "csv_images_per_s": (len(files) - 1) / (folder - one),
             "one_image_run_s": one, "folder_run_s": folder, "one_image_ms_median": 1000 * statistics.median(times),
             "one_image_ms_p99": 1000 * float(np.percentile(times, 99)), "one_image_ms": [1000 * t for t in times]}
+
+
+def one_image_predict(model: list[str]) -> tuple[Callable[[Path], float], Path]:
+    """Predict's time for one image in this process past start-up (decode, forward, calibration, table), and the
+    model file it chose."""
+    from cxr14.deployment import predict
+
+    engine = predict.open_engine("onnx", Path(model[1]) if model else None, "auto", predict.settings(None))
+    thresholds, calibrator = predict.calibration(engine, None, None)
+
+    def seconds(file: Path) -> float:
+        start = time.perf_counter()
+        list(predict.predict_images(engine, [str(file)], calibrator, thresholds, 1, 1))
+        return time.perf_counter() - start
+
+    return seconds, engine.file
+
+
+def paired(port: int, files: list[Path], bodies: list[bytes], model: list[str], rounds: int) -> dict:
+    """Rounds of predict on image i in this process, then the server on the same image (one client): both see
+    the machine at the same moments. The target's ratio: the server's p99 over predict's median."""
+    one_image, _ = one_image_predict(model)
+    ours, theirs = [], []
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock, sock.makefile("rb") as reader:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(rounds):
+            theirs.append(one_image(files[i % len(files)]))
+            start = time.perf_counter()
+            assert post(sock, reader, bodies[i % len(bodies)]) == 200
+            ours.append(time.perf_counter() - start)
+    serve_ms, predict_ms = 1000 * np.array(ours), 1000 * np.array(theirs)
+    return {"rounds": rounds, "serve_p50_ms": float(np.median(serve_ms)),
+            "serve_p99_ms": float(np.percentile(serve_ms, 99)), "predict_median_ms": float(np.median(predict_ms)),
+            "predict_p99_ms": float(np.percentile(predict_ms, 99)),
+            "p99_vs_predict_median": float(np.percentile(serve_ms, 99) / np.median(predict_ms)),
+            "same_image_p50": float(np.median(serve_ms / predict_ms)),
+            "same_image_p99": float(np.percentile(serve_ms / predict_ms, 99))}
 
 
 def start_server(model: list[str], port: int, log: Path, extra: list[str]) -> subprocess.Popen:
@@ -156,6 +191,8 @@ def main() -> None:
         figures["serve"] = [load(port, bodies, c, args.requests) for c in (1, 4, 16)]
         for row in figures["serve"]:
             print(json.dumps({k: v for k, v in row.items() if k != "by_image"}), flush=True)
+        figures["paired"] = paired(port, files, bodies, model, args.requests)
+        print(json.dumps({"paired": figures["paired"]}), flush=True)
         rss = [server.memory_info().rss / 2**20]
         done = 0
         while done < args.memory_requests:
@@ -173,13 +210,19 @@ def main() -> None:
     for row in figures["serve"]:
         row.pop("by_image", None)
     figures["ratios"] = {"throughput_16_vs_predict_csv": s[16]["images_per_s"] / p["csv_images_per_s"],
+                         "paired_p99_1_client_vs_predict_median": figures["paired"]["p99_vs_predict_median"],
+                         "paired_same_image_p99": figures["paired"]["same_image_p99"],
                          "p99_1_client_vs_one_image_median": s[1]["p99_ms"] / p["one_image_ms_median"],
                          "p99_1_client_vs_one_image_p99": s[1]["p99_ms"] / p["one_image_ms_p99"],
                          "same_image_p50": float(np.percentile(same_image, 50)),
                          "same_image_p99": float(np.percentile(same_image, 99))}
     print(json.dumps({"memory_mb": figures["memory_mb"], "ratios": figures["ratios"]}, indent=1))
+    q = figures["paired"]
+    print(f"paired, one client: serve p99 {q['serve_p99_ms']:.1f} ms = {q['p99_vs_predict_median']:.2f}x predict's "
+          f"one-image median {q['predict_median_ms']:.1f} ms (target <= 1.5); same image {q['same_image_p50']:.2f}x "
+          f"at p50, {q['same_image_p99']:.2f}x at p99")
     print(f"16 clients: {figures['ratios']['throughput_16_vs_predict_csv']:.2f}x predict's CSV throughput "
-          f"(target >= 0.8); p99 at 1 client {s[1]['p99_ms']:.1f} ms = "
+          f"(target >= 0.8); unpaired, p99 at 1 client {s[1]['p99_ms']:.1f} ms = "
           f"{figures['ratios']['p99_1_client_vs_one_image_median']:.2f}x predict's one-image median (target <= 1.5), "
           f"{figures['ratios']['p99_1_client_vs_one_image_p99']:.2f}x its p99; per request against predict on the "
           f"same image {figures['ratios']['same_image_p50']:.2f}x at p50, {figures['ratios']['same_image_p99']:.2f}x "
