@@ -28,9 +28,10 @@ def project(reproduced_project: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 def test_dvc_exp_run_with_two_processes_is_an_experiment_like_any(project: Path) -> None:
     one = metrics(project, "train")
-    # train.workers=0: with DataLoader worker processes forked from ranks that run threads (gloo, tqdm), a fork
-    # once deadlocked in CPython's after-fork clean-up (PyOS_AfterFork_Child -> _PyThreadState_DeleteExcept, seen
-    # in CI on 3.11.7); training with a DataLoader worker runs in test_faults_dvc's random kills, in one process
+    # train.workers=0: with DataLoader worker processes forked from ranks that ran Python threads (tqdm's monitor,
+    # the previous loader's queue feeders), a fork once deadlocked in CPython's after-fork clean-up
+    # (PyOS_AfterFork_Child -> _PyThreadState_DeleteExcept, seen in CI on 3.11.7). make_loader now forks with
+    # none alive (test_prepare); training with a DataLoader worker runs in test_faults_dvc's random kills
     out = dvc("exp", "run", "-S", "train.nproc=2", "-S", "train.workers=0", "-n", "two-procs", "train",
               cwd=project).stdout
     assert "train: 2 processes (gloo on the CPU" in out

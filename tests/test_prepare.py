@@ -385,6 +385,35 @@ def test_loader_workers_give_the_same_batches_and_the_dataset_pickles_by_path(tm
         np.testing.assert_array_equal(got, got0)
 
 
+def test_a_loader_forks_its_workers_with_no_python_thread_of_ours_alive(tmp_path, monkeypatch):
+    """Train makes a loader per epoch and per validation: each forks its workers after the previous loader's have
+    stopped and their queue feeder threads have exited, and no progress bar runs tqdm's monitor thread (a fork
+    with other Python threads alive once hung a DDP rank's worker in CPython's after-fork clean-up)."""
+    import threading
+
+    from tqdm.std import tqdm
+
+    from cxr14.runtime.progress import progress
+
+    if tqdm.monitor is not None:  # another test's plain tqdm bar started it: stopped, to see whether ours does
+        tqdm.monitor.exit()
+        tqdm.monitor = None
+    path, _, labels = numbered_array(tmp_path, 23, size=16)
+    ds = PreparedImages(path, labels)
+    seen: list[list[str]] = []
+    real_fork = os.fork
+
+    def fork() -> int:
+        seen.append(sorted(t.name for t in threading.enumerate() if t.name in ("QueueFeederThread", "tqdm_monitor")))
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork)
+    for epoch in range(3):  # as train: an epoch's loader, then validation's, each used to its end
+        for loader in (make_loader(ds, 5, True, epoch, workers=1), make_loader(ds, 5, False, workers=1)):
+            assert len(list(progress(loader, disable=False, file=open(os.devnull, "w")))) == 5
+    assert seen == [[]] * 6
+
+
 # ------------------------------------------------------- atomic outputs (cxr14.runtime.outputs), params (cxr14.params)
 
 

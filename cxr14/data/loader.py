@@ -6,6 +6,7 @@ and a collate) is what lets one core keep the model fed.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,10 +95,15 @@ def make_loader(
     """A DataLoader yielding whole batches; seeded so the shuffle order is reproducible. `part`: this process's
     share of each batch (`SortedBatchSampler`); `rows`: only these rows, in order (not with `shuffle`).
 
-    `workers` > 0 are forked (torch's default on Linux), from a process that may run threads (tqdm's monitor,
-    gloo's under DDP): once in CI a DDP rank's worker hung in CPython 3.11's after-fork clean-up. Workers from
-    a fork server were tried and were worse: a process making loaders hung in their IPC (the pid hand-over, a
-    shared tensor's fd) in several of ~30 SIGTERMs, where forked workers hung in none seen."""
+    `workers` > 0 are forked (torch's default on Linux) for one pass and stopped at its end: once in CI a DDP
+    rank's worker hung in CPython 3.11's after-fork clean-up, forked while other Python threads ran (tqdm's
+    monitor, now off: `cxr14.runtime.progress`; and the queue feeder of the previous loader's workers, which
+    persistent workers kept alive into the next fork, measured: train makes a loader per epoch and per
+    validation; `feeders_stopped`). Gloo's threads are native, not Python's. Workers from a fork server were
+    tried and were worse: a process making loaders hung in their IPC (the pid hand-over, a shared tensor's fd)
+    in several of ~30 SIGTERMs, where forked workers hung in none seen."""
+    if workers > 0:
+        feeders_stopped()
     if shuffle:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     else:
@@ -107,9 +113,17 @@ def make_loader(
         sampler=SortedBatchSampler(sampler, batch_size, drop_last, part),
         batch_size=None,
         num_workers=workers,
-        persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def feeders_stopped(timeout: float = 2.0) -> None:
+    """Wait for the queue feeder threads of loaders whose pass has ended (their queues are closed, so the threads
+    are on their way out) to exit: the next loader forks its workers with no other Python thread alive. Without
+    this, one fork in four of a tiny two-epoch run still saw one (measured)."""
+    for thread in threading.enumerate():
+        if thread.name == "QueueFeederThread" and thread is not threading.current_thread():
+            thread.join(timeout)
 
 
 def to_model_input(

@@ -29,6 +29,10 @@ def _bar_class() -> type:
         from tqdm.std import tqdm
 
     class Bar(tqdm):
+        # no monitor thread (tqdm's adjusts miniters, unused with mininterval): train forks DataLoader workers
+        # from this process, and a fork with other Python threads alive can hang in the child (make_loader)
+        monitor_interval = 0
+
         def __iter__(self) -> Iterator[Any]:
             for item in super().__iter__():
                 raise_pending()
