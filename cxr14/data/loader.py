@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,13 +103,11 @@ def make_loader(
     validation; `feeders_stopped`). Gloo's threads are native, not Python's. Workers from a fork server were
     tried and were worse: a process making loaders hung in their IPC (the pid hand-over, a shared tensor's fd)
     in several of ~30 SIGTERMs, where forked workers hung in none seen."""
-    if workers > 0:
-        feeders_stopped()
     if shuffle:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     else:
         sampler = SequentialSampler(dataset) if rows is None else rows
-    return DataLoader(
+    return Loader(
         dataset,
         sampler=SortedBatchSampler(sampler, batch_size, drop_last, part),
         batch_size=None,
@@ -117,10 +116,21 @@ def make_loader(
     )
 
 
+class Loader(DataLoader):
+    """A DataLoader whose workers, forked as a pass begins, find no queue feeder thread of an earlier loader
+    alive (`feeders_stopped`)."""
+
+    def __iter__(self) -> Any:
+        if self.num_workers > 0:
+            feeders_stopped()
+        return super().__iter__()
+
+
 def feeders_stopped(timeout: float = 2.0) -> None:
     """Wait for the queue feeder threads of loaders whose pass has ended (their queues are closed, so the threads
-    are on their way out) to exit: the next loader forks its workers with no other Python thread alive. Without
-    this, one fork in four of a tiny two-epoch run still saw one (measured)."""
+    are on their way out) to exit, so that the next pass forks its workers with no other Python thread alive.
+    Without this, one fork in four of a tiny two-epoch run still saw one (measured). A loader left mid-pass keeps
+    its thread: waited for `timeout` seconds, then the fork goes ahead."""
     for thread in threading.enumerate():
         if thread.name == "QueueFeederThread" and thread is not threading.current_thread():
             thread.join(timeout)
