@@ -92,14 +92,28 @@ def test_nih_png_decodes_in_one_call_as_pillow_does() -> None:
     np.testing.assert_array_equal(decode_image(NIH_IMAGE, 96)[0], reference)
 
 
-def test_nih_rgba_png_decodes_in_one_call_as_pillow_does() -> None:
-    """NIH's RGBA files (4 of the 308 here) take the one-call path too, and come out as Pillow's gray."""
+def test_nih_rgba_png_decodes_in_one_call_as_pillow_does(caplog: pytest.LogCaptureFixture) -> None:
+    """NIH's RGBA files (4 of the 308 here) take the one-call path too, and come out as Pillow's gray; libpng's
+    warning about this file's ICC profile (a gray profile in an RGB file) is not logged."""
     data = NIH_RGBA.read_bytes()
-    assert data[25] == 6  # colour type RGBA
+    assert data[25] == 6 and b"iCCP" in data  # colour type RGBA, with the profile libpng warns about
     whole = gray8_png(data)
     assert whole is not None and whole.mode == "L"
     np.testing.assert_array_equal(np.asarray(whole), pillow_gray(data))
     np.testing.assert_array_equal(decode_image(NIH_RGBA, 96)[0], decode_image(data, 96)[0])
+    assert not [record.getMessage() for record in caplog.records if "PNG" in record.getMessage()]
+
+
+def test_a_gray_png_with_a_transparent_value_decodes_in_one_call_as_pillow_does() -> None:
+    """libpng expands a gray tRNS to an alpha channel; gray ignores it, as Pillow's conversion does."""
+    values = ramp(8).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG", transparency=int(values[0, 0]))
+    assert b"tRNS" in buffer.getvalue()
+    whole = gray8_png(buffer.getvalue())
+    assert whole is not None and whole.mode == "L"
+    np.testing.assert_array_equal(np.asarray(whole), values)
+    np.testing.assert_array_equal(np.asarray(whole), pillow_gray(buffer.getvalue()))
 
 
 def test_colour_pngs_decode_in_one_call_as_pillow_does() -> None:
