@@ -61,6 +61,7 @@ def nih_prepared(nih_sample_split):
     return {"result": result, "out": out, "tables": tables}
 
 
+@pytest.mark.xdist_group("nih_prepared")  # one worker, one after the other: the module fixture runs prepare once
 def test_prepare_cli_writes_every_real_image(nih_prepared):
     result, out, tables = nih_prepared["result"], nih_prepared["out"], nih_prepared["tables"]
     assert result.returncode == 0, result.stderr
@@ -75,6 +76,7 @@ def test_prepare_cli_writes_every_real_image(nih_prepared):
     assert {len(arrays["train"]) + len(arrays["val"]), len(arrays["test"])} == {257, 51}
 
 
+@pytest.mark.xdist_group("nih_prepared")
 def test_prepare_cli_rows_follow_the_split_tables(nih_prepared):
     out, tables = nih_prepared["out"], nih_prepared["tables"]
     checked_rgba = 0
