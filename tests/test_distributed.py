@@ -148,6 +148,11 @@ def test_validation_blocks_cover_every_row_once() -> None:
             assert rows == list(range(total))
 
 
+def loads_torchvision(pid: int) -> bool:
+    """Whether process `pid` has torchvision's compiled extension mapped: it imported torchvision."""
+    return "torchvision/_C" in Path(f"/proc/{pid}/maps").read_text()
+
+
 TWO_PROCESSES = {"arch": "resnet10", "epochs": 2, "batch_size": 8, "nproc": 2}  # resnet10: the demo's, the cheapest
 
 
@@ -184,6 +189,8 @@ def test_a_run_killed_after_an_epoch_resumes_with_two_processes_to_the_uninterru
         time.sleep(0.05)
     ranks = psutil.Process(proc.pid).children(recursive=True)
     assert len(ranks) >= 2
+    # the launcher builds no model, so it never loads torchvision (1.6 s at start-up); the ranks do
+    assert not loads_torchvision(proc.pid) and any(loads_torchvision(r.pid) for r in ranks)
     os.kill(proc.pid, signal.SIGKILL)  # the launcher: its ranks must die with it
     proc.communicate(timeout=30)
     gone, alive = psutil.wait_procs(ranks, timeout=10)

@@ -9,12 +9,15 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import torchvision
 from torch import nn
 
 from cxr14.runtime.errors import PipelineError
+
+if TYPE_CHECKING:
+    import torchvision
 
 HASH = re.compile(r"-([a-f0-9]*)\.")  # torchvision's file names end in -<sha256 prefix>.pth
 
@@ -36,6 +39,8 @@ def imagenet_weights(arch: str, name: str) -> torchvision.models.WeightsEnum:
     """torchvision's weights enum member for `name`: `imagenet` is its DEFAULT (ResNet50: IMAGENET1K_V2, 80.9%
     top-1, what the original ChestX-ray14 recipe fine-tuned; ResNet18/34 and DenseNet121 have V1 only; resnet10
     has none)."""
+    import torchvision  # here: see `build_model`
+
     if ARCHS[arch][0] is None:
         raise PipelineError(f"train.weights: {name}; {arch} has no ImageNet weights, expected none")
     enum = getattr(torchvision.models, ARCHS[arch][0])
@@ -74,7 +79,13 @@ def load_imagenet_state(arch: str, name: str = "imagenet") -> dict[str, torch.Te
         raise PipelineError(f"{path}: cannot load ImageNet weights ({exc}); delete it and run again") from None
 
 def build_model(arch: str, weights: str = "none", num_classes: int = 14, output_stride: int = 32) -> nn.Module:
-    """A torchvision backbone with a fresh `num_classes`-logit head; `weights` none, imagenet or a version."""
+    """A torchvision backbone with a fresh `num_classes`-logit head; `weights` none, imagenet or a version.
+
+    torchvision is imported here, not with this module: importing it takes 1.6 s (1.4 of them torch._dynamo,
+    which torchvision.ops imports), and the train stage's DDP launcher, which builds no model, imports this module.
+    """
+    import torchvision
+
     if arch not in ARCHS:
         raise PipelineError(f"train.arch: {arch!r}; expected one of {', '.join(ARCHS)}")
     if weights not in WEIGHTS:
