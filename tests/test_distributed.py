@@ -149,8 +149,12 @@ def test_validation_blocks_cover_every_row_once() -> None:
 
 
 def loads_torchvision(pid: int) -> bool:
-    """Whether process `pid` has torchvision's compiled extension mapped: it imported torchvision."""
-    return "torchvision/_C" in Path(f"/proc/{pid}/maps").read_text()
+    """Whether process `pid` has torchvision's compiled extension mapped: it imported torchvision (False for a
+    process gone meanwhile)."""
+    try:
+        return "torchvision/_C" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
 
 
 TWO_PROCESSES = {"arch": "resnet10", "epochs": 2, "batch_size": 8, "nproc": 2}  # resnet10: the demo's, the cheapest

@@ -159,6 +159,26 @@ def test_a_cut_png_decodes_or_fails_as_with_pillow(cut: int, reason: str | None)
         np.testing.assert_array_equal(decode_image(data)[0], pillow_gray(NIH_IMAGE))
 
 
+@pytest.mark.parametrize("fault", ["image data CRC", "unknown critical chunk"])
+def test_a_png_libpng_refuses_and_pillow_reads_decodes_as_pillow_does(fault: str) -> None:
+    """libpng checks what Pillow lets pass (an IDAT chunk's CRC; a critical chunk it does not know): such a file
+    goes to Pillow's decoder, and comes out as Pillow decodes it."""
+    data = NIH_IMAGE.read_bytes()
+    at = data.index(b"IDAT") - 4  # the first IDAT chunk: its length, type, data and CRC
+    if fault == "image data CRC":
+        length = struct.unpack(">I", data[at:at + 4])[0]
+        end = at + 12 + length
+        data = data[:end - 4] + bytes(b ^ 0xFF for b in data[end - 4:end]) + data[end:]
+    else:
+        body = b"x"
+        chunk = struct.pack(">I", len(body)) + b"ABCD" + body + struct.pack(">I", zlib.crc32(b"ABCD" + body))
+        data = data[:at] + chunk + data[at:]
+    with pytest.raises(ValueError):
+        gray8_png(data)
+    np.testing.assert_array_equal(decode_image(data)[0], pillow_gray(data))
+    np.testing.assert_array_equal(decode_image(data)[0], pillow_gray(NIH_IMAGE))
+
+
 def test_a_corrupt_chunk_before_the_image_data_is_refused_as_pillow_refuses() -> None:
     data = bytearray(NIH_IMAGE.read_bytes())
     data[20] ^= 1  # IHDR's width: its CRC no longer matches
